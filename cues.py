@@ -1,0 +1,421 @@
+"""Cues: RAFT flow, MiDaS depth, flow confidence, the self-distillation cue, the cue cache.
+
+What: the noisy per-pixel targets LILA's linear in-context learner reads (DESIGN section 2,
+"Cues"; paper section 3). All are computed on the base frames (224^2), never on the crops:
+- `FlowCue`: optical flow with RAFT (torchvision's `raft_small` / `raft_large` through
+  torch.hub), both directions t->t' and t'->t in one batched call, in normalised units.
+- `DepthCue`: relative inverse depth with MiDaS (torch.hub `intel-isl/MiDaS`), with the
+  official per-variant preprocessing done in torch on batched tensors.
+- `disparity_to_depth`: per-image robust normalisation, bounded log-compressed depth and a
+  validity mask for very far pixels (sky). One conversion for every depth source.
+- `flow_confidence`: forward-backward consistency, 1 where exp(-e / tau) > 0.5.
+- `sd_cue`: the self-distillation cue, random encoder channels upsampled by the PAMR cascade.
+- `write_cue_cache` / the CLI: precompute ROOT/Cues/<video>/<frame>.npz (DESIGN section 4)
+  so that training needs no cue network. Atomic (tmp + os.replace) and resumable.
+
+Shape legend: B batch, H x W image/map, h x w encoder patch grid, E encoder width,
+C selected SD channels. Flow (B, 2, H, W): channel 0 = x (u), 1 = y (v), in normalised
+units u * 2 / W, v * 2 / H (grid_sample, align_corners=False); the cache stores pixels.
+
+Loading the networks (the same code a GPU user runs): source="github" downloads the hub
+repo and the weights into TORCH_HOME (~/.cache/torch); source="local" with hub_dir = a
+local clone of the repo (weights still come from TORCH_HOME/hub/checkpoints); net = an
+injected nn.Module with the same call signature (how the tests drive the real pre- and
+post-processing). torchvision (RAFT) and timm (MiDaS) are optional dependencies, checked up
+front with a message saying how to install them.
+
+Deviations from the official code:
+- MiDaS preprocessing follows intel-isl/MiDaS hubconf.py `transforms()` (read, not copied):
+  MiDaS_small/MiDaS resize to 256/384 "upper_bound", ImageNet mean/std; DPT_* resize to 384
+  "minimal", mean = std = 0.5; keep aspect ratio, sides multiples of 32 (Resize.get_size in
+  midas/transforms.py). They resize with cv2 INTER_CUBIC on one numpy image; here torch
+  bicubic on the batch (same kernel, a = -0.75). The output is resized back bilinearly
+  (their sample code uses bicubic).
+- RAFT: inputs to [-1, 1] as torchvision's OpticalFlow preset (normalise mean = std = 0.5),
+  replicate-padded symmetrically to multiples of 8 (RAFT's InputPadder pads the same way).
+- disparity_to_depth is our choice (the paper does not spell it out), see its docstring.
+
+Run: python cues.py --data ytvos/   (tests: python -m pytest -q tests/test_cues.py)
+"""
+import argparse
+import importlib
+import math
+import os
+import sys
+from urllib.error import URLError
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pamr import pamr_cascade
+
+FLOW_NETS = ("raft_small", "raft_large")  # torchvision hubconf.py entry points
+# MiDaS variant -> (target side, resize method, mean, std): intel-isl/MiDaS hubconf.py transforms()
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MIDAS_PREPROCESS = {
+    "MiDaS_small": (256, "upper_bound", IMAGENET_MEAN, IMAGENET_STD),
+    "MiDaS": (384, "upper_bound", IMAGENET_MEAN, IMAGENET_STD),
+    "DPT_Hybrid": (384, "minimal", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "DPT_Large": (384, "minimal", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+HUB_REPOS = {"flow": ("pytorch/vision", "vision"), "depth": ("intel-isl/MiDaS", "MiDaS")}
+
+
+class CueLoadError(RuntimeError):
+    """A cue network could not be loaded; the message says how to provide it."""
+
+
+# --- loading from torch.hub (plumbing) ---
+
+def _import_problem(name):
+    """None if `import name` works, else the reason (missing, or a broken install such as a
+    torchvision built for another torch version)."""
+    try:
+        importlib.import_module(name)
+        return None
+    except Exception as err:  # noqa: BLE001 (any failure means: not usable)
+        return f"{type(err).__name__}: {err}"
+
+
+def _hub_load(kind, name, source, hub_dir, needs, **kwargs):
+    """torch.hub.load with checks up front and a readable error instead of a deep traceback."""
+    repo, clone = HUB_REPOS[kind]
+    how = (f"  - online: the first run downloads the code and weights into TORCH_HOME "
+           f"(now {torch.hub.get_dir()}); on a cluster without internet, run once on a machine "
+           f"with internet and copy that directory (hub/ and hub/checkpoints/), then set TORCH_HOME;\n"
+           f"  - or a local clone: git clone https://github.com/{repo} DIR/{clone} and pass "
+           f"--hub-dir DIR (source='local', hub_dir='DIR/{clone}'); the weights still come "
+           f"from TORCH_HOME/hub/checkpoints.")
+    for module, pip in needs:
+        problem = _import_problem(module)
+        if problem is not None:
+            raise CueLoadError(f"cues.py: {kind} network '{name}' needs the Python package "
+                               f"'{module}', which cannot be imported ({problem}).\n"
+                               f"Install it (matching your torch version): pip install {pip}")
+    if source not in ("github", "local"):
+        raise CueLoadError(f"cues.py: source must be 'github' or 'local', got {source!r}")
+    if source == "local":
+        if hub_dir is None or not os.path.isfile(os.path.join(str(hub_dir), "hubconf.py")):
+            raise CueLoadError(f"cues.py: source='local' needs hub_dir = a local clone of "
+                               f"{repo} containing hubconf.py; got hub_dir={hub_dir!r}\n{how}")
+        where = str(hub_dir)
+    else:
+        where = repo
+    try:
+        # trust_repo=True: the two repos are fixed here; "check" would prompt on stdin.
+        net = torch.hub.load(where, name, source=source, trust_repo=True, **kwargs)
+    except (URLError, OSError, RuntimeError, ImportError) as err:
+        raise CueLoadError(f"cues.py: could not load {kind} network '{name}' from {where} "
+                           f"({type(err).__name__}: {err}).\nTo provide it:\n{how}") from err
+    return net.eval()
+
+
+# --- method: flow ---
+
+def pixels_to_normalised(flow):
+    """(B, 2, H, W) pixel flow -> normalised units (u * 2 / W, v * 2 / H)."""
+    H, W = flow.shape[-2:]
+    scale = flow.new_tensor([2.0 / W, 2.0 / H]).view(1, 2, 1, 1)
+    return flow * scale                                               # (B, 2, H, W)
+
+
+def normalised_to_pixels(flow):
+    """Inverse of `pixels_to_normalised`."""
+    H, W = flow.shape[-2:]
+    scale = flow.new_tensor([W / 2.0, H / 2.0]).view(1, 2, 1, 1)
+    return flow * scale                                               # (B, 2, H, W)
+
+
+def pad_to_multiple(x, multiple):
+    """Replicate-pad (B, C, H, W) symmetrically to sides divisible by `multiple`.
+    Returns the padded tensor and (left, right, top, bottom) for `unpad`."""
+    H, W = x.shape[-2:]
+    ph, pw = (-H) % multiple, (-W) % multiple
+    pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    return F.pad(x, pad, mode="replicate"), pad
+
+
+def unpad(x, pad):
+    left, right, top, bottom = pad
+    H, W = x.shape[-2:]
+    return x[..., top:H - bottom, left:W - right]
+
+
+class FlowCue(nn.Module):
+    """RAFT optical flow in both directions, normalised units.
+
+    name: "raft_small" (default) or "raft_large" (torchvision hubconf, weights="DEFAULT" =
+    Raft_*_Weights.C_T_V2). source/hub_dir: see the header. net: an injected module called
+    as net(img1, img2) with images in [-1, 1], sides multiples of `multiple`, returning a
+    list of (B, 2, H, W) pixel flows (RAFT's iterates; the last is the finest) or a tensor.
+    """
+
+    def __init__(self, name="raft_small", source="github", hub_dir=None, net=None,
+                 multiple=8):  # RAFT's feature pyramid works at 1/8 resolution
+        super().__init__()
+        if net is None:
+            if name not in FLOW_NETS:
+                raise CueLoadError(f"cues.py: unknown flow network {name!r}; choose from {FLOW_NETS}")
+            net = _hub_load("flow", name, source, hub_dir, needs=[("torchvision", "torchvision")],
+                            weights="DEFAULT")
+        self.net, self.multiple = net.eval(), multiple
+
+    @torch.no_grad()
+    def forward(self, img1, img2):
+        """img1, img2 (B, 3, H, W) in [0, 1] -> (flow_fwd 1->2, flow_bwd 2->1), each (B, 2, H, W)."""
+        B = img1.shape[0]
+        src = torch.cat([img1, img2]) * 2 - 1                        # (2B, 3, H, W) in [-1, 1]
+        dst = torch.cat([img2, img1]) * 2 - 1                        # (2B, 3, H, W)
+        src, pad = pad_to_multiple(src, self.multiple)               # (2B, 3, H8, W8)
+        dst, _ = pad_to_multiple(dst, self.multiple)
+        out = self.net(src, dst)
+        out = out[-1] if isinstance(out, (list, tuple)) else out     # (2B, 2, H8, W8) pixels
+        flow = pixels_to_normalised(unpad(out.float(), pad))         # (2B, 2, H, W)
+        return flow[:B], flow[B:]
+
+
+def flow_confidence(flow_fwd, flow_bwd, tau=0.05):
+    """Forward-backward consistency (DESIGN section 2; tau = 0.05 normalised units):
+
+        e(p) = || f_fwd(p) + f_bwd(p + f_fwd(p)) ||,   conf(p) = [exp(-e(p) / tau) > 0.5]
+
+    f_bwd is sampled bilinearly with border padding (align_corners=False coordinates).
+    flow_fwd, flow_bwd (B, 2, H, W) normalised -> (B, 1, H, W) float in {0, 1}.
+    """
+    B, _, H, W = flow_fwd.shape
+    ys = (torch.arange(H, device=flow_fwd.device, dtype=flow_fwd.dtype) * 2 + 1) / H - 1
+    xs = (torch.arange(W, device=flow_fwd.device, dtype=flow_fwd.dtype) * 2 + 1) / W - 1
+    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)   # (H, W, 2) pixel centres
+    grid = base + flow_fwd.permute(0, 2, 3, 1)                        # (B, H, W, 2)
+    bwd_at = F.grid_sample(flow_bwd, grid, mode="bilinear", padding_mode="border",
+                           align_corners=False)                       # (B, 2, H, W)
+    err = (flow_fwd + bwd_at).norm(dim=1, keepdim=True)               # (B, 1, H, W)
+    return (torch.exp(-err / tau) > 0.5).float()
+
+
+# --- method: depth ---
+
+def midas_input_size(H, W, side, method, multiple=32):
+    """Network input (h, w) for an H x W image: MiDaS Resize.get_size with keep_aspect_ratio
+    (intel-isl/MiDaS midas/transforms.py): one scale for both sides, then each side rounded
+    to a multiple of `multiple` ("upper_bound": at most `side`, "minimal": plain rounding)."""
+    sh, sw = side / H, side / W
+    if method == "upper_bound":
+        s = min(sh, sw)
+    elif method == "minimal":
+        s = sh if abs(1 - sh) < abs(1 - sw) else sw
+    else:
+        raise ValueError(f"cues.py: unknown MiDaS resize method {method!r}")
+
+    def constrain(x):
+        y = int(np.round(x / multiple) * multiple)
+        if method == "upper_bound" and y > side:
+            y = int(math.floor(x / multiple) * multiple)
+        return max(y, multiple)  # (official: min_val=0; a 0-sized side would crash the net)
+    return constrain(s * H), constrain(s * W)
+
+
+class DepthCue(nn.Module):
+    """MiDaS relative inverse depth (larger = nearer; unknown scale and shift per image).
+
+    name in MIDAS_PREPROCESS ("MiDaS_small" default, "DPT_Hybrid", "DPT_Large", "MiDaS").
+    net: an injected module called on the preprocessed (B, 3, h, w) batch, returning
+    (B, h, w) or (B, 1, h, w) like MiDaS.
+    """
+
+    def __init__(self, name="MiDaS_small", source="github", hub_dir=None, net=None):
+        super().__init__()
+        if name not in MIDAS_PREPROCESS:
+            raise CueLoadError(f"cues.py: unknown depth network {name!r}; "
+                               f"choose from {tuple(MIDAS_PREPROCESS)}")
+        if net is None:
+            # MiDaS's hubconf imports timm for every variant; MiDaS_small additionally fetches
+            # rwightman/gen-efficientnet-pytorch through torch.hub (cached in TORCH_HOME too).
+            net = _hub_load("depth", name, source, hub_dir, needs=[("timm", "timm")])
+        self.net = net.eval()
+        self.side, self.method, mean, std = MIDAS_PREPROCESS[name]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, img):
+        """(B, 3, H, W) [0, 1] -> (B, 3, h, w) resized (bicubic) and normalised."""
+        H, W = img.shape[-2:]
+        x = F.interpolate(img, size=midas_input_size(H, W, self.side, self.method),
+                          mode="bicubic", align_corners=False)      # (B, 3, h, w)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, img):
+        """img (B, 3, H, W) in [0, 1] -> disparity (B, 1, H, W), raw MiDaS units."""
+        H, W = img.shape[-2:]
+        out = self.net(self.preprocess(img))
+        out = out.float().view(img.shape[0], 1, *out.shape[-2:])     # (B, 1, h, w)
+        return F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
+
+
+def disparity_to_depth(disp, q=0.95, far=0.02):
+    """Relative inverse depth (any positive scale) -> bounded log-compressed depth + validity.
+
+        d     = disp / quantile_q(disp[disp > 0])          per image (robust scale, q = 0.95)
+        valid = d > far                                    (far = 0.02: 50x farther than the
+                                                            q-quantile; sky, "infinitely far")
+        depth = log(1 + 1 / max(d, far))                   in [0, log(1 + 1 / far)] ~ [0, 3.93]
+
+    Decreasing in disparity, bounded, invariant to the scale of `disp` (MiDaS units,
+    1/metres, ...). An unknown shift (MiDaS) is not removed. Our choice: the paper only says
+    depth is normalised and far pixels are masked (DESIGN section 2).
+    disp (B, 1, H, W) -> (depth (B, 1, H, W), valid (B, 1, H, W) float in {0, 1}).
+    """
+    B = disp.shape[0]
+    x = disp.float().flatten(1)                                        # (B, H*W)
+    pos = torch.where(x > 0, x, torch.full_like(x, float("nan")))
+    scale = torch.nanquantile(pos, q, dim=1).nan_to_num(1.0)          # (B,) (no positive: 1)
+    d = (disp.float() / scale.view(B, 1, 1, 1)).nan_to_num(0.0)       # (B, 1, H, W)
+    valid = (d > far).float()
+    depth = torch.log1p(1.0 / d.clamp(min=far))                       # (B, 1, H, W)
+    return depth, valid
+
+
+# --- method: self-distillation cue ---
+
+def sd_channels(n_total, n_channels=32, generator=None):
+    """A random subset of `n_channels` of `n_total` encoder channels (share it across views)."""
+    if n_channels > n_total:
+        raise ValueError(f"cues.py: n_channels={n_channels} > encoder width {n_total}")
+    return torch.randperm(n_total, generator=generator)[:n_channels]
+
+
+def sd_cue(enc_grid, image, n_channels=32, generator=None, channels=None, use_pamr=True):
+    """Self-distillation cue (DESIGN section 2): `n_channels` random channels (32 in the paper)
+    of the encoder's last tapped layer, upsampled from h x w to H x W by the PAMR cascade
+    guided by the view's RGB (or bilinearly: the "no PAMR" ablation), L2-normalised per pixel.
+
+    enc_grid (B, E, h, w), image (B, 3, H, W) in [0, 1] -> (B, C, H, W). Pass the same
+    `channels` (e.g. from `sd_channels`) for both views of a pair.
+    """
+    H, W = image.shape[-2:]
+    if channels is None:
+        channels = sd_channels(enc_grid.shape[1], n_channels, generator)
+    sub = enc_grid[:, channels.to(enc_grid.device)].float()          # (B, C, h, w)
+    if use_pamr:
+        up = pamr_cascade(image.float(), sub)                         # (B, C, H, W)
+    else:
+        up = F.interpolate(sub, size=(H, W), mode="bilinear", align_corners=False)
+    return F.normalize(up, dim=1)                                     # (B, C, H, W) unit norm
+
+
+# --- the cue cache (plumbing) ---
+
+def base_frame(img, size):
+    """(H, W, 3) uint8 -> (3, size, size) float [0, 1]: short side resized to `size`
+    (bilinear, antialiased), centre square crop. The base-frame geometry of data.py."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None] / 255
+    H, W = x.shape[-2:]
+    s = size / min(H, W)
+    h, w = max(size, round(H * s)), max(size, round(W * s))
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[0, :, top:top + size, left:left + size].clamp(0, 1)      # (3, size, size)
+
+
+def _save_atomic(path, arrays):
+    tmp = path + ".tmp"  # a leftover from an interrupted run is simply overwritten
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def write_cue_cache(root, flow_cue, depth_cue, size=224, batch=8, device="cpu", progress=True):
+    """Write ROOT/Cues/<video>/<frame-stem>.npz for every frame of every video in ROOT.
+
+    Per file: `disparity` (size x size float16, raw depth-net output), `flow_next` /
+    `flow_prev` (size x size x 2 float16, pixels, to the next / previous frame; absent at
+    the ends). Frames first go to the base frame (`base_frame`). Existing .npz files are
+    complete (written atomically) and skipped. Returns dict(written, skipped).
+    """
+    from data import VideoFolder  # the real reader of every supported layout
+    folder = VideoFolder(root)
+    jobs, skipped = [], 0
+    for video in folder.videos:
+        paths = list(folder.frames(video))
+        outs = [os.path.join(root, "Cues", video, os.path.splitext(os.path.basename(p))[0] + ".npz")
+                for p in paths]
+        todo = [i for i, o in enumerate(outs) if not os.path.isfile(o)]
+        skipped += len(paths) - len(todo)
+        if todo:
+            jobs.append((video, paths, outs, todo))
+    bar = tqdm(total=sum(len(j[3]) for j in jobs), desc="cues", unit="frame", disable=not progress)
+    written = 0
+    for video, paths, outs, todo in jobs:
+        os.makedirs(os.path.join(root, "Cues", video), exist_ok=True)
+        T, frames, pairs = len(paths), {}, {}                          # pairs[j]: flows j <-> j+1
+
+        def frame(i):
+            if i not in frames:
+                frames[i] = base_frame(folder.load(paths[i]), size)   # (3, S, S)
+            return frames[i]
+
+        for k in range(0, len(todo), batch):
+            chunk = todo[k:k + batch]
+            need = sorted({j for i in chunk for j in (i - 1, i) if 0 <= j < T - 1} - set(pairs))
+            if need:
+                a = torch.stack([frame(j) for j in need]).to(device)   # (P, 3, S, S)
+                b = torch.stack([frame(j + 1) for j in need]).to(device)
+                fwd, bwd = flow_cue(a, b)                              # (P, 2, S, S) normalised
+                fwd, bwd = normalised_to_pixels(fwd).cpu(), normalised_to_pixels(bwd).cpu()
+                pairs.update({j: (fwd[n], bwd[n]) for n, j in enumerate(need)})
+            disp = depth_cue(torch.stack([frame(i) for i in chunk]).to(device)).cpu()  # (C, 1, S, S)
+            for n, i in enumerate(chunk):
+                arrays = {"disparity": disp[n, 0].numpy().astype(np.float16)}
+                if i + 1 < T:
+                    arrays["flow_next"] = pairs[i][0].permute(1, 2, 0).numpy().astype(np.float16)
+                if i > 0:
+                    arrays["flow_prev"] = pairs[i - 1][1].permute(1, 2, 0).numpy().astype(np.float16)
+                _save_atomic(outs[i], arrays)
+                written += 1
+                bar.update(1)
+            keep = min(chunk[-1], T - 1)                               # drop what is no longer needed
+            pairs = {j: v for j, v in pairs.items() if j >= keep}
+            frames = {j: v for j, v in frames.items() if j >= keep}
+    bar.close()
+    return {"written": written, "skipped": skipped}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Precompute the LILA cue cache ROOT/Cues/<video>/<frame>.npz "
+                                "(RAFT flow both ways, MiDaS disparity) on the base frames.")
+    p.add_argument("--data", required=True, help="dataset root (YouTube-VOS or DAVIS layout, see data.py)")
+    p.add_argument("--flow", default="raft_small", choices=FLOW_NETS,
+                   help="torchvision RAFT variant (default raft_small)")
+    p.add_argument("--depth", default="MiDaS_small", choices=tuple(MIDAS_PREPROCESS),
+                   help="MiDaS variant (default MiDaS_small; DPT_Hybrid / DPT_Large are larger)")
+    p.add_argument("--hub-dir", default=None,
+                   help="offline: a directory holding local clones DIR/vision (pytorch/vision) and "
+                        "DIR/MiDaS (isl-org/MiDaS); default: download through torch.hub (TORCH_HOME)")
+    p.add_argument("--size", type=int, default=224,
+                   help="base-frame side in pixels: short side resized, centre square crop (default 224)")
+    p.add_argument("--batch", type=int, default=8, help="frames per network call (default 8)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default cuda if available)")
+    args = p.parse_args(argv)
+    print("config:", vars(args))
+    if not os.path.isdir(args.data):
+        sys.exit(f"cues.py: --data {args.data!r} is not a directory")
+    source = "local" if args.hub_dir else "github"
+    hub = (lambda clone: os.path.join(args.hub_dir, clone)) if args.hub_dir else (lambda clone: None)
+    try:
+        flow = FlowCue(args.flow, source, hub("vision")).to(args.device)
+        depth = DepthCue(args.depth, source, hub("MiDaS")).to(args.device)
+    except CueLoadError as err:
+        sys.exit(str(err))
+    stats = write_cue_cache(args.data, flow, depth, size=args.size, batch=args.batch,
+                            device=args.device)
+    print(f"cues: wrote {stats['written']} files, skipped {stats['skipped']} complete ones, "
+          f"in {os.path.join(args.data, 'Cues')}")
+
+
+if __name__ == "__main__":
+    main()

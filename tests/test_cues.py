@@ -1,0 +1,320 @@
+"""Tests for cues.py: the real pre/post-processing driven by small stand-in networks, the
+depth conversion, flow confidence on exact synthetic flows, the SD cue, the cue cache.
+Run: python -m pytest -q tests/test_cues.py
+"""
+import os
+import shutil
+import subprocess
+import sys
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import cues  # noqa: E402
+from cues import (DepthCue, FlowCue, disparity_to_depth, flow_confidence, sd_channels,  # noqa: E402
+                  sd_cue, write_cue_cache)
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+
+
+class StandInRAFT(nn.Module):
+    """RAFT's call signature: net(img1, img2) in [-1, 1] -> list of (B, 2, H, W) pixel flows.
+    Records its inputs. Flow = (k_u + red channel of img1, k_v) pixels, so an unpadding error
+    moves the content; a coarse first iterate checks that the last one is used."""
+
+    def __init__(self, k=(3.0, -2.0), fail_after=None):
+        super().__init__()
+        self.k, self.calls, self.inputs, self.fail_after = k, 0, [], fail_after
+
+    def forward(self, img1, img2):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("stand-in interrupted")
+        self.calls += 1
+        self.inputs.append((img1.clone(), img2.clone()))
+        B, _, H, W = img1.shape
+        u = self.k[0] + img1[:, :1] + 0.5 * img2[:, 1:2]
+        v = torch.full_like(u, self.k[1])
+        last = torch.cat([u, v], dim=1)                                # (B, 2, H, W)
+        return [torch.zeros_like(last), last]
+
+
+class StandInMiDaS(nn.Module):
+    """MiDaS-like: (B, 3, h, w) -> (B, h, w) positive, records its input."""
+
+    def __init__(self, fail_after=None):
+        super().__init__()
+        self.calls, self.inputs, self.fail_after = 0, [], fail_after
+
+    def forward(self, x):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("stand-in interrupted")
+        self.calls += 1
+        self.inputs.append(x.clone())
+        return 1.0 + x.mean(dim=1).abs()                                # (B, h, w)
+
+
+# --- flow ---
+
+@pytest.mark.parametrize("H,W", [(37, 53), (24, 31), (16, 16)])
+def test_flow_cue_constant_k_pixels_gives_2k_over_W_and_undoes_padding(H, W):
+    torch.manual_seed(0)
+    img1, img2 = torch.rand(2, 3, H, W), torch.rand(2, 3, H, W)
+    net = StandInRAFT(k=(3.0, -2.0))
+    fwd, bwd = FlowCue(net=net)(img1, img2)
+    assert fwd.shape == bwd.shape == (2, 2, H, W)
+    assert net.calls == 1                                               # both directions, one call
+    a, b = net.inputs[0]
+    assert a.shape[0] == 4 and a.shape[-2] % 8 == 0 and a.shape[-1] % 8 == 0
+    assert a.min() >= -1 and a.max() <= 1 and a.min() < -0.9 and a.max() > 0.9
+    # slow obvious reference: the stand-in's pixel flow on the unpadded images, then * 2 / W
+    ref_u_f = (3.0 + (2 * img1[:, 0] - 1) + 0.5 * (2 * img2[:, 1] - 1)) * 2 / W
+    ref_u_b = (3.0 + (2 * img2[:, 0] - 1) + 0.5 * (2 * img1[:, 1] - 1)) * 2 / W
+    torch.testing.assert_close(fwd[:, 0], ref_u_f, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(bwd[:, 0], ref_u_b, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fwd[:, 1], torch.full((2, H, W), -2.0 * 2 / H))
+
+
+def test_flow_cue_padding_replicates_the_border():
+    img = torch.rand(1, 3, 13, 21)
+    net = StandInRAFT()
+    FlowCue(net=net)(img, img)
+    a = net.inputs[0][0]                                                # (2, 3, 16, 24)
+    top, left = (16 - 13) // 2, (24 - 21) // 2
+    torch.testing.assert_close(a[:1, :, top:top + 13, left:left + 21], img * 2 - 1)
+    torch.testing.assert_close(a[:1, :, 0, left:left + 21], img[:, :, 0] * 2 - 1)
+    torch.testing.assert_close(a[:1, :, -1, -1], img[:, :, -1, -1] * 2 - 1)
+
+
+def slow_flow_confidence(f, b, tau):
+    """Per-pixel loop: pixel centre p, target q = p + f(p) in pixels, bilinear with clamping."""
+    _, _, H, W = f.shape
+    out = torch.zeros(1, 1, H, W)
+    for y in range(H):
+        for x in range(W):
+            qx = min(max(x + f[0, 0, y, x].item() * W / 2, 0.0), W - 1.0)
+            qy = min(max(y + f[0, 1, y, x].item() * H / 2, 0.0), H - 1.0)
+            x0, y0 = int(np.floor(qx)), int(np.floor(qy))
+            x1, y1 = min(x0 + 1, W - 1), min(y0 + 1, H - 1)
+            ax, ay = qx - x0, qy - y0
+            s = ((1 - ax) * (1 - ay) * b[0, :, y0, x0] + ax * (1 - ay) * b[0, :, y0, x1]
+                 + (1 - ax) * ay * b[0, :, y1, x0] + ax * ay * b[0, :, y1, x1])
+            e = (f[0, :, y, x] + s).norm().item()
+            out[0, 0, y, x] = float(np.exp(-e / tau) > 0.5)
+    return out
+
+
+def test_flow_confidence_matches_slow_pixel_loop():
+    g = torch.Generator().manual_seed(1)
+    f = (torch.rand(1, 2, 9, 11, generator=g) - 0.5) * 0.6
+    b = -f + (torch.rand(1, 2, 9, 11, generator=g) - 0.5) * 0.15
+    c = flow_confidence(f, b, tau=0.05)
+    ref = slow_flow_confidence(f, b, 0.05)
+    assert c.shape == (1, 1, 9, 11)
+    assert 0 < c.sum() < c.numel()                                      # the test can discriminate
+    assert (c == ref).float().mean() >= 0.98                            # ties at the threshold aside
+
+
+def test_flow_confidence_on_exact_synthetic_flows_and_corrupted_region():
+    from data import SyntheticScenes
+    video = SyntheticScenes(seed=4, frames=6, size=64)
+    video = video[0] if not hasattr(video, "flow") else video
+    H, W = video.frames.shape[1:3]
+    to_t = lambda a: cues.pixels_to_normalised(torch.from_numpy(a).permute(2, 0, 1)[None].float())
+    # gap 5 (the paper's largest): flows up to ~16 px, so skipping the warp would fail (~64 %)
+    fwd, bwd = to_t(video.flow(0, 5)), to_t(video.flow(5, 0))           # (1, 2, H, W)
+    visible = ~torch.from_numpy(video.occluded(0, 5))
+    conf = flow_confidence(fwd, bwd)[0, 0].bool()
+    assert conf[visible].float().mean() >= 0.95
+    # corrupt the backward flow in a square of frame 2: pixels of frame 1 landing there fail
+    bad = bwd.clone()
+    bad[:, :, 16:48, 16:48] += 0.5
+    conf_bad = flow_confidence(fwd, bad)[0, 0].bool()
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    tx, ty = xs + fwd[0, 0] * W / 2, ys + fwd[0, 1] * H / 2              # landing points, pixels
+    inside = (tx > 18) & (tx < 45) & (ty > 18) & (ty < 45) & visible
+    assert inside.sum() > 100
+    assert conf_bad[inside].float().mean() < 0.05
+
+
+# --- depth ---
+
+def test_midas_input_size_follows_the_official_resize_rule():
+    # hand-computed from intel-isl/MiDaS Resize.get_size (keep_aspect_ratio, multiple of 32)
+    assert cues.midas_input_size(224, 224, 256, "upper_bound") == (256, 256)
+    assert cues.midas_input_size(480, 854, 256, "upper_bound") == (128, 256)   # 143.9 -> 128
+    assert cues.midas_input_size(480, 854, 384, "minimal") == (384, 672)       # 683.2 -> 672
+    assert cues.midas_input_size(224, 224, 384, "minimal") == (384, 384)
+
+
+@pytest.mark.parametrize("name", ["MiDaS_small", "DPT_Hybrid"])
+def test_depth_cue_preprocesses_to_multiples_of_32_normalised_and_resizes_back(name):
+    img = torch.rand(2, 3, 45, 67)
+    net = StandInMiDaS()
+    disp = DepthCue(name, net=net)(img)
+    assert disp.shape == (2, 1, 45, 67) and (disp > 0).all()
+    x = net.inputs[0]
+    assert x.shape[-2] % 32 == 0 and x.shape[-1] % 32 == 0
+    side, method, mean, std = cues.MIDAS_PREPROCESS[name]
+    assert tuple(x.shape[-2:]) == cues.midas_input_size(45, 67, side, method)
+    raw = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    ref = F.interpolate(img, size=x.shape[-2:], mode="bicubic", align_corners=False)
+    torch.testing.assert_close(raw, ref, atol=1e-5, rtol=1e-5)
+    # value range: black and white map to (0 - mean) / std and (1 - mean) / std per channel
+    DepthCue(name, net=net)(torch.cat([torch.zeros(1, 3, 45, 67), torch.ones(1, 3, 45, 67)]))
+    lo, hi = net.inputs[-1][0].amin(dim=(1, 2)), net.inputs[-1][1].amax(dim=(1, 2))
+    torch.testing.assert_close(lo, -torch.tensor(mean) / torch.tensor(std))
+    torch.testing.assert_close(hi, (1 - torch.tensor(mean)) / torch.tensor(std))
+
+
+def test_disparity_to_depth_monotonic_bounded_scale_invariant_far_masked():
+    disp = torch.linspace(0.0, 2.0, 400).view(1, 1, 20, 20)
+    depth, valid = disparity_to_depth(disp)
+    d, v = depth.flatten(), valid.flatten().bool()
+    assert (d[1:] <= d[:-1]).all() and (d[1:][v[1:]] < d[:-1][v[1:]]).all()
+    assert depth.min() >= 0 and depth.max() <= np.log1p(1 / 0.02) + 1e-5
+    assert not v[0] and v[-1]                                           # zero disparity = far
+    depth7, valid7 = disparity_to_depth(7 * disp)
+    torch.testing.assert_close(depth7, depth)
+    assert torch.equal(valid7, valid)
+    # per image: a second image at another scale gives the same result
+    both, _ = disparity_to_depth(torch.cat([disp, 1e-3 * disp]))
+    torch.testing.assert_close(both[1:], depth, rtol=1e-4, atol=1e-5)
+
+
+def test_disparity_to_depth_on_synthetic_metres_orders_like_true_depth():
+    from data import SyntheticScenes
+    video = SyntheticScenes(seed=5, frames=2, size=48)
+    video = video[0] if not hasattr(video, "flow") else video
+    z = torch.from_numpy(video.depth[0]).view(1, 1, 48, 48)
+    depth, valid = disparity_to_depth(1.0 / z)
+    assert torch.isfinite(depth).all() and valid.mean() > 0.5
+    a, b = z[valid.bool()], depth[valid.bool()]
+    order = torch.argsort(a)
+    assert (b[order][1:] >= b[order][:-1] - 1e-6).all()                 # same order as metres
+
+
+# --- self-distillation cue ---
+
+def test_sd_cue_shapes_unit_norm_and_shared_channels():
+    g = torch.Generator().manual_seed(0)
+    enc = torch.randn(2, 40, 4, 4, generator=g)
+    img = torch.rand(2, 3, 56, 56, generator=g)
+    ch = sd_channels(40, 8, torch.Generator().manual_seed(1))
+    out = sd_cue(enc, img, n_channels=8, channels=ch)
+    assert out.shape == (2, 8, 56, 56)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2, 56, 56))
+    # same generator seed -> the same channel subset; the cue uses exactly those channels
+    again = sd_cue(enc, img, n_channels=8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, again)
+    ref = F.normalize(cues.pamr_cascade(img, enc[:, ch]), dim=1)
+    torch.testing.assert_close(out, ref)
+    # no-PAMR ablation: plain bilinear upsampling of the same channels
+    flat = sd_cue(enc, img, channels=ch, use_pamr=False)
+    ref = F.normalize(F.interpolate(enc[:, ch], size=(56, 56), mode="bilinear",
+                                    align_corners=False), dim=1)
+    torch.testing.assert_close(flat, ref)
+    assert not torch.allclose(flat, out)
+
+
+# --- the cue cache ---
+
+def _synthetic_root(tmp_path, name):
+    from data import write_synthetic
+    root = str(tmp_path / name)
+    write_synthetic(root, videos=2, frames=5, size=32, seed=0)
+    shutil.rmtree(os.path.join(root, "Cues"), ignore_errors=True)
+    return root
+
+
+def _read_cache(root):
+    out = {}
+    for dirpath, _, files in os.walk(os.path.join(root, "Cues")):
+        for fname in files:
+            path = os.path.join(dirpath, fname)
+            with np.load(path) as z:
+                out[os.path.relpath(path, root)] = {k: z[k] for k in z.files}
+    return out
+
+
+def test_cache_writer_interrupted_and_restarted_matches_uninterrupted(tmp_path):
+    ref_root = _synthetic_root(tmp_path, "a")
+    stats = write_cue_cache(ref_root, FlowCue(net=StandInRAFT()), DepthCue(net=StandInMiDaS()),
+                            size=32, batch=2, progress=False)
+    ref = _read_cache(ref_root)
+    assert stats == {"written": 10, "skipped": 0} and len(ref) == 10
+    first, last = ref["Cues/" + sorted(os.listdir(os.path.join(ref_root, "Cues")))[0] + "/00000.npz"], None
+    assert set(first) == {"disparity", "flow_next"} and first["disparity"].shape == (32, 32)
+    assert first["disparity"].dtype == np.float16 and first["flow_next"].shape == (32, 32, 2)
+    ends = [k for k in ref if k.endswith("00004.npz")]
+    assert all(set(ref[k]) == {"disparity", "flow_prev"} for k in ends) and len(ends) == 2
+    assert all(np.allclose(v["flow_prev"][..., 1], -2.0) for k, v in ref.items() if "flow_prev" in v)
+
+    root = _synthetic_root(tmp_path, "b")
+    with pytest.raises(KeyboardInterrupt):
+        write_cue_cache(root, FlowCue(net=StandInRAFT(fail_after=3)), DepthCue(net=StandInMiDaS()),
+                        size=32, batch=2, progress=False)
+    partial = _read_cache(root)
+    assert 0 < len(partial) < 10
+    video = sorted(os.listdir(os.path.join(root, "Cues")))[-1]
+    open(os.path.join(root, "Cues", video, "00004.npz.tmp"), "wb").write(b"garbage")  # leftover
+    flow_net = StandInRAFT()
+    stats = write_cue_cache(root, FlowCue(net=flow_net), DepthCue(net=StandInMiDaS()),
+                            size=32, batch=2, progress=False)
+    assert stats == {"written": 10 - len(partial), "skipped": len(partial)}
+    got = _read_cache(root)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert set(got[k]) == set(ref[k])
+        for name in ref[k]:
+            np.testing.assert_array_equal(got[k][name], ref[k][name])
+    again = StandInRAFT()
+    assert write_cue_cache(root, FlowCue(net=again), DepthCue(net=StandInMiDaS()), size=32,
+                           progress=False) == {"written": 0, "skipped": 10}
+    assert again.calls == 0
+
+
+# --- loading errors: a message saying how to provide the networks ---
+
+def test_missing_internet_gives_a_message_with_torch_home_and_hub_dir(monkeypatch):
+    monkeypatch.setattr(cues, "_import_problem", lambda name: None)
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "load", offline)
+    for make in (lambda: FlowCue("raft_small"), lambda: DepthCue("MiDaS_small")):
+        with pytest.raises(cues.CueLoadError) as err:
+            make()
+        msg = str(err.value)
+        assert "TORCH_HOME" in msg and "--hub-dir" in msg and "name resolution" in msg
+
+
+def test_missing_packages_say_pip_install(monkeypatch):
+    monkeypatch.setattr(cues, "_import_problem", lambda name: "ModuleNotFoundError: no " + name)
+    with pytest.raises(cues.CueLoadError, match="pip install torchvision"):
+        FlowCue("raft_large")
+    with pytest.raises(cues.CueLoadError, match="pip install timm"):
+        DepthCue("DPT_Large")
+    monkeypatch.setattr(cues, "_import_problem", lambda name: None)
+    monkeypatch.setattr(torch.hub, "load", lambda *a, **k: pytest.fail("must not reach the hub"))
+    with pytest.raises(cues.CueLoadError, match="hubconf.py"):
+        FlowCue("raft_small", source="local", hub_dir=str(os.devnull))
+    with pytest.raises(cues.CueLoadError, match="unknown flow network"):
+        FlowCue("raft_tiny")
+
+
+def test_cli_without_torchvision_prints_a_message_not_a_traceback(tmp_path):
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "th"))
+    # a fake package dir that hides torchvision even where it is installed
+    fake = tmp_path / "fake"
+    (fake / "torchvision").mkdir(parents=True)
+    (fake / "torchvision" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env["PYTHONPATH"] = os.pathsep.join([str(fake), REPO])
+    r = subprocess.run([sys.executable, os.path.join(REPO, "cues.py"), "--data", str(tmp_path),
+                        "--device", "cpu"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and "torchvision" in r.stderr, r.stderr
