@@ -1,0 +1,494 @@
+"""model.py: the frozen DINOv2 encoder and the light DPT pixel decoder of LILA.
+
+What it implements (DESIGN.md section 2, "Encoder" and "Decoder"; LILA, arXiv 2604.26488):
+a frozen DINOv2 ViT-S/B/L/14 is tapped at four blocks; a small DPT-style decoder turns the
+four patch grids into one D-dimensional, per-pixel LayerNormed feature per image pixel.
+Only the decoder trains.
+
+Shape legend: B batch, H x W image (sides multiples of 14), h x w = H/14 x W/14 patch grid,
+T = 1 + h*w tokens (class token first), E encoder width (384 S, 768 B, 1024 L),
+F decoder fusion width, D pixel-feature dim (F/2 in the paper).
+
+DINOv2 compatibility (facebookresearch/dinov2: models/vision_transformer.py,
+layers/{patch_embed,attention,block,mlp,layer_scale}.py, hub/backbones.py). Parameter names
+and shapes equal the official hub checkpoints (built there with img_size=518, patch 14,
+init_values=1.0, block_chunks=0, no register tokens), so `dinov2_vits14_pretrain.pth` loads
+with strict=True: cls_token (1,1,E), pos_embed (1,1+37*37,E), mask_token (1,E),
+patch_embed.proj.{weight,bias}, blocks.{i}.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2,
+mlp.fc1, mlp.fc2, ls2.gamma}, norm. `get_intermediate_layers(x, idx)` returns the numbers of
+the official `get_intermediate_layers(x, n=idx, reshape=True, norm=True)`.
+
+Deviations from the official code (none change the numbers beyond float rounding):
+- attention uses torch's scaled_dot_product_attention (same softmax(q k^T / sqrt(d)) v);
+- no xFormers, nested tensors, stochastic depth, register tokens or masking (mask_token
+  exists only so that checkpoints load strictly);
+- random init ("none") uses LayerScale 1e-5 (the DINOv2 training value); the hub builds with
+  1.0 and then overwrites it with the checkpoint;
+- intermediate layers come back in the order requested (the official code: block order).
+Deviations from DPT (Ranftl et al., ICCV 2021) in the decoder: no readout token handling
+(class token dropped, as DESIGN says), bilinear upsampling with align_corners=False (DPT: True),
+fusion upsamples to the next level's exact size (odd grids work), the head keeps F/2 hidden
+channels (DPT: 32, which would cap D=128 features at rank 32), and ends in a per-pixel
+LayerNorm instead of a ReLU.
+
+Run:  python -m pytest -q tests/test_model.py;  timings: python bench.py model
+Use:  import model; net = model.build_lila("dinov2_vits14", weights="hub", preset="paper")
+"""
+import hashlib
+import os
+import sys
+from collections import namedtuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ImageNet statistics used by DINOv2 (and by its hub transforms); applied inside LILA only.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name -> (E, depth, heads, tapped 0-based blocks). Taps: DESIGN.md section 2 (DPT's choice).
+Backbone = namedtuple("Backbone", "embed_dim depth heads taps")
+BACKBONES = {
+    "dinov2_vits14": Backbone(384, 12, 6, (2, 5, 8, 11)),
+    "dinov2_vitb14": Backbone(768, 12, 12, (2, 5, 8, 11)),
+    "dinov2_vitl14": Backbone(1024, 24, 16, (4, 11, 17, 23)),
+}
+# dinov2/hub/utils.py (_DINOV2_BASE_URL) + hub/backbones.py (f"/{base}/{full}_pretrain.pth").
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{name}/{name}_pretrain.pth"
+
+# Decoder sizes. Widths are given for ViT-S (E=384) and scale linearly with E in build_lila:
+# S (48,96,192,384) is the paper's; B gives (96,192,384,768) = DPT-Base's; L gives
+# (128,256,512,1024) where DPT-Large uses (256,512,1024,1024) (our documented choice).
+# F and D stay the same for every backbone. "tiny" is the same code at CPU size.
+PRESETS = {
+    "paper": dict(features=256, out_dim=128, widths=(48, 96, 192, 384)),
+    "tiny": dict(features=64, out_dim=32, widths=(16, 32, 64, 128)),
+}
+WIDTHS_REF_DIM = 384  # the E the preset widths are written for
+
+
+# ------------------------------------------------------------------ encoder: DINOv2 ViT
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> E channels (a strided conv), flattened row-major."""
+
+    def __init__(self, embed_dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, E)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: softmax(q k^T / sqrt(E/heads)) v, fused qkv with bias."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, E = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.heads, E // self.heads)  # (B, T, 3, heads, E/heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                               # 3 x (B, heads, T, E/heads)
+        x = F.scaled_dot_product_attention(q, k, v)                        # (B, heads, T, E/heads)
+        return self.proj(x.transpose(1, 2).reshape(B, T, E))               # (B, T, E)
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (CaiT; DINOv2 `ls1`, `ls2`)."""
+
+    def __init__(self, dim, init):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as the official nn.GELU default
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += ls1(attn(norm1 x)); x += ls2(mlp(norm2 x))."""
+
+    def __init__(self, dim, heads, mlp_ratio, layerscale_init, ln_eps):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
+        self.attn = Attention(dim, heads)
+        self.ls1 = LayerScale(dim, layerscale_init)
+        self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layerscale_init)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))  # (B, T, E)
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class ViT(nn.Module):
+    """DINOv2 ViT/14 with the official parameter names (see the header).
+
+    Defaults are ViT-S/14 as on torch.hub: img_size 518 -> a 37 x 37 position table,
+    MLP ratio 4, LayerNorm eps 1e-6, interpolation offset 0.1 without antialiasing
+    (hub/backbones.py defaults for the non-register models)."""
+
+    def __init__(self, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, patch_size=14,
+                 img_size=518, layerscale_init=1e-5, ln_eps=1e-6, interpolate_offset=0.1,
+                 interpolate_antialias=False):
+        super().__init__()
+        self.embed_dim, self.patch_size = embed_dim, patch_size
+        self.grid = img_size // patch_size  # M: side of the learned position table (37)
+        self.interpolate_offset = interpolate_offset
+        self.interpolate_antialias = interpolate_antialias
+        self.patch_embed = PatchEmbed(embed_dim, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # unused here (iBOT masking)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, layerscale_init, ln_eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=ln_eps)
+        self._init_weights()
+
+    def _init_weights(self, std=0.02, cls_std=1e-6):
+        # DinoVisionTransformer.init_weights: truncated normal pos_embed and Linear weights
+        # (timm's ViT init), tiny normal class token, zero biases; the conv keeps torch's init.
+        nn.init.trunc_normal_(self.pos_embed, std=std)
+        nn.init.normal_(self.cls_token, std=cls_std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, h, w):
+        """(1, 1 + h*w, E) position embeddings for an h x w patch grid, the official numbers.
+
+        Official DinoVisionTransformer.interpolate_pos_encoding (hub defaults offset 0.1,
+        antialias False): at the native M x M grid the table is returned untouched; else
+        bicubic (torch's a = -0.75, align_corners=False) with an explicit
+        scale_factor ((h + 0.1) / M, (w + 0.1) / M) instead of an output size. The output
+        still has h x w cells, but torch then samples source row (i + 0.5) * M / (h + 0.1) - 0.5
+        rather than (i + 0.5) * M / h - 0.5, which changes the numbers; the 0.1 is a historic
+        floating-point guard (facebookresearch/dino issue 8) kept for identical features.
+        Computed in float32 like the official code."""
+        M, E = self.grid, self.embed_dim
+        if (h, w) == (M, M):
+            return self.pos_embed
+        pos = self.pos_embed.float()
+        cls_pos = pos[:, :1]                                          # (1, 1, E)
+        patch_pos = pos[:, 1:].reshape(1, M, M, E).permute(0, 3, 1, 2)  # (1, E, M, M)
+        if self.interpolate_offset:
+            off = self.interpolate_offset
+            size_kw = dict(scale_factor=(float(h + off) / M, float(w + off) / M))
+        else:
+            size_kw = dict(size=(h, w))
+        patch_pos = F.interpolate(patch_pos, mode="bicubic",
+                                  antialias=self.interpolate_antialias, **size_kw)  # (1, E, h, w)
+        assert patch_pos.shape[-2:] == (h, w), (patch_pos.shape, h, w)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, E)  # (1, h*w, E)
+        return torch.cat([cls_pos, patch_pos], dim=1).to(self.pos_embed.dtype)
+
+    def prepare_tokens(self, x):
+        """ImageNet-normalised (B, 3, H, W) -> tokens (B, 1 + h*w, E) with positions added."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"model.py ViT: expected images (B, 3, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(
+                f"model.py ViT: input size {H}x{W} (HxW) is not a multiple of the patch size {p}; "
+                f"resize or crop it, e.g. to {max(p, H // p * p)}x{max(p, W // p * p)}")
+        tokens = self.patch_embed(x)                                  # (B, h*w, E)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)               # (B, 1, E)
+        tokens = torch.cat([cls, tokens], dim=1)                      # (B, T, E)
+        return tokens + self.interpolate_pos_encoding(H // p, W // p)
+
+    def get_intermediate_layers(self, x, indices):
+        """List of (B, E, h, w): outputs of the 0-based blocks `indices`, each passed through
+        the final LayerNorm, class token dropped (official norm=True, reshape=True)."""
+        indices = [int(i) for i in indices]
+        if not indices or any(not 0 <= i < len(self.blocks) for i in indices):
+            raise ValueError(f"model.py ViT: block indices {indices} must lie in "
+                             f"0..{len(self.blocks) - 1}")
+        B, _, H, W = x.shape
+        h, w = H // self.patch_size, W // self.patch_size
+        t = self.prepare_tokens(x)                                    # (B, T, E)
+        taken = {}
+        for i, block in enumerate(self.blocks[:max(indices) + 1]):
+            t = block(t)
+            if i in indices:
+                taken[i] = t
+        grids = []
+        for i in indices:
+            patches = self.norm(taken[i])[:, 1:]                      # (B, h*w, E)
+            grids.append(patches.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous())  # (B, E, h, w)
+        return grids
+
+    def forward(self, x):
+        return self.get_intermediate_layers(x, [len(self.blocks) - 1])[0]  # (B, E, h, w)
+
+
+# ------------------------------------------------------------------ loading the weights
+def _read_state_dict(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"model.py load_dinov2: weights file '{path}' does not exist. Pass weights='hub' for "
+            f"the official checkpoint, a path to a *_pretrain.pth file, or 'none' (random).")
+    try:  # weights_only: a plain tensor pickle, no code runs while reading it
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"model.py load_dinov2: could not read '{path}' as a torch state dict "
+                           f"({type(e).__name__}: {e})") from e
+
+
+def _fetch_hub(name):
+    """The official checkpoint through torch.hub's download-and-cache ($TORCH_HOME/hub/checkpoints).
+
+    Hash check: torch.hub's check_hash only verifies names of the form `file-<sha256 prefix>.pth`;
+    the official DINOv2 file names carry no hash, so it could check nothing and we pass False
+    rather than pretend. What we do check: the download comes over HTTPS from Meta's URL, it is
+    read with weights_only=True, every key and shape must match (strict), and load_dinov2's
+    `sha256=` argument compares the whole file against a digest you recorded."""
+    url = DINOV2_URL.format(name=name)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    was_cached = os.path.exists(cached)
+    try:
+        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False,
+                                                   weights_only=True)
+    except Exception as e:
+        if was_cached:
+            raise RuntimeError(f"model.py load_dinov2: the cached checkpoint '{cached}' could not be "
+                               f"read ({type(e).__name__}: {e}); delete it to download it again") from e
+        raise RuntimeError(
+            f"model.py load_dinov2: could not download {url} ({type(e).__name__}: {e}).\n"
+            f"Offline? Fetch the file on a connected machine and either place it at\n  {cached}\n"
+            f"(torch.hub's cache, $TORCH_HOME/hub/checkpoints/) or pass its path as the weights "
+            f"argument (e.g. --weights /path/{os.path.basename(url)}).") from e
+    return state, cached
+
+
+def _load_strict(model, state, source, name):
+    """load_state_dict(strict=True), with an error that lists what differs and guesses why."""
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        keys = list(state)[:5] if isinstance(state, dict) else []
+        raise RuntimeError(f"model.py load_dinov2: '{source}' is not a plain state dict "
+                           f"(name -> tensor) like the official {name}_pretrain.pth; got "
+                           f"{type(state).__name__} with keys {keys}")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs {name} {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if not (missing or unexpected or wrong):
+        model.load_state_dict(state, strict=True)
+        return
+    hints = []
+    if any("register_tokens" in k for k in unexpected):
+        hints.append("this looks like a *_reg4 checkpoint (with registers), not supported")
+    if any(k.startswith(("module.", "backbone.", "teacher.", "student.")) for k in unexpected):
+        hints.append("keys carry a wrapper prefix; save the bare backbone state dict")
+    if wrong:
+        hints.append("shapes differ: is it the checkpoint of another size (S/B/L)?")
+    show = lambda ks: f"{len(ks)} {ks[:8]}" + (" ..." if len(ks) > 8 else "")
+    raise RuntimeError(f"model.py load_dinov2: '{source}' does not match {name} (strict loading).\n"
+                       f"  missing keys: {show(missing)}\n  unexpected keys: {show(unexpected)}\n"
+                       f"  shape mismatches: {show(wrong)}\n  hint: {'; '.join(hints) or '-'}")
+
+
+def _sha256(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_dinov2(name, weights="hub", seed=0, sha256=None):
+    """Frozen eval-mode ViT for `name` in BACKBONES. weights: "hub" (official checkpoint via
+    torch.hub's cache in $TORCH_HOME), a path to a state-dict file, or "none" (random init
+    seeded by `seed`, announced loudly). `sha256` (optional) must equal the file's digest."""
+    if name not in BACKBONES:
+        raise ValueError(f"model.py load_dinov2: unknown backbone '{name}', choose from {list(BACKBONES)}")
+    spec = BACKBONES[name]
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = ViT(spec.embed_dim, spec.depth, spec.heads)
+    if weights == "none":
+        bar = "!" * 78
+        print(f"{bar}\n!! model.py: {name} has RANDOM weights (weights='none', seed={seed}).\n"
+              f"!! Its features are meaningless: use this for tests and smoke runs only.\n{bar}",
+              file=sys.stderr, flush=True)
+    else:
+        state, source = _fetch_hub(name) if weights == "hub" else (_read_state_dict(weights), weights)
+        if sha256 is not None and _sha256(source) != sha256.lower():
+            raise RuntimeError(f"model.py load_dinov2: SHA-256 of '{source}' is {_sha256(source)}, "
+                               f"expected {sha256}")
+        _load_strict(model, state, source, name)
+        print(f"model.py: loaded {name} from {source}", file=sys.stderr, flush=True)
+    return model.requires_grad_(False).eval()
+
+
+# ------------------------------------------------------------------ decoder: light DPT
+# --- method ---
+def conv3x3(c_in, c_out, stride=1, bias=True):
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+
+
+class Reassemble(nn.Module):
+    """One tapped layer: (B, E, h, w) -> 1x1 conv to `width` -> resample by `factor`
+    (4, 2: transposed conv k=s=factor; 1: identity; 0.5: 3x3 conv stride 2) -> 3x3 conv to F
+    (no bias, as DPT's `layerN_rn`)."""
+
+    def __init__(self, embed_dim, width, factor, features):
+        super().__init__()
+        self.project = nn.Conv2d(embed_dim, width, 1)
+        if factor > 1:
+            self.resample = nn.ConvTranspose2d(width, width, int(factor), stride=int(factor))
+        elif factor == 1:
+            self.resample = nn.Identity()
+        elif factor == 0.5:
+            self.resample = conv3x3(width, width, stride=2)
+        else:
+            raise ValueError(f"model.py Reassemble: factor {factor} not in (4, 2, 1, 0.5)")
+        self.to_features = conv3x3(width, features, bias=False)
+
+    def forward(self, grid):
+        return self.to_features(self.resample(self.project(grid)))  # (B, F, h*factor, w*factor)
+
+
+class ResidualConvUnit(nn.Module):
+    """RefineNet / DPT residual unit: x + conv(relu(conv(relu(x))))."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv1, self.conv2 = conv3x3(ch, ch), conv3x3(ch, ch)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class FusionBlock(nn.Module):
+    """DPT FeatureFusionBlock: y = RCU(x + RCU_skip(skip)), upsampled bilinearly to `size`,
+    then a 1x1 conv. The deepest block has no skip input."""
+
+    def __init__(self, ch, has_skip):
+        super().__init__()
+        self.skip_unit = ResidualConvUnit(ch) if has_skip else None
+        self.unit = ResidualConvUnit(ch)
+        self.out_conv = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x, skip, size):
+        if skip is not None:
+            x = x + self.skip_unit(skip)
+        x = F.interpolate(self.unit(x), size=size, mode="bilinear", align_corners=False)
+        return self.out_conv(x)                                      # (B, F, *size)
+
+
+class DPTDecoder(nn.Module):
+    """Four (B, E, h, w) grids (shallow -> deep) -> (B, D, H, W) per-pixel LayerNormed features.
+
+    factors: resampling per level, (4, 2, 1, 1/2) as in DPT (strides 14/4 ... 28 here);
+    last_upsample: the shallowest fusion block upsamples x2 as in DPT; head_hidden: channels
+    of the full-resolution 3x3 conv (default F/2); ln_eps: torch's LayerNorm default."""
+
+    def __init__(self, embed_dim, widths=(48, 96, 192, 384), features=256, out_dim=128,
+                 factors=(4, 2, 1, 0.5), last_upsample=2, head_hidden=None, ln_eps=1e-5):
+        super().__init__()
+        if len(widths) != len(factors):
+            raise ValueError(f"model.py DPTDecoder: {len(widths)} widths for {len(factors)} levels")
+        head_hidden = head_hidden or features // 2
+        self.last_upsample = last_upsample
+        self.reassemble = nn.ModuleList(
+            Reassemble(embed_dim, wd, f, features) for wd, f in zip(widths, factors))
+        # fusion[i] fuses level i; the deepest (last) has no skip input.
+        self.fusion = nn.ModuleList(
+            FusionBlock(features, has_skip=i < len(widths) - 1) for i in range(len(widths)))
+        self.head_conv1 = conv3x3(features, features // 2)
+        self.head_conv2 = conv3x3(features // 2, head_hidden)
+        self.head_out = nn.Conv2d(head_hidden, out_dim, 1)
+        self.norm = nn.LayerNorm(out_dim, eps=ln_eps)
+
+    def forward(self, grids, size):
+        if len(grids) != len(self.reassemble):
+            raise ValueError(f"model.py DPTDecoder: got {len(grids)} grids, expected "
+                             f"{len(self.reassemble)} (one per tapped block)")
+        levels = [r(g) for r, g in zip(self.reassemble, grids)]      # (B, F, 4h, 4w) ... (B, F, h/2, w/2)
+        x = None
+        for i in reversed(range(len(levels))):                       # deepest first
+            if i > 0:
+                out_size = levels[i - 1].shape[-2:]                  # next (shallower) level
+            else:
+                out_size = tuple(s * self.last_upsample for s in levels[0].shape[-2:])
+            x = self.fusion[i](levels[i] if x is None else x, None if x is None else levels[i],
+                               out_size)                             # (B, F, *out_size)
+        y = self.head_conv1(x)                                       # (B, F/2, 8h, 8w)
+        y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)  # (B, F/2, H, W)
+        y = self.head_out(F.relu(self.head_conv2(y)))                # (B, D, H, W)
+        return self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()  # (B, D, H, W)
+
+
+class LILA(nn.Module):
+    """Frozen encoder + trainable decoder. Takes images in [0, 1]; normalises them here."""
+
+    def __init__(self, encoder, decoder, taps):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.decoder = decoder
+        self.taps = tuple(int(t) for t in taps)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: always eval, whatever mode the decoder is in
+        return self
+
+    def encode(self, img, taps=None):
+        """List of (B, E, h, w) tapped grids of the frozen encoder, without gradient."""
+        if not torch.is_floating_point(img) or img.ndim != 4 or img.shape[1] != 3:
+            raise ValueError(f"model.py LILA: expected float images (B, 3, H, W) in [0, 1], got "
+                             f"{img.dtype} {tuple(img.shape)}")
+        with torch.no_grad():
+            if float(img.max()) > 2.0:
+                raise ValueError("model.py LILA: image values exceed 2; pass images in [0, 1], not 0..255")
+            x = (img - self.mean) / self.std                           # (B, 3, H, W)
+            return self.encoder.get_intermediate_layers(x, taps or self.taps)
+
+    def forward(self, img):
+        grids = self.encode(img)                                     # 4 x (B, E, h, w)
+        feats = self.decoder(grids, size=img.shape[-2:])             # (B, D, H, W)
+        return grids[-1], feats
+
+    def encoder_features(self, img):
+        """The baseline: last tapped grid, bilinearly upsampled to the image size."""
+        grid = self.encode(img, taps=self.taps[-1:])[0]              # (B, E, h, w)
+        return F.interpolate(grid, size=img.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def scale_widths(widths, embed_dim, ref_dim=WIDTHS_REF_DIM):
+    """Preset widths are written for E = ref_dim (ViT-S); scale them linearly with E."""
+    return tuple(max(1, round(w * embed_dim / ref_dim)) for w in widths)
+
+
+def build_lila(backbone="dinov2_vits14", weights="hub", preset="paper", seed=0):
+    """LILA with a frozen DINOv2 `backbone` and a seeded, untrained decoder of `preset`."""
+    if preset not in PRESETS:
+        raise ValueError(f"model.py build_lila: unknown preset '{preset}', choose from {list(PRESETS)}")
+    encoder = load_dinov2(backbone, weights, seed=seed)
+    spec, cfg = BACKBONES[backbone], PRESETS[preset]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        decoder = DPTDecoder(spec.embed_dim, scale_widths(cfg["widths"], spec.embed_dim),
+                             features=cfg["features"], out_dim=cfg["out_dim"])
+    return LILA(encoder, decoder, spec.taps)
+

@@ -1,0 +1,354 @@
+"""Tests for model.py: DINOv2-compatible ViT, weight loading, DPT decoder, LILA wrapper.
+
+The slow references below restate the official DINOv2 formulas (facebookresearch/dinov2,
+models/vision_transformer.py and layers/*.py) with explicit loops and matmuls, and torch's
+bicubic kernel (Keys, a = -0.75) as an explicit matrix. CPU, offline, a few seconds.
+Run: python -m pytest -q tests/test_model.py
+"""
+import hashlib
+import io
+import math
+import os
+import shutil
+import sys
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model  # noqa: E402
+
+# Official ViT-S/14 checkpoint layout, from facebookresearch/dinov2 with the hub settings of
+# dinov2/hub/backbones.py (img_size=518 -> 37x37 positions + class token, patch_size=14,
+# init_values=1.0 -> LayerScale present, block_chunks=0 -> flat "blocks.{i}", no registers;
+# qkv_bias=True; Mlp ratio 4). 7 top-level + 12 x 14 block tensors = 175 keys, 22,056,576 values.
+VITS14_TOP = {
+    "cls_token": (1, 1, 384),
+    "pos_embed": (1, 1370, 384),
+    "mask_token": (1, 384),
+    "patch_embed.proj.weight": (384, 3, 14, 14),
+    "patch_embed.proj.bias": (384,),
+    "norm.weight": (384,),
+    "norm.bias": (384,),
+}
+VITS14_BLOCK = {
+    "norm1.weight": (384,), "norm1.bias": (384,),
+    "attn.qkv.weight": (1152, 384), "attn.qkv.bias": (1152,),
+    "attn.proj.weight": (384, 384), "attn.proj.bias": (384,),
+    "ls1.gamma": (384,),
+    "norm2.weight": (384,), "norm2.bias": (384,),
+    "mlp.fc1.weight": (1536, 384), "mlp.fc1.bias": (1536,),
+    "mlp.fc2.weight": (384, 1536), "mlp.fc2.bias": (384,),
+    "ls2.gamma": (384,),
+}
+VITS14_SHAPES = {**VITS14_TOP, **{f"blocks.{i}.{k}": s for i in range(12)
+                                  for k, s in VITS14_BLOCK.items()}}
+
+TINY_VIT = dict(embed_dim=48, depth=4, num_heads=4)  # same code, CPU-test size
+
+
+def tiny_vit(seed=0, gamma_std=0.5):
+    """A small ViT whose LayerScales are large enough that every block matters."""
+    torch.manual_seed(seed)
+    vit = model.ViT(**TINY_VIT)
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if name.endswith("gamma"):
+                p.normal_(0.0, gamma_std)
+    return vit.eval()
+
+
+def tiny_lila(seed=0):
+    vit = tiny_vit(seed)
+    dec = model.DPTDecoder(TINY_VIT["embed_dim"], **model.PRESETS["tiny"])
+    return model.LILA(vit, dec, taps=(0, 1, 2, 3))
+
+
+# ------------------------------------------------------------------ slow references
+def keys_cubic(t, a=-0.75):
+    t = abs(t)
+    if t <= 1:
+        return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+    return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a if t < 2 else 0.0
+
+
+def bicubic_matrix(n_out, n_in, scale):
+    """(n_out, n_in) weights of torch's bicubic (align_corners=False, border clamped) when
+    called with an explicit scale_factor: output i samples input (i + 0.5) / scale - 0.5."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        src = (i + 0.5) / scale - 0.5
+        i0 = math.floor(src)
+        for k in range(-1, 3):
+            m[i, min(max(i0 + k, 0), n_in - 1)] += keys_cubic(src - i0 - k)
+    return m
+
+
+def slow_dinov2_layers(sd, x, indices, heads, patch=14, offset=0.1, eps=1e-6):
+    """Official DINOv2 get_intermediate_layers(x, n=indices, reshape=True, norm=True),
+    written out in float64 from a state dict: explicit patch matmul, per-head softmax loop."""
+    sd = {k: v.double() for k, v in sd.items()}
+    x = x.double()
+    B, _, H, W = x.shape
+    h, w, E = H // patch, W // patch, sd["cls_token"].shape[-1]
+    M = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    patches = x.reshape(B, 3, h, patch, w, patch).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, -1)
+    tok = patches @ sd["patch_embed.proj.weight"].reshape(E, -1).T + sd["patch_embed.proj.bias"]
+    tok = torch.cat([sd["cls_token"].expand(B, 1, E), tok], dim=1)
+    pos = sd["pos_embed"][0]
+    if (h, w) != (M, M):  # official: untouched at the native grid, else offset bicubic
+        table = pos[1:].reshape(M, M, E)
+        grid = torch.einsum("im,mne,jn->ije", bicubic_matrix(h, M, (h + offset) / M), table,
+                            bicubic_matrix(w, M, (w + offset) / M)).reshape(h * w, E)
+        pos = torch.cat([pos[:1], grid])
+    t = tok + pos
+
+    def ln(z, p):
+        mu = z.mean(-1, keepdim=True)
+        var = ((z - mu) ** 2).mean(-1, keepdim=True)
+        return (z - mu) / torch.sqrt(var + eps) * sd[p + ".weight"] + sd[p + ".bias"]
+
+    def lin(z, p):
+        return z @ sd[p + ".weight"].T + sd[p + ".bias"]
+
+    out, d = {}, E // heads
+    for i in range(max(indices) + 1):
+        b = f"blocks.{i}."
+        q, k, v = lin(ln(t, b + "norm1"), b + "attn.qkv").split(E, dim=-1)
+        per_head = []
+        for hd in range(heads):
+            s = slice(hd * d, (hd + 1) * d)
+            att = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(d), dim=-1)
+            per_head.append(att @ v[..., s])
+        t = t + sd[b + "ls1.gamma"] * lin(torch.cat(per_head, -1), b + "attn.proj")
+        y = lin(ln(t, b + "norm2"), b + "mlp.fc1")
+        y = 0.5 * y * (1 + torch.erf(y / math.sqrt(2)))  # exact GELU
+        t = t + sd[b + "ls2.gamma"] * lin(y, b + "mlp.fc2")
+        out[i] = t
+    return [ln(out[i], "norm")[:, 1:].reshape(B, h, w, E).permute(0, 3, 1, 2) for i in indices]
+
+
+# ------------------------------------------------------------------ encoder
+def test_vits14_has_exactly_the_official_keys_and_shapes():
+    vit = model.ViT()  # defaults = ViT-S/14 on torch.hub
+    got = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
+    assert got == VITS14_SHAPES
+    assert sum(math.prod(s) for s in got.values()) == 22_056_576
+    g = torch.Generator().manual_seed(0)
+    official_like = {k: torch.randn(s, generator=g) for k, s in VITS14_SHAPES.items()}
+    vit.load_state_dict(official_like, strict=True)
+
+
+@pytest.mark.parametrize("size", [(98, 70), (518, 518), (224, 224)])
+def test_intermediate_layers_match_slow_official_reference(size):
+    vit = tiny_vit()
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    idx = [0, 2, 3]
+    with torch.no_grad():
+        got = vit.get_intermediate_layers(x, idx)
+    ref = slow_dinov2_layers(vit.state_dict(), x, idx, heads=TINY_VIT["num_heads"])
+    for g, r in zip(got, ref):
+        assert g.shape == (2, TINY_VIT["embed_dim"], size[0] // 14, size[1] // 14)
+        torch.testing.assert_close(g.double(), r, atol=2e-4, rtol=1e-4)
+
+
+def test_pos_embed_interpolation_is_identity_at_native_37x37_grid():
+    vit = tiny_vit()
+    assert vit.interpolate_pos_encoding(37, 37) is vit.pos_embed
+    assert vit.interpolate_pos_encoding(37, 36).shape == (1, 1 + 37 * 36, TINY_VIT["embed_dim"])
+
+
+def test_pos_embed_interpolation_uses_official_offset_not_output_size():
+    vit = tiny_vit()
+    h, w = 16, 11
+    got = vit.interpolate_pos_encoding(h, w)[0, 1:].double()          # (h*w, E)
+    table = vit.pos_embed[0, 1:].detach().double().reshape(37, 37, -1)
+    ref = lambda sh, sw: torch.einsum("im,mne,jn->ije", bicubic_matrix(h, 37, sh), table,
+                                      bicubic_matrix(w, 37, sw)).reshape(h * w, -1)
+    torch.testing.assert_close(got, ref((h + 0.1) / 37, (w + 0.1) / 37), atol=1e-5, rtol=1e-5)
+    assert (got - ref(h / 37, w / 37)).abs().max() > 1e-3  # the offset does change the numbers
+
+
+@pytest.mark.parametrize("size", [(225, 224), (224, 100)])
+def test_non_multiple_of_14_input_raises_naming_the_size(size):
+    with pytest.raises(ValueError, match=f"{size[0]}x{size[1]}"):
+        tiny_vit().get_intermediate_layers(torch.zeros(1, 3, *size), [0])
+
+
+def test_vit_state_dict_round_trip_is_strict_and_exact():
+    a, b = tiny_vit(seed=0), tiny_vit(seed=1)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    x = torch.rand(1, 3, 56, 42)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+# ------------------------------------------------------------------ load_dinov2
+@pytest.fixture(scope="module")
+def official_file(tmp_path_factory):
+    """A file in the official format (random values), as dinov2_vits14_pretrain.pth."""
+    g = torch.Generator().manual_seed(0)
+    sd = {k: 0.02 * torch.randn(s, generator=g) for k, s in VITS14_SHAPES.items()}
+    path = tmp_path_factory.mktemp("weights") / "dinov2_vits14_pretrain.pth"
+    torch.save(sd, path)
+    return path, sd
+
+
+def assert_loaded(enc, sd):
+    assert not enc.training
+    assert all(not p.requires_grad for p in enc.parameters())
+    got = enc.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+
+
+def test_load_dinov2_from_path_is_strict_frozen_and_eval(official_file):
+    path, sd = official_file
+    assert_loaded(model.load_dinov2("dinov2_vits14", str(path)), sd)
+
+
+def test_load_dinov2_hub_reads_prefilled_torch_home_cache(official_file, tmp_path, monkeypatch):
+    path, sd = official_file
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert torch.hub.get_dir() == str(tmp_path / "hub")
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    shutil.copy(path, cache / "dinov2_vits14_pretrain.pth")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("torch.hub tried to download although the file is cached")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert_loaded(model.load_dinov2("dinov2_vits14", "hub", sha256=digest), sd)
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        model.load_dinov2("dinov2_vits14", "hub", sha256="0" * 64)
+
+
+def test_hub_download_failure_says_how_to_provide_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(RuntimeError, match="could not download") as err:
+        model.load_dinov2("dinov2_vits14", "hub")
+    msg = str(err.value)
+    assert os.path.join(str(tmp_path), "hub", "checkpoints", "dinov2_vits14_pretrain.pth") in msg
+    assert "dinov2_vits14/dinov2_vits14_pretrain.pth" in msg and "weights" in msg
+
+
+def test_wrong_keys_and_shapes_give_a_helpful_error(official_file, tmp_path):
+    _, sd = official_file
+    bad = dict(sd)
+    bad["blocks.0.ls1.scale"] = bad.pop("blocks.0.ls1.gamma")
+    bad["norm.weight"] = torch.zeros(10)
+    path = tmp_path / "renamed.pth"
+    torch.save(bad, path)
+    with pytest.raises(RuntimeError) as err:
+        model.load_dinov2("dinov2_vits14", str(path))
+    msg = str(err.value)
+    for needle in (str(path), "blocks.0.ls1.gamma", "blocks.0.ls1.scale", "norm.weight: file (10,)"):
+        assert needle in msg, (needle, msg)
+
+
+def test_missing_file_and_unknown_names_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        model.load_dinov2("dinov2_vits14", str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match="dinov2_vits14"):
+        model.load_dinov2("dinov2_vitx14", "none")
+    with pytest.raises(ValueError, match="tiny"):
+        model.build_lila(weights="none", preset="huge")
+
+
+def test_random_init_is_seeded_and_announced(capfd):
+    a = model.load_dinov2("dinov2_vits14", "none", seed=0).state_dict()
+    b = model.load_dinov2("dinov2_vits14", "none", seed=0).state_dict()
+    c = model.load_dinov2("dinov2_vits14", "none", seed=1).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["pos_embed"], c["pos_embed"])
+    assert "RANDOM weights" in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------ decoder and LILA
+@pytest.mark.parametrize("size", [(224, 224), (210, 154), (56, 98)])
+def test_lila_shapes_square_and_non_square(size):
+    lila = tiny_lila()
+    img = torch.rand(2, 3, *size)
+    enc, feats = lila(img)
+    h, w = size[0] // 14, size[1] // 14
+    assert enc.shape == (2, TINY_VIT["embed_dim"], h, w)
+    assert feats.shape == (2, model.PRESETS["tiny"]["out_dim"], *size)
+    assert lila.encoder_features(img).shape == (2, TINY_VIT["embed_dim"], *size)
+
+
+def test_decoder_features_are_layer_normed_per_pixel():
+    _, feats = tiny_lila()(torch.rand(1, 3, 112, 84))
+    torch.testing.assert_close(feats.mean(1), torch.zeros(1, 112, 84), atol=1e-5, rtol=0)
+    torch.testing.assert_close(feats.var(1, unbiased=False), torch.ones(1, 112, 84), atol=1e-3, rtol=0)
+
+
+def test_lila_normalises_with_imagenet_stats_and_upsamples_the_last_tap():
+    lila = tiny_lila()
+    img = torch.rand(1, 3, 70, 56)
+    mean = torch.tensor(model.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(model.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        grid = lila.encoder.get_intermediate_layers((img - mean) / std, [3])[0]
+    enc, _ = lila(img)
+    torch.testing.assert_close(enc, grid)
+    up = F.interpolate(grid, size=(70, 56), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(lila.encoder_features(img), up)
+    with pytest.raises(ValueError, match="0..255"):
+        lila(img * 255)
+
+
+def test_only_the_decoder_gets_gradients_and_encoder_stays_eval():
+    lila = tiny_lila().train()
+    assert lila.decoder.training and not lila.encoder.training
+    assert all(not p.requires_grad for p in lila.encoder.parameters())
+    trainable = {id(p) for p in lila.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in lila.decoder.parameters()}
+    enc, feats = lila(torch.rand(2, 3, 56, 70))
+    assert not enc.requires_grad
+    (feats[:, :3] ** 2).mean().backward()
+    assert all(p.grad is None for p in lila.encoder.parameters())
+    grads = [p.grad for p in lila.decoder.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_tiny_preset_forward_backward_step_changes_features():
+    lila = model.build_lila("dinov2_vits14", weights="none", preset="tiny", seed=0)
+    img = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD([p for p in lila.parameters() if p.requires_grad], lr=0.1)
+    _, feats = lila(img)
+    target = torch.randn_like(feats)
+    loss = (feats - target).abs().mean()
+    loss.backward()
+    opt.step()
+    _, feats2 = lila(img)
+    assert torch.isfinite(loss) and (feats2 - target).abs().mean() < loss
+
+
+def test_decoder_state_dict_round_trip_is_strict_and_exact():
+    a = tiny_lila(seed=0)
+    torch.manual_seed(5)
+    other = model.DPTDecoder(TINY_VIT["embed_dim"], **model.PRESETS["tiny"])
+    buf = io.BytesIO()
+    torch.save(a.decoder.state_dict(), buf)
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    b = model.LILA(a.encoder, other, a.taps)
+    img = torch.rand(1, 3, 42, 56)
+    with torch.no_grad():
+        assert torch.equal(a(img)[1], b(img)[1])
+
+
+def test_preset_widths_scale_with_embed_dim_as_dpt():
+    assert model.scale_widths(model.PRESETS["paper"]["widths"], 384) == (48, 96, 192, 384)
+    assert model.scale_widths(model.PRESETS["paper"]["widths"], 768) == (96, 192, 384, 768)
