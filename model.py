@@ -407,7 +407,7 @@ class DPTDecoder(nn.Module):
         if len(widths) != len(factors):
             raise ValueError(f"model.py DPTDecoder: {len(widths)} widths for {len(factors)} levels")
         head_hidden = head_hidden or features // 2
-        self.last_upsample = last_upsample
+        self.out_dim, self.last_upsample = out_dim, last_upsample
         self.reassemble = nn.ModuleList(
             Reassemble(embed_dim, wd, f, features) for wd, f in zip(widths, factors))
         # fusion[i] fuses level i; the deepest (last) has no skip input.

@@ -284,6 +284,7 @@ def test_lila_shapes_square_and_non_square(size):
     h, w = size[0] // 14, size[1] // 14
     assert enc.shape == (2, TINY_VIT["embed_dim"], h, w)
     assert feats.shape == (2, model.PRESETS["tiny"]["out_dim"], *size)
+    assert lila.decoder.out_dim == feats.shape[1]
     assert lila.encoder_features(img).shape == (2, TINY_VIT["embed_dim"], *size)
 
 
