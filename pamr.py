@@ -1,0 +1,227 @@
+"""PAMR: pixel-adaptive mask refinement, and LILA's coarse-to-fine PAMR cascade.
+
+What: PAMR (Araslanov & Roth, "Single-Stage Semantic Segmentation from Image Labels",
+CVPR 2020) refines a coarse mask with a guide image. Every pixel p looks at the 8
+neighbours p + delta of a 3x3 ring dilated by d, for each d in `dilations`
+(P = 8 * |dilations| neighbours). From the guide it gets one affinity per neighbour,
+
+    logit_delta(p) = mean_k  -|I_k(p) - I_k(p + delta)| / (eps + sigma * std_k(p))
+    a_delta(p)     = softmax over the P neighbours of logit_delta(p)
+
+where std_k(p) is the unbiased standard deviation of guide channel k over all
+9 * |dilations| window values (each dilated 3x3 window, its centre included, so the
+centre counts once per dilation). Then `iters` times:  m(p) <- sum_delta a_delta(p) m(p + delta).
+Replicate padding at the image border. Affinities are computed once per call.
+
+Where in LILA (DESIGN section 2, "Self-distillation"): the 32 encoder channels of the SD cue
+are upsampled from the patch grid to pixels by `pamr_cascade`, guided by the view's RGB:
+56^2 x 20 iterations, 112^2 x 10, 224^2 x 5, dilations {1, 3, 5}, sigma 0.05.
+
+Shape legend: B batch, K guide channels (3 for RGB), C mask channels (32 for SD),
+H x W guide size, h x w mask size, P = 8 * |dilations| neighbours.
+
+Deviations from the official code (visinf/1-stage-wseg, models/mods/pamr.py; read to check
+the formula, nothing copied):
+- Same output, different evaluation. The official module stacks every shifted copy of the
+  mask, a (B, C, P, H, W) tensor (9.9 GB for B=64, C=32, P=24, 224^2, and again for the
+  product), per iteration. Here the affinities (B, P, H, W) are computed once and each
+  propagation step accumulates one shifted slice of a padded mask at a time into a
+  preallocated buffer, batch chunk by batch chunk (the chunk stays in cache across all
+  iterations). The local std is accumulated the same way, two-pass (mean, then squared
+  deviations), in float32 on a mean-centred guide. No (B, C, P, H, W) or (B, K, P, H, W)
+  tensor ever exists. bench: `python /work/bench_parts/pamr.py`.
+- sigma and the iteration count are arguments; the official PAMR used sigma 0.1 and
+  dilations {1, 2, 4, 8, 12, 24}; LILA's cascade uses 0.05 and {1, 3, 5} (our defaults).
+- In the cascade the guide is resized with plain bilinear interpolation
+  (align_corners=False), the mask bilinearly with align_corners=True (as inside PAMR).
+
+Run: python -m pytest -q tests/test_pamr.py ; python /work/bench_parts/pamr.py
+"""
+import torch
+import torch.nn.functional as F
+
+# chunk of batch elements propagated together: big enough to keep both cores busy, small
+# enough that the chunk's mask buffers (~2 x chunk x C x H x W floats) stay in cache.
+# Measured on a 2-core Xeon, C=32, 224^2 (bench_parts/pamr.py); not a method constant.
+_CHUNK_ELEMS = 2 ** 21
+
+
+def _check_inputs(image, mask, dilations, iters):
+    """Clear errors for bad arguments instead of a traceback from inside F.pad/conv."""
+    if not (torch.is_tensor(image) and image.dim() == 4):
+        raise ValueError(f"pamr.py: image must be a (B, K, H, W) tensor, got "
+                         f"{getattr(image, 'shape', type(image))}")
+    if not (torch.is_tensor(mask) and mask.dim() == 4):
+        raise ValueError(f"pamr.py: mask must be a (B, C, h, w) tensor, got "
+                         f"{getattr(mask, 'shape', type(mask))}")
+    if image.shape[0] != mask.shape[0]:
+        raise ValueError(f"pamr.py: image and mask batch differ: {image.shape[0]} vs {mask.shape[0]}")
+    if not image.is_floating_point() or not mask.is_floating_point():
+        raise ValueError("pamr.py: image and mask must be floating point tensors")
+    if len(dilations) == 0 or any(int(d) != d or d < 1 for d in dilations):
+        raise ValueError(f"pamr.py: dilations must be positive integers, got {dilations}")
+    if int(iters) != iters or iters < 0:
+        raise ValueError(f"pamr.py: iters must be a non-negative integer, got {iters}")
+
+
+def ring_offsets(dilations):
+    """The P = 8 * |dilations| neighbour offsets (dy, dx): the dilated 3x3 ring, centre excluded."""
+    return [(dy * d, dx * d) for d in dilations
+            for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def _window_offsets(dilations):
+    """The 9 * |dilations| window offsets of the local std (centre included once per dilation)."""
+    return [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+
+
+def _shifted(padded, pad, dy, dx, H, W):
+    """View of a replicate-padded (.., H + 2 pad, W + 2 pad) map holding x(p + (dy, dx)) at p."""
+    return padded[..., pad + dy:pad + dy + H, pad + dx:pad + dx + W]   # (.., H, W) view
+
+
+def _fill_border(buf, pad):
+    """Replicate padding in place: copy the edge rows/columns of the interior outwards."""
+    if pad == 0:
+        return
+    buf[..., :pad, :] = buf[..., pad:pad + 1, :]            # top rows
+    buf[..., -pad:, :] = buf[..., -pad - 1:-pad, :]         # bottom rows
+    buf[..., :, :pad] = buf[..., :, pad:pad + 1]            # left columns (incl. corners)
+    buf[..., :, -pad:] = buf[..., :, -pad - 1:-pad]         # right columns
+
+
+# --- method -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def local_std(image, dilations):
+    """Unbiased std of each guide channel over the 9 * |dilations| window values.
+
+    std_k(p) = sqrt( sum_j (I_k(p + o_j) - mu_k(p))^2 / (n - 1) ),  n = 9 * |dilations|,
+    as `x.std(2)` over the stacked window in the official code. Two passes of running sums
+    (mean, then squared deviations), one shifted slice at a time; no (B, K, n, H, W) stack.
+    image: (B, K, H, W) float32 -> (B, K, H, W).
+    """
+    B, K, H, W = image.shape
+    pad = max(dilations)
+    offsets = _window_offsets(dilations)
+    n = len(offsets)
+    xp = F.pad(image, [pad] * 4, mode="replicate")             # (B, K, H + 2 pad, W + 2 pad)
+    mean = torch.zeros_like(image)                             # (B, K, H, W)
+    for dy, dx in offsets:
+        mean += _shifted(xp, pad, dy, dx, H, W)
+    mean /= n
+    var = torch.zeros_like(image)                              # (B, K, H, W)
+    tmp = torch.empty_like(image)                              # (B, K, H, W) scratch
+    for dy, dx in offsets:
+        torch.sub(_shifted(xp, pad, dy, dx, H, W), mean, out=tmp)
+        var.addcmul_(tmp, tmp)
+    return var.div_(n - 1).clamp_(min=0).sqrt_()
+
+
+@torch.no_grad()
+def pamr_affinity(image, dilations=(1, 3, 5), sigma=0.05, eps=1e-8):
+    """Affinities a (B, P, H, W), P = 8 * |dilations|, summing to 1 over P (see module doc).
+
+    logit_delta(p) = mean_k -|I_k(p) - I_k(p + delta)| / (eps + sigma * std_k(p)); softmax
+    over delta. sigma: LILA 0.05 (official PAMR 0.1); eps: 1e-8 as in the official code.
+    """
+    x = image.float()
+    x = x - x.mean(dim=(2, 3), keepdim=True)   # centring changes no difference, helps rounding
+    B, K, H, W = x.shape
+    pad = max(dilations)
+    offsets = ring_offsets(dilations)
+    denom = local_std(x, dilations).mul_(sigma).add_(eps)      # (B, K, H, W)
+    xp = F.pad(x, [pad] * 4, mode="replicate")                 # (B, K, H + 2 pad, W + 2 pad)
+    logits = torch.empty(B, len(offsets), H, W, dtype=x.dtype)  # (B, P, H, W)
+    tmp = torch.empty_like(x)                                  # (B, K, H, W) scratch
+    for j, (dy, dx) in enumerate(offsets):
+        torch.sub(x, _shifted(xp, pad, dy, dx, H, W), out=tmp).abs_().div_(denom)
+        logits[:, j] = tmp.sum(dim=1)                          # (B, H, W)
+    logits.mul_(-1.0 / K)                                      # -mean over guide channels
+    # softmax over the P neighbours, in place (the logits buffer becomes the affinities)
+    logits -= logits.amax(dim=1, keepdim=True)
+    logits.exp_()
+    logits /= logits.sum(dim=1, keepdim=True)
+    return logits                                              # (B, P, H, W)
+
+
+@torch.no_grad()
+def propagate(mask, aff, dilations, iters):
+    """`iters` steps of m(p) <- sum_delta a_delta(p) m(p + delta), replicate border.
+
+    mask: (B, C, H, W), aff: (B, P, H, W) -> the mask, overwritten in place with the result
+    (saves a B x C x H x W buffer; `pamr` passes a tensor it owns). Two padded ping-pong
+    buffers per batch chunk; each step accumulates one shifted slice at a time
+    (acc += a_delta * m_delta), so no (B, C, P, H, W) stack is ever formed.
+    """
+    B, C, H, W = mask.shape
+    pad = max(dilations)
+    offsets = ring_offsets(dilations)
+    out = mask                                                 # (B, C, H, W), written in place
+    chunk = max(1, _CHUNK_ELEMS // (C * H * W))
+    for b0 in range(0, B, chunk):
+        b1 = min(B, b0 + chunk)
+        a = aff[b0:b1]                                         # (b, P, H, W)
+        src = F.pad(mask[b0:b1], [pad] * 4, mode="replicate")  # (b, C, H + 2 pad, W + 2 pad)
+        dst = torch.empty_like(src)                            # (b, C, H + 2 pad, W + 2 pad)
+        for _ in range(iters):
+            acc = _shifted(dst, pad, 0, 0, H, W)               # (b, C, H, W) interior view
+            for j, (dy, dx) in enumerate(offsets):
+                m_delta = _shifted(src, pad, dy, dx, H, W)     # (b, C, H, W) view
+                a_delta = a[:, j:j + 1]                        # (b, 1, H, W) broadcast over C
+                if j == 0:
+                    torch.mul(m_delta, a_delta, out=acc)
+                else:
+                    acc.addcmul_(m_delta, a_delta)
+            _fill_border(dst, pad)
+            src, dst = dst, src
+        out[b0:b1] = _shifted(src, pad, 0, 0, H, W)
+    return out
+
+
+@torch.no_grad()
+def pamr(image, mask, dilations=(1, 3, 5), iters=10, sigma=0.05, eps=1e-8):
+    """Refine `mask` with the guide `image` (Araslanov & Roth 2020, see module docstring).
+
+    image: (B, K, H, W) guide; mask: (B, C, h, w), first resized bilinearly
+    (align_corners=True, as the official code) to H x W. Returns (B, C, H, W) in float32
+    (float64 if an input is float64). dilations {1,3,5}, sigma 0.05: LILA; iters: 10 in
+    the official PAMR (LILA's cascade sets it per stage).
+    """
+    _check_inputs(image, mask, dilations, iters)
+    dtype = torch.promote_types(torch.promote_types(image.dtype, mask.dtype), torch.float32)
+    image = image.to(dtype)
+    H, W = image.shape[-2:]
+    m = mask.to(dtype)
+    if m.shape[-2:] != (H, W):
+        m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=True)  # (B, C, H, W)
+    elif m is mask:
+        m = m.clone()                          # propagate() overwrites it: never the caller's
+    aff = pamr_affinity(image, dilations, sigma, eps)           # (B, P, H, W)
+    return propagate(m.contiguous(), aff, dilations, iters)     # (B, C, H, W)
+
+
+@torch.no_grad()
+def pamr_cascade(image, mask, stages=((56, 20), (112, 10), (224, 5)), dilations=(1, 3, 5),
+                 sigma=0.05, ref_size=224, eps=1e-8):
+    """LILA's coarse-to-fine PAMR: for each (size, iters) stage, resize the guide to the
+    stage size and run `pamr` (which resizes the current mask to it, align_corners=True).
+
+    Stage sizes are given for a ref_size x ref_size output and scale with the output:
+    a stage of side s runs at (round(s * H / ref_size), round(s * W / ref_size)).
+    image: (B, K, H, W) guide at output size; mask: (B, C, h, w) -> (B, C, H, W).
+    Defaults: LILA (56^2 x 20, 112^2 x 10, 224^2 x 5 iterations, dilations {1,3,5}, s 0.05).
+    """
+    _check_inputs(image, mask, dilations, 0)
+    if len(stages) == 0:
+        raise ValueError("pamr.py: pamr_cascade needs at least one (size, iters) stage")
+    H, W = image.shape[-2:]
+    for size, iters in stages:
+        hs = max(1, round(size * H / ref_size))
+        ws = max(1, round(size * W / ref_size))
+        guide = image if (hs, ws) == (H, W) else F.interpolate(
+            image, size=(hs, ws), mode="bilinear", align_corners=False)  # (B, K, hs, ws)
+        mask = pamr(guide, mask, dilations, iters, sigma, eps)           # (B, C, hs, ws)
+    if mask.shape[-2:] != (H, W):
+        mask = F.interpolate(mask, size=(H, W), mode="bilinear", align_corners=True)
+    return mask                                                          # (B, C, H, W)
