@@ -83,9 +83,9 @@ def _import_problem(name):
 def _hub_load(kind, name, source, hub_dir, needs, **kwargs):
     """torch.hub.load with checks up front and a readable error instead of a deep traceback."""
     repo, clone = HUB_REPOS[kind]
-    how = (f"  - online: the first run downloads the code and weights into TORCH_HOME "
-           f"(now {torch.hub.get_dir()}); on a cluster without internet, run once on a machine "
-           f"with internet and copy that directory (hub/ and hub/checkpoints/), then set TORCH_HOME;\n"
+    how = (f"  - online: the first run downloads the code and weights into the torch.hub cache "
+           f"{torch.hub.get_dir()} (= $TORCH_HOME/hub); without internet, run once on a machine "
+           f"with internet, copy $TORCH_HOME over and set TORCH_HOME to it;\n"
            f"  - or a local clone: git clone https://github.com/{repo} DIR/{clone} and pass "
            f"--hub-dir DIR (source='local', hub_dir='DIR/{clone}'); the weights still come "
            f"from TORCH_HOME/hub/checkpoints.")
@@ -312,7 +312,7 @@ def sd_cue(enc_grid, image, n_channels=32, generator=None, channels=None, use_pa
 def base_frame(img, size):
     """(H, W, 3) uint8 -> (3, size, size) float [0, 1]: short side resized to `size`
     (bilinear, antialiased), centre square crop. The base-frame geometry of data.py."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None] / 255
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 255
     H, W = x.shape[-2:]
     s = size / min(H, W)
     h, w = max(size, round(H * s)), max(size, round(W * s))
