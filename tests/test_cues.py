@@ -247,7 +247,8 @@ def test_cache_writer_interrupted_and_restarted_matches_uninterrupted(tmp_path):
                             size=32, batch=2, progress=False)
     ref = _read_cache(ref_root)
     assert stats == {"written": 10, "skipped": 0} and len(ref) == 10
-    first, last = ref["Cues/" + sorted(os.listdir(os.path.join(ref_root, "Cues")))[0] + "/00000.npz"], None
+    video0 = sorted(os.listdir(os.path.join(ref_root, "Cues")))[0]
+    first = ref[os.path.join("Cues", video0, "00000.npz")]
     assert set(first) == {"disparity", "flow_next"} and first["disparity"].shape == (32, 32)
     assert first["disparity"].dtype == np.float16 and first["flow_next"].shape == (32, 32, 2)
     ends = [k for k in ref if k.endswith("00004.npz")]
