@@ -1,0 +1,278 @@
+"""Tests for incontext.py: ridge by Cholesky against float64 least squares, gradients,
+recovery of exact linear cues, the L1 + edge loss against a slow loop, confidence masking,
+degenerate and half-precision inputs, the ERM ablation.
+Run: python -m pytest -q tests/test_incontext.py"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import incontext as ic
+
+
+def _ridge_reference(X, Y, w, lam):
+    """Slow, obvious reference: float64 least squares of the augmented system
+    [sqrt(w/N) X; sqrt(lam) I] W = [sqrt(w/N) Y; 0], one batch element at a time."""
+    out = []
+    for x, y, c in zip(X.double(), Y.double(), w.double()):
+        N, P = x.shape
+        s = (c / N).sqrt()[:, None]
+        A = torch.cat([s * x, lam ** 0.5 * torch.eye(P, dtype=torch.float64)])
+        b = torch.cat([s * y, torch.zeros(P, y.shape[1], dtype=torch.float64)])
+        out.append(torch.linalg.lstsq(A, b, driver="gelsd").solution)
+    return torch.stack(out)
+
+
+def _problem(B=3, N=200, P=9, K=4, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, N, P, generator=g, dtype=dtype)
+    Y = torch.randn(B, N, K, generator=g, dtype=dtype)
+    w = torch.rand(B, N, generator=g, dtype=dtype) * (torch.rand(B, N, generator=g) > 0.3)
+    return X, Y, w
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "lu", "lstsq"])
+def test_ridge_equals_float64_lstsq_of_augmented_system(solver):
+    X, Y, w = _problem()
+    ref = _ridge_reference(X, Y, w, lam=0.1)
+    W = ic.ridge_solve(X, Y, w, lam=0.1, solver=solver)
+    assert W.shape == (3, 9, 4) and W.dtype == torch.float32
+    assert _rel(W, ref) < 1e-5
+    W64 = ic.ridge_solve(X.double(), Y.double(), w.double(), lam=0.1, solver=solver)
+    assert W64.dtype == torch.float64 and _rel(W64, ref) < 1e-10
+
+
+def test_ridge_residual_is_orthogonal_to_weighted_features():
+    # Stationarity of the objective: X^T C (X W - Y) / N + lam W = 0.
+    X, Y, w = _problem(dtype=torch.float64)
+    W = ic.ridge_solve(X, Y, w, lam=0.1)
+    N = X.shape[1]
+    grad = X.transpose(1, 2) @ (w[..., None] * (X @ W - Y)) / N + 0.1 * W
+    assert grad.abs().max() < 1e-12
+
+
+def test_ridge_gradcheck_float64():
+    X, Y, w = _problem(B=2, N=12, P=4, K=3, dtype=torch.float64)
+    w = w + 0.1                                        # keep sqrt-free smoothness in w
+    args = (X.requires_grad_(), Y.requires_grad_(), w.requires_grad_())
+    assert torch.autograd.gradcheck(lambda x, y, c: ic.ridge_solve(x, y, c, lam=0.1), args)
+
+
+def test_incontext_loss_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    B, D, K, H = 1, 3, 3, 8
+    fc = torch.randn(B, D, H, H, generator=g, dtype=torch.float64, requires_grad=True)
+    fq = torch.randn(B, D, H, H, generator=g, dtype=torch.float64, requires_grad=True)
+    cc, cq = torch.randn(2, B, K, H, H, generator=g, dtype=torch.float64)
+    conf = (torch.rand(B, 1, H, H, generator=g) > 0.3).double()
+    fn = lambda a, b: ic.incontext_loss(a, b, cc, cq, conf, conf, n_masked=2, pool=4)[0]
+    assert torch.autograd.gradcheck(fn, (fc, fq))
+
+
+def _linear_scene(B=2, D=16, K=5, H=32, seed=0, cell=4):
+    """Features of two views and cues that are exactly one linear map of the LayerNorm'd
+    features (plus bias), shared by both views. Features are smooth (constant on cell x cell
+    blocks) like a decoder's, so pooling keeps their variance and lam = 0.1 shrinks little."""
+    g = torch.Generator().manual_seed(seed)
+    fc, fq = torch.randn(2, B, D, H // cell, H // cell, generator=g).repeat_interleave(
+        cell, -1).repeat_interleave(cell, -2)
+    Wt, bt = torch.randn(D, K, generator=g), torch.randn(K, generator=g)
+    cue = lambda f: torch.einsum("bdhw,dk->bkhw", ic.layer_norm_channels(f), Wt) + bt[:, None, None]
+    return fc, fq, cue(fc), cue(fq), Wt, bt
+
+
+def test_exact_linear_cues_are_recovered():
+    fc, fq, cc, cq, _, _ = _linear_scene()
+    conf = torch.ones(2, 2, 32, 32)
+    loss, parts = ic.incontext_loss(fc, fq, cc, cq, conf, conf, pool=8, lam=1e-6)
+    assert loss.item() < 1e-3 and parts["edge"].item() < 1e-3
+    # With the paper's lam = 0.1 the shrinkage costs a little, but far less than random cues.
+    loss_lam, _ = ic.incontext_loss(fc, fq, cc, cq, conf, conf, pool=8)
+    loss_rand, _ = ic.incontext_loss(fc, fq, cc, torch.randn_like(cq), conf, conf, pool=8)
+    assert loss_lam.item() < 0.3 * loss_rand.item()
+
+
+def _slow_cue_loss(pred, target, mask, n_masked, gamma, sigma):
+    """Per-channel, per-pixel loops of the masked L1 and edge loss (DESIGN.md)."""
+    B, K, H, W = pred.shape
+    l1s, edges = [], []
+    for k in range(K):
+        m = mask if k < n_masked else torch.ones_like(mask)
+        num = den = 0.0
+        ex = ey = dx_den = dy_den = 0.0
+        for b in range(B):
+            for i in range(H):
+                for j in range(W):
+                    num += m[b, 0, i, j] * abs(pred[b, k, i, j] - target[b, k, i, j])
+                    den += m[b, 0, i, j]
+                    for di, dj in ((0, 1), (1, 0)):
+                        if i + di >= H or j + dj >= W:
+                            continue
+                        mm = m[b, 0, i, j] * m[b, 0, i + di, j + dj]
+                        gp = abs(pred[b, k, i + di, j + dj] - pred[b, k, i, j])
+                        gt = abs(target[b, k, i + di, j + dj] - target[b, k, i, j])
+                        e = mm * (1 - torch.exp(-gt / sigma)) * abs(gp - gt)
+                        if dj:
+                            ex, dx_den = ex + e, dx_den + mm
+                        else:
+                            ey, dy_den = ey + e, dy_den + mm
+        l1s.append(num / den if den > 0 else 0.0)
+        edges.append(0.5 * ((ex / dx_den if dx_den > 0 else 0.0) + (ey / dy_den if dy_den > 0 else 0.0)))
+    l1, edge = sum(l1s) / K, sum(edges) / K
+    return l1 + gamma * edge, l1, edge
+
+
+def test_cue_loss_matches_slow_loops():
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.randn(2, 2, 4, 5, 5, generator=g, dtype=torch.float64)
+    mask = (torch.rand(2, 1, 5, 5, generator=g) > 0.4).double()
+    loss, parts = ic.cue_loss(pred, target, mask, n_masked=2, gamma=0.7, sigma=0.3)
+    ref_loss, ref_l1, ref_edge = _slow_cue_loss(pred, target, mask, 2, 0.7, 0.3)
+    assert abs(loss.item() - float(ref_loss)) < 1e-10
+    assert abs(parts["l1"].item() - float(ref_l1)) < 1e-10
+    assert abs(parts["edge"].item() - float(ref_edge)) < 1e-10
+
+
+def test_edge_loss_zero_when_equal_and_positive_otherwise():
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(2, 4, 16, 16, generator=g)
+    _, parts = ic.cue_loss(target.clone(), target, None, n_masked=0)
+    assert parts["edge"].item() == 0 and parts["l1"].item() == 0
+    _, parts = ic.cue_loss(target + 0.1 * torch.randn(target.shape, generator=g), target, None)
+    assert parts["edge"].item() > 0
+    _, parts = ic.cue_loss(F.avg_pool2d(target, 3, 1, 1), target, None)   # blurred edges
+    assert parts["edge"].item() > 0
+    loss_off, parts_off = ic.cue_loss(target * 0.5, target, None, edge=False)
+    assert parts_off["edge"].item() == 0 and loss_off.item() == parts_off["l1"].item()
+
+
+def _masked_scene(seed=4, B=2, D=8, K=6, H=32, pool=8):
+    g = torch.Generator().manual_seed(seed)
+    fc, fq = torch.randn(2, B, D, H, H, generator=g)
+    cc, cq = torch.randn(2, B, K, H, H, generator=g)
+    conf_q = (torch.rand(B, 2, H, H, generator=g) > 0.2).float()       # pixel-level holes
+    cells = (torch.rand(B, 2, pool, pool, generator=g) > 0.2).float()  # whole pooled cells
+    conf_c = F.interpolate(cells, size=(H, H), mode="nearest")
+    return fc, fq, cc, cq, conf_c, conf_q
+
+
+def test_confidence_mask_removes_masked_pixels():
+    fc, fq, cc, cq, conf_c, conf_q = _masked_scene()
+    kw = dict(n_masked=3, pool=8)
+    base, _ = ic.incontext_loss(fc, fq, cc, cq, conf_c, conf_q, **kw)
+    bad_q = (conf_q.prod(1, keepdim=True) == 0).expand(-1, 3, -1, -1)
+    cq2 = cq.clone()
+    cq2[:, :3][bad_q] = 1e3                              # flow/depth garbage where not confident
+    bad_c = (conf_c.prod(1, keepdim=True) == 0).expand_as(cc)
+    cc2 = cc.masked_fill(bad_c, -1e3)                    # context garbage, all channels
+    loss, _ = ic.incontext_loss(fc, fq, cc2, cq2, conf_c, conf_q, **kw)
+    assert abs(loss.item() - base.item()) < 1e-5 * base.item()
+    # The same corruption with confidence ignored changes the loss a lot.
+    loss_nomask, _ = ic.incontext_loss(fc, fq, cc2, cq2, None, None, **kw)
+    assert loss_nomask.item() > 10 * base.item()
+
+
+def test_sd_channels_are_not_masked():
+    fc, fq, cc, cq, conf_c, conf_q = _masked_scene()
+    base, parts = ic.incontext_loss(fc, fq, cc, cq, conf_c, conf_q, n_masked=3, pool=8)
+    bad_q = (conf_q.prod(1, keepdim=True) == 0).expand(-1, 3, -1, -1)
+    cq2 = cq.clone()
+    cq2[:, 3:][bad_q] = 1e3                              # SD channels (3..5) corrupted
+    loss, parts2 = ic.incontext_loss(fc, fq, cc, cq2, conf_c, conf_q, n_masked=3, pool=8)
+    assert loss.item() > 10 * base.item()
+    assert parts2["l1_flow_depth"].item() == pytest.approx(parts["l1_flow_depth"].item(), rel=1e-6)
+
+
+def _finite_grads(loss, *tensors):
+    grads = torch.autograd.grad(loss, tensors)
+    return torch.isfinite(loss).item() and all(torch.isfinite(g).all().item() for g in grads)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e4, 1e6])
+def test_ridge_degenerate_columns_and_scales_stay_finite(scale):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 128, 6, generator=g) * scale
+    X = torch.cat([base, base, torch.full_like(base[..., :1], scale)], -1)  # duplicated + constant
+    X.requires_grad_()
+    Y = torch.randn(2, 128, 3, generator=g, requires_grad=True)
+    for w in (torch.rand(2, 128, generator=g), torch.zeros(2, 128)):
+        W = ic.ridge_solve(X, Y, w)
+        assert torch.isfinite(W).all()
+        assert _finite_grads(W.square().sum() + (X @ W).abs().sum(), X, Y)
+    assert ic.ridge_solve(X, Y, torch.zeros(2, 128)).abs().max() == 0   # no data: W* = 0
+
+
+def test_incontext_loss_degenerate_inputs_stay_finite():
+    g = torch.Generator().manual_seed(6)
+    B, D, K, H = 2, 8, 5, 16
+    cues = torch.randn(2, B, K, H, H, generator=g)
+    cases = {
+        "zero confidence": (torch.randn(B, D, H, H, generator=g), torch.zeros(B, 2, H, H)),
+        "constant features": (torch.ones(B, D, H, H), torch.ones(B, 2, H, H)),
+        "duplicated channels": (torch.randn(B, 1, H, H, generator=g).expand(B, D, H, H) *
+                                torch.arange(1.0, D + 1)[None, :, None, None], torch.ones(B, 2, H, H)),
+        "huge scale": (1e6 * torch.randn(B, D, H, H, generator=g), torch.ones(B, 2, H, H)),
+        "tiny scale": (1e-8 * torch.randn(B, D, H, H, generator=g), torch.ones(B, 2, H, H)),
+    }
+    for name, (feat, conf) in cases.items():
+        fc, fq = feat.clone().requires_grad_(), feat.flip(-1).clone().requires_grad_()
+        loss, _ = ic.incontext_loss(fc, fq, cues[0], cues[1], conf, conf, pool=8)
+        assert _finite_grads(loss, fc, fq), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_under_autocast_is_finite_and_close(dtype):
+    fc, fq, cc, cq, conf_c, conf_q = _masked_scene(seed=7)
+    ref, _ = ic.incontext_loss(fc, fq, cc, cq, conf_c, conf_q, pool=8)
+    fc, fq = fc.to(dtype).requires_grad_(), fq.to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        loss, _ = ic.incontext_loss(fc, fq, cc.to(dtype), cq.to(dtype), conf_c, conf_q, pool=8)
+        W = ic.ridge_solve(fc.flatten(2).transpose(1, 2), cc.flatten(2).transpose(1, 2).to(dtype),
+                           torch.ones(2, 32 * 32, dtype=dtype))
+    assert W.dtype == torch.float32                      # the ridge system left autocast
+    assert _finite_grads(loss, fc, fq)
+    assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
+
+
+def test_erm_head_with_true_map_has_zero_loss_and_trains():
+    fc, fq, cc, cq, Wt, bt = _linear_scene()
+    head = ic.ERMHead(16, 5)
+    conf = torch.ones(2, 2, 32, 32)
+    loss0, _ = ic.erm_loss(head, fc, fq, cc, cq, conf, conf)
+    loss0.backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+    with torch.no_grad():                                # the true linear map is a perfect head
+        head.proj.weight.copy_(Wt.t()[:, :, None, None])
+        head.proj.bias.copy_(bt)
+    loss, parts = ic.erm_loss(head, fc, fq, cc, cq, conf, conf)
+    assert loss.item() < 1e-5 < loss0.item() and set(parts) >= {"l1", "edge"}
+
+
+def test_bad_shapes_raise_clear_errors():
+    f, g, c = torch.randn(2, 8, 16, 16), torch.randn(2, 5, 16, 16), torch.ones(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="incontext.py: incontext_loss: cue_q"):
+        ic.incontext_loss(f, f, g, g[:, :, :8], c, c)
+    with pytest.raises(ValueError, match="incontext.py: incontext_loss: n_masked"):
+        ic.incontext_loss(f, f, g, g, c, c, n_masked=6)
+    with pytest.raises(ValueError, match="incontext.py: ridge_solve"):
+        ic.ridge_solve(torch.randn(2, 10, 3), torch.randn(2, 9, 1), torch.ones(2, 10))
+    with pytest.raises(ValueError, match="lam must be > 0"):
+        ic.ridge_solve(torch.randn(2, 10, 3), torch.randn(2, 10, 1), torch.ones(2, 10), lam=0)
+
+
+def test_confidence_is_the_product_of_channels_zeroed_below_threshold():
+    # Two channels of 0.7 are each confident, but their product 0.49 < 0.5 is not.
+    conf = torch.tensor([0.7, 0.7, 1.0, 0.6]).view(1, 4, 1, 1).expand(1, 4, 2, 2)
+    assert ic.confidence(conf[:, :2]).max() == 0
+    assert ic.confidence(conf[:, 2:]).allclose(torch.full((1, 1, 2, 2), 0.6))
+    fc, fq, cc, cq, conf_c, conf_q = _masked_scene(seed=8)
+    soft_q = conf_q.clone()
+    soft_q[:, :, :, :16] *= 0.7                          # left half: product 0.49 -> masked
+    base, _ = ic.incontext_loss(fc, fq, cc, cq, conf_c, soft_q, pool=8)
+    cq2 = cq.clone()
+    cq2[:, :3, :, :16] = 1e3
+    loss, _ = ic.incontext_loss(fc, fq, cc, cq2, conf_c, soft_q, pool=8)
+    assert abs(loss.item() - base.item()) < 1e-5 * base.item()
