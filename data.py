@@ -285,3 +285,467 @@ class SyntheticScenes:
                 j = np.clip(np.floor(u - 0.5).astype(int) + dx, 0, self.S - 1)
                 seen |= np.abs(self.depth[t2][i, j] - z) <= self.tol * np.abs(z)
         return (out | ~seen).reshape(self.S, self.S)
+
+
+# --------------------------------------------------------------------------- cue noise
+def _smooth_field(h, w, rng, waves=4):
+    """A smooth random field (h, w), ~zero mean, unit std: a few long-wavelength plane waves."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    k = rng.normal(0, 2.5, (waves, 2))  # about 0.5-2 periods per image
+    f = sum(np.sin(k[i, 0] * xx * 2 * np.pi + k[i, 1] * yy * 2 * np.pi + rng.uniform(0, 6.3)) for i in range(waves))
+    return (f / np.sqrt(waves / 2)).astype(np.float32)
+
+
+def corrupt_disparity(disp, level, rng):
+    """Depth networks err smoothly: disp (h, w) times exp(0.5 level field) plus a shift of
+    0.2 level median(disp) times another field (both low frequency), kept positive."""
+    if level <= 0:
+        return disp
+    h, w = disp.shape
+    out = disp * np.exp(0.5 * level * _smooth_field(h, w, rng)) + 0.2 * level * np.median(disp) * _smooth_field(h, w, rng)
+    return np.maximum(out, 1e-3 * np.median(disp)).astype(np.float32)
+
+
+def corrupt_flow(flow, level, rng, block=8):
+    """Flow networks blur motion boundaries and fail in patches: flow (h, w, 2) pixels is
+    Gaussian-blurred (sigma 2 level px), then blocks of block^2 px with probability
+    0.05 level get a random offset (std 0.05 level * side px), plus 0.2 level px noise."""
+    if level <= 0:
+        return flow
+    h, w, _ = flow.shape
+    sig = 2.0 * level
+    x = torch.arange(-int(3 * sig) - 1, int(3 * sig) + 2, dtype=torch.float32)
+    g = torch.exp(-x ** 2 / (2 * sig ** 2))
+    g = (g / g.sum())
+    f = torch.from_numpy(np.ascontiguousarray(flow.transpose(2, 0, 1)))[:, None]  # (2, 1, h, w)
+    f = F.conv2d(F.pad(f, (len(g) // 2,) * 2, mode="replicate"), g.view(1, 1, 1, -1))
+    f = F.conv2d(F.pad(f, (0, 0) + (len(g) // 2,) * 2, mode="replicate"), g.view(1, 1, -1, 1))
+    f = f[:, 0].numpy().transpose(1, 2, 0)  # (h, w, 2)
+    bh, bw = -(-h // block), -(-w // block)
+    hit = rng.random((bh, bw)) < 0.05 * level
+    off = rng.normal(0, 0.05 * level * max(h, w), (bh, bw, 2)) * hit[..., None]
+    off = off.repeat(block, 0).repeat(block, 1)[:h, :w]
+    return (f + off + rng.normal(0, 0.2 * level, f.shape)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- writing the layout
+def _palette():
+    """The DAVIS / PASCAL VOC colour map (bit-interleaved label -> RGB), flat list of 768."""
+    pal = []
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def _atomic(path, write):
+    """write(tmp_path) then os.replace: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_png_ids(path, ids):
+    im = Image.fromarray(ids.astype(np.uint8), mode="P")
+    im.putpalette(_palette())
+    _atomic(path, lambda p: im.save(p, format="PNG"))
+
+
+def _save_npz(path, **arrays):
+    def write(p):
+        with open(p, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+    _atomic(path, write)
+
+
+def write_synthetic(root, videos=4, frames=12, size=224, seed=0, cue_noise=0.0):
+    """Render `videos` SyntheticScenes (video i: seed + i) into ROOT in the DAVIS-2017 layout
+    plus Cues/, Normals/, Classes/ (DESIGN section 4). Returns the sequence names."""
+    root, names = Path(root), [f"synth{seed + i:04d}" for i in range(videos)]
+    for i, seq in enumerate(names):
+        sc = SyntheticScenes(seed + i, frames=frames, size=size)
+        for t in range(frames):
+            fn = f"{t:05d}"
+            rng = np.random.default_rng([seed + i, t])  # cue noise of this frame
+            im = Image.fromarray(sc.frames[t])
+            _atomic(root / "JPEGImages/480p" / seq / f"{fn}.jpg", lambda p: im.save(p, format="JPEG", quality=95))
+            _save_png_ids(root / "Annotations/480p" / seq / f"{fn}.png", sc.masks[t])
+            _save_png_ids(root / "Classes" / seq / f"{fn}.png", sc.classes[t])
+            _save_npz(root / "Normals" / seq / f"{fn}.npz", normals=sc.normals[t].astype(np.float16))
+            cues = dict(disparity=corrupt_disparity(1 / sc.depth[t], cue_noise, rng).astype(np.float16))
+            if t + 1 < frames:
+                cues["flow_next"] = corrupt_flow(sc.flow(t, t + 1), cue_noise, rng).astype(np.float16)
+            if t > 0:
+                cues["flow_prev"] = corrupt_flow(sc.flow(t, t - 1), cue_noise, rng).astype(np.float16)
+            _save_npz(root / "Cues" / seq / f"{fn}.npz", **cues)
+    _atomic(root / "ImageSets/2017/val.txt", lambda p: Path(p).write_text("\n".join(names) + "\n"))
+    return names
+
+
+# --------------------------------------------------------------------------- video folders
+LAYOUTS = ("JPEGImages/480p/<video>/ (DAVIS)", "JPEGImages/<video>/ (YouTube-VOS)",
+           "train_all_frames/JPEGImages/<video>/", "train/JPEGImages/<video>/")
+
+
+class VideoFolder:
+    """Frame folders of real video. The first existing layout in LAYOUTS is used.
+    `.videos` sorted names, `.frames(v)` sorted paths, `.load(path)` (H, W, 3) uint8 RGB,
+    `.cues_dir` (ROOT/Cues or None), `.skipped` dict of counted skips."""
+
+    def __init__(self, root, verify=False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"video root {self.root} does not exist (expected one of: ROOT/" + ", ROOT/".join(LAYOUTS) + ")")
+        cands = [self.root / "JPEGImages/480p", self.root / "JPEGImages",
+                 self.root / "train_all_frames/JPEGImages", self.root / "train/JPEGImages"]
+        self.image_dir = next((c for c in cands if c.is_dir()), None)
+        if self.image_dir is None:
+            raise FileNotFoundError(f"no video folders under {self.root}: looked for ROOT/" + ", ROOT/".join(LAYOUTS))
+        self.skipped, self._frames = {"empty": 0, "one_frame": 0, "unreadable_or_mixed_sizes": 0}, {}
+        for d in sorted(p for p in self.image_dir.iterdir() if p.is_dir()):
+            fr = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+            why = "empty" if not fr else "one_frame" if len(fr) == 1 else None
+            if why is None and verify:
+                why = self._verify(fr)
+            if why:
+                self.skipped[why] += 1
+                log.warning("skipping video %s (%s)", d, why)
+            else:
+                self._frames[d.name] = fr
+        self.videos = sorted(self._frames)
+        if not self.videos:
+            raise FileNotFoundError(f"no videos with >= 2 frames in {self.image_dir} (skipped: {self.skipped}); "
+                                    "layouts: ROOT/" + ", ROOT/".join(LAYOUTS))
+        if any(self.skipped.values()):
+            log.warning("VideoFolder %s: %d videos, skipped %s", self.root, len(self.videos), self.skipped)
+        self.cues_dir = self.root / "Cues" if (self.root / "Cues").is_dir() else None
+
+    @staticmethod
+    def _verify(frames):
+        """Open every header: 'unreadable_or_mixed_sizes' if one fails or sizes differ."""
+        try:
+            sizes = {Image.open(p).size for p in frames}
+        except Exception as e:
+            log.warning("unreadable frame header: %s", e)
+            return "unreadable_or_mixed_sizes"
+        return None if len(sizes) == 1 else "unreadable_or_mixed_sizes"
+
+    def frames(self, video):
+        return self._frames[video]
+
+    @staticmethod
+    def load(path):
+        """(H, W, 3) uint8 RGB from any PIL mode (L, LA, RGBA, CMYK, P, I;16 ...)."""
+        try:
+            with Image.open(path) as im:
+                im.load()  # decodes fully: truncated files fail here
+                if im.mode in ("I", "I;16", "F"):  # 16-bit / float grey: scale to 8 bit
+                    a = np.asarray(im, np.float32)
+                    im = Image.fromarray((255 * a / max(a.max(), 1)).astype(np.uint8))
+                return np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def load_cues(root, video, i, j, names=None):
+    """Cues of frames i and j from ROOT/Cues/<video>/<name>.npz. `names` are the frame stems
+    (default: the sorted npz files). Flow i->j chains flow_next (flow_prev if j < i):
+    f_{i->k+1}(x) = f_{i->k}(x) + f_{k->k+1}(x + f_{i->k}(x)) (bilinear). Returns float32
+    torch dict(flow_fwd (2, h, w), flow_bwd (2, h, w) normalised, disparity_i/j (1, h, w))."""
+    d = Path(root) / "Cues" / video
+    names = names or sorted(p.stem for p in d.glob("*.npz"))
+    cache = {}
+
+    def get(k, key, shape=None):
+        path = d / f"{names[k]}.npz"
+        if k not in cache:
+            if not path.is_file():
+                raise FileNotFoundError(f"missing cue file {path}")
+            try:
+                cache[k] = dict(np.load(path))
+            except Exception as e:
+                raise ValueError(f"cannot read cue file {path}: {e}") from None
+        if key not in cache[k]:
+            raise ValueError(f"cue file {path} has no '{key}' (has {sorted(cache[k])})")
+        a = cache[k][key].astype(np.float32)
+        if (shape is not None and a.shape != shape) or a.ndim != (2 if key == "disparity" else 3):
+            raise ValueError(f"cue file {path}: '{key}' has shape {a.shape}, expected {shape or '(h, w)'}")
+        return torch.from_numpy(a)
+
+    if not 0 <= min(i, j) <= max(i, j) < len(names):
+        raise IndexError(f"frames {i}, {j} out of range for {len(names)} cue files in {d}")
+    disp_i = get(i, "disparity")  # (h, w), fixes the map size
+    ref_shape = tuple(disp_i.shape)
+    h, w = ref_shape
+    scale = torch.tensor([2 / w, 2 / h]).view(2, 1, 1)
+
+    def chain(a, b):
+        flow = torch.zeros(2, h, w)  # pixels
+        step = 1 if b > a else -1
+        for k in range(a, b, step):
+            f = get(k, "flow_next" if step > 0 else "flow_prev", ref_shape + (2,)).permute(2, 0, 1)  # (2, h, w)
+            flow = flow + _sample(f, flow * scale) if k != a else f
+        return flow * scale
+
+    return dict(flow_fwd=chain(i, j), flow_bwd=chain(j, i),
+                disparity_i=disp_i[None], disparity_j=get(j, "disparity", ref_shape)[None])
+
+
+def _sample(x, flow):
+    """x (C, h, w) read at pixel + flow (2, h, w, normalised units), bilinear, border."""
+    _, h, w = x.shape
+    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) * 2 / h - 1, (torch.arange(w) + 0.5) * 2 / w - 1, indexing="ij")
+    grid = torch.stack([xs + flow[0], ys + flow[1]], -1)[None]  # (1, h, w, 2)
+    return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
+# --------------------------------------------------------------------------- method: frame pairs
+class PairSampler:
+    """DESIGN section 2 "Frame pairs": delta ~ U{1..gap}; one shared horizontal flip; query =
+    random square crop of query_area (fraction of the base frame's area, uniform) with its
+    own flip; context = square crop of ctx_area at a random position. sample(generator) ->
+    dict(grid_q, grid_c (size, size, 2), flip_q, flip_c bool, delta int). crop=False: the
+    identity grids (flips kept)."""
+
+    def __init__(self, size=224, base=224, gap=5, crop=True, query_area=(0.3, 1.0), ctx_area=0.8):
+        self.size, self.base, self.gap, self.crop = size, base, gap, crop
+        self.query_area, self.ctx_area = query_area, ctx_area
+
+    def _grid(self, area, flip, g):
+        side = 2 * float(np.sqrt(area)) if self.crop else 2.0  # crop side, normalised units
+        x0, y0 = (-1 + (2 - side) * torch.rand(2, generator=g)).tolist()  # top-left corner
+        u = (torch.arange(self.size) + 0.5) / self.size  # view pixel centres in (0, 1)
+        xs = x0 + side * (u.flip(0) if flip else u)  # a flipped view reads the crop mirrored
+        ys = y0 + side * u
+        return torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], -1)  # (S, S, 2) x, y
+
+    def sample(self, g):
+        shared, own = (torch.rand(2, generator=g) < 0.5).tolist()
+        delta = int(torch.randint(1, self.gap + 1, (1,), generator=g))
+        lo, hi = self.query_area
+        a_q = lo + (hi - lo) * float(torch.rand(1, generator=g))
+        return dict(grid_q=self._grid(a_q, shared ^ own, g), grid_c=self._grid(self.ctx_area, shared, g),
+                    flip_q=shared ^ own, flip_c=shared, delta=delta)
+
+
+def warp(x, grid, flip, is_flow=False):
+    """x (B, C, Hb, Wb) on the base frame -> (B, C, S, S) in the view (bilinear,
+    align_corners=False). Flow keeps the base frame's normalised units; a flipped view
+    mirrors x, so its flow-x changes sign (the official code forgets this)."""
+    grid = grid if grid.dim() == 4 else grid[None].expand(len(x), -1, -1, -1)  # (B, S, S, 2)
+    out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    if is_flow:
+        sign = torch.where(torch.as_tensor(flip).view(-1, 1, 1), -1.0, 1.0).to(x.dtype)  # (B or 1, 1, 1)
+        out = torch.cat([out[:, :1] * sign[:, None], out[:, 1:]], 1)
+    return out
+
+
+# --------------------------------------------------------------------------- datasets
+class SyntheticVideos:
+    """`n` SyntheticScenes (video i: seed + i) rendered on demand, an LRU of `cache` videos
+    (per DataLoader worker, since each worker holds its own copy)."""
+
+    def __init__(self, n=8, frames=12, size=224, seed=0, cache=4):
+        self.n, self.T, self.size, self.seed, self.cache = n, frames, size, seed, cache
+        self._lru = OrderedDict()
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i not in self._lru:
+            self._lru[i] = SyntheticScenes(self.seed + i, frames=self.T, size=self.size)
+            while len(self._lru) > self.cache:
+                self._lru.popitem(last=False)
+        self._lru.move_to_end(i)
+        return self._lru[i]
+
+
+def _image_to_base(img, base, short=480):
+    """(H, W, 3) uint8 -> (3, base, base) float [0,1]: short side to `short`, centre crop, resize."""
+    im = Image.fromarray(img)
+    w, h = im.size
+    if (w, h) != (base, base):
+        k = short / min(w, h)
+        im = im.resize((max(short, round(w * k)), max(short, round(h * k))), Image.BICUBIC)
+        w, h = im.size
+        l, t = (w - short) // 2, (h - short) // 2
+        im = im.crop((l, t, l + short, t + short)).resize((base, base), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+
+
+def _cue_to_base(x, frame_hw, base, is_flow=False):
+    """Cue map (C, h, w) -> (C, base, base): the frame's centre crop if the map has the frame's
+    aspect (normalised flow rescaled to the crop), else the map is taken as base-aligned."""
+    _, h, w = x.shape
+    H, W = frame_hw
+    if abs(h / w - H / W) < 1e-2 and h != w:
+        c = min(h, w)
+        x = x[:, (h - c) // 2:(h - c) // 2 + c, (w - c) // 2:(w - c) // 2 + c]
+        if is_flow:
+            x = x * torch.tensor([w / c, h / c]).view(2, 1, 1)
+    return F.interpolate(x[None], size=(base, base), mode="bilinear", align_corners=False)[0]
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item i = one frame pair (CONTRACT): the i-th (video, t) with t < T-1, delta from the
+    sampler clamped to the video's end; everything seeded by (seed, i). Source: a VideoFolder
+    (cues from ROOT/Cues if present, else no cue keys) or SyntheticVideos (exact cues, then
+    cue_noise as in write_synthetic). Bad frames are logged, counted in .skipped, and the
+    pair is replaced by another one (at most `retries` times)."""
+
+    def __init__(self, source, size=224, base=224, gap=5, crop=True, seed=0, cue_noise=0.0, retries=10):
+        self.source, self.base, self.seed, self.cue_noise, self.retries = source, base, seed, cue_noise, retries
+        self.sampler = PairSampler(size=size, base=base, gap=gap, crop=crop)
+        self.synthetic = isinstance(source, SyntheticVideos)
+        if self.synthetic and source.size != base:
+            raise ValueError(f"synthetic videos are rendered at {source.size}, but base={base}")
+        lens = [source.T] * len(source) if self.synthetic else [len(source.frames(v)) for v in source.videos]
+        self.index = [(v, t) for v, n in enumerate(lens) for t in range(n - 1)]
+        self.skipped = 0
+
+    @classmethod
+    def synthetic(cls, videos=8, frames=12, seed=0, base=224, cache=4, **kw):
+        """Pairs from `videos` synthetic videos rendered on the fly (video i: seed + i)."""
+        return cls(SyntheticVideos(videos, frames, base, seed, cache), base=base, seed=seed, **kw)
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        for k in range(self.retries + 1):
+            j = (i + 7919 * k) % len(self)  # deterministic replacement pair
+            try:
+                return self._item(j)
+            except (ValueError, FileNotFoundError) as e:
+                self.skipped += 1
+                log.warning("skipping pair %d (%d skipped so far): %s", j, self.skipped, e)
+        raise RuntimeError(f"{self.retries + 1} pairs in a row failed to load from {getattr(self.source, 'root', 'source')}")
+
+    def _item(self, i):
+        v, t = self.index[i]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        s = self.sampler.sample(g)
+        T = self.source.T if self.synthetic else len(self.source.frames(self.source.videos[v]))
+        t2 = min(t + s["delta"], T - 1)
+        out = dict(grid_q=s["grid_q"], grid_c=s["grid_c"], flip_q=torch.tensor(s["flip_q"]),
+                   flip_c=torch.tensor(s["flip_c"]), delta=torch.tensor(t2 - t))
+        if self.synthetic:
+            sc = self.source[v]
+            rng = np.random.default_rng([self.seed, i])
+            n = torch.tensor([2 / sc.S, 2 / sc.S]).view(2, 1, 1)  # pixels -> normalised
+            fl = [torch.from_numpy(corrupt_flow(sc.flow(a, b), self.cue_noise, rng)).permute(2, 0, 1) * n for a, b in ((t, t2), (t2, t))]
+            dp = [torch.from_numpy(corrupt_disparity(1 / sc.depth[a], self.cue_noise, rng))[None] for a in (t, t2)]
+            frames = torch.from_numpy(sc.frames[[t, t2]]).permute(0, 3, 1, 2).float() / 255
+            return dict(out, frames=frames, flow_fwd=fl[0], flow_bwd=fl[1], disparity=torch.stack(dp))
+        name, src = self.source.videos[v], self.source
+        paths = [src.frames(name)[t], src.frames(name)[t2]]
+        imgs = [src.load(p) for p in paths]
+        if imgs[0].shape != imgs[1].shape:
+            raise ValueError(f"mixed frame sizes in video {name}: {paths[0]} {imgs[0].shape[:2]} vs {paths[1]} {imgs[1].shape[:2]}")
+        out["frames"] = torch.stack([_image_to_base(im, self.base) for im in imgs])  # (2, 3, Hb, Wb)
+        if src.cues_dir is not None:
+            c = load_cues(src.root, name, t, t2, names=[p.stem for p in src.frames(name)])
+            hw = imgs[0].shape[:2]
+            out["flow_fwd"] = _cue_to_base(c["flow_fwd"], hw, self.base, True)
+            out["flow_bwd"] = _cue_to_base(c["flow_bwd"], hw, self.base, True)
+            out["disparity"] = torch.stack([_cue_to_base(c["disparity_i"], hw, self.base), _cue_to_base(c["disparity_j"], hw, self.base)])
+        return out
+
+
+# --------------------------------------------------------------------------- preview + CLI
+def flow_to_rgb(flow, max_mag=None):
+    """Flow (h, w, 2) pixels -> (h, w, 3) uint8 on the colour wheel: hue = direction,
+    saturation = magnitude / max_mag (default: 99th percentile), white = still."""
+    mag = np.hypot(flow[..., 0], flow[..., 1])
+    max_mag = max_mag or max(np.percentile(mag, 99), 1e-6)
+    hue = (np.arctan2(-flow[..., 1], -flow[..., 0]) / np.pi + 1) / 2
+    return (255 * _hsv(hue, np.clip(mag / max_mag, 0, 1), np.ones_like(mag))).astype(np.uint8)
+
+
+def _depth_rgb(depth):
+    """Depth -> (h, w, 3) uint8: disparity / its 99th percentile on a magma-like ramp (near = bright)."""
+    x = 1 / depth
+    x = np.clip(x / max(np.percentile(x, 99), 1e-9), 0, 1) ** 0.7
+    stops = np.array([[0, 0, 4], [80, 18, 123], [183, 55, 121], [252, 137, 97], [252, 253, 191]], float)
+    i = np.clip(x * 4, 0, 3.999)
+    k = i.astype(int)
+    return (stops[k] + (stops[k + 1] - stops[k]) * (i - k)[..., None]).astype(np.uint8)
+
+
+def preview(root, rows=4, video=None):
+    """One PNG grid from a written synthetic (or any DAVIS + Cues) root: rows = frames,
+    columns = RGB, depth, flow to the next frame, instances, classes, normals."""
+    root = Path(root)
+    vf = VideoFolder(root)
+    video = video or vf.videos[0]
+    paths = vf.frames(video)
+    ts = np.linspace(0, len(paths) - 2, rows).round().astype(int)
+    pal = np.array(_palette(), np.uint8).reshape(256, 3)
+    cols = ["RGB", "depth", "flow t->t+1", "instances", "classes", "normals"]
+    tiles = []
+    for t in ts:
+        stem = paths[t].stem
+        img = vf.load(paths[t])
+        h, w = img.shape[:2]
+        blank = np.full_like(img, 128)
+        row = [img]
+        cue = root / "Cues" / video / f"{stem}.npz"
+        if cue.is_file():
+            c = np.load(cue)
+            row += [_depth_rgb(1 / np.maximum(c["disparity"].astype(np.float32), 1e-6)),
+                    flow_to_rgb(c["flow_next"].astype(np.float32)) if "flow_next" in c else blank]
+        else:
+            row += [blank, blank]
+        for sub, pngs in (("Annotations/480p", True), ("Classes", True)):
+            p = root / sub / video / f"{stem}.png"
+            row.append(pal[np.asarray(Image.open(p))] if p.is_file() else blank)
+        p = root / "Normals" / video / f"{stem}.npz"
+        row.append(((np.load(p)["normals"].astype(np.float32) * [1, -1, -1] + 1) * 127.5).astype(np.uint8) if p.is_file() else blank)
+        tiles.append(row)
+    gap, title = 4, 18
+    canvas = np.full((title + rows * (h + gap), len(cols) * (w + gap), 3), 255, np.uint8)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            canvas[title + r * (h + gap):title + r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = tile
+    im = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(im)
+    for c, name in enumerate(cols):
+        draw.text((c * (w + gap) + 4, 3), name, fill=(0, 0, 0))
+    out = root / "preview.png"
+    _atomic(out, lambda p: im.save(p, format="PNG"))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="LILA data: write / preview synthetic dynamic 3D scenes")
+    act = ap.add_mutually_exclusive_group(required=True)
+    act.add_argument("--make-synthetic", metavar="DIR", help="write the DAVIS layout + Cues/ Normals/ Classes/ to DIR")
+    act.add_argument("--preview", metavar="DIR", help="write DIR/preview.png (frames, depth, flow, masks, classes, normals)")
+    g = ap.add_argument_group("synthetic scenes")
+    g.add_argument("--videos", type=int, default=4, help="number of videos (default 4)")
+    g.add_argument("--frames", type=int, default=12, help="frames per video (default 12)")
+    g.add_argument("--size", type=int, default=224, help="square frame side in pixels (default 224 = the paper's base)")
+    g.add_argument("--seed", type=int, default=0, help="video i uses seed + i (default 0)")
+    g.add_argument("--cue-noise", type=float, default=0.0, help="cue corruption level, 0 = exact cues (default 0; 1 = strong)")
+    a = ap.parse_args(argv)
+    if min(a.videos, a.frames - 1, a.size - 15) < 1 or a.cue_noise < 0:
+        ap.error("need --videos >= 1, --frames >= 2, --size >= 16, --cue-noise >= 0")
+    if a.make_synthetic:
+        print(vars(a))
+        names = write_synthetic(a.make_synthetic, a.videos, a.frames, a.size, a.seed, a.cue_noise)
+        print(f"wrote {len(names)} videos to {a.make_synthetic}")
+    else:
+        print(preview(a.preview))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    main()
