@@ -117,7 +117,7 @@ def local_std(image, dilations):
     for dy, dx in offsets:
         torch.sub(_shifted(xp, pad, dy, dx, H, W), mean, out=tmp)
         var.addcmul_(tmp, tmp)
-    return var.div_(n - 1).clamp_(min=0).sqrt_()
+    return var.div_(n - 1).sqrt_()                             # two-pass: var >= 0
 
 
 @torch.no_grad()
@@ -127,14 +127,14 @@ def pamr_affinity(image, dilations=(1, 3, 5), sigma=0.05, eps=1e-8):
     logit_delta(p) = mean_k -|I_k(p) - I_k(p + delta)| / (eps + sigma * std_k(p)); softmax
     over delta. sigma: LILA 0.05 (official PAMR 0.1); eps: 1e-8 as in the official code.
     """
-    x = image.float()
+    x = image.to(torch.promote_types(image.dtype, torch.float32))   # float32 (or float64)
     x = x - x.mean(dim=(2, 3), keepdim=True)   # centring changes no difference, helps rounding
     B, K, H, W = x.shape
     pad = max(dilations)
     offsets = ring_offsets(dilations)
     denom = local_std(x, dilations).mul_(sigma).add_(eps)      # (B, K, H, W)
     xp = F.pad(x, [pad] * 4, mode="replicate")                 # (B, K, H + 2 pad, W + 2 pad)
-    logits = torch.empty(B, len(offsets), H, W, dtype=x.dtype)  # (B, P, H, W)
+    logits = x.new_empty(B, len(offsets), H, W)                # (B, P, H, W)
     tmp = torch.empty_like(x)                                  # (B, K, H, W) scratch
     for j, (dy, dx) in enumerate(offsets):
         torch.sub(x, _shifted(xp, pad, dy, dx, H, W), out=tmp).abs_().div_(denom)
