@@ -252,6 +252,7 @@ class SyntheticScenes:
         rgb = np.where(sky[:, None], rgb, rgb * air + (1 - air) * f32([0.8, 0.85, 0.9]))
         cls = np.array([0] + [ob["cls"] for ob in self.objects])[np.maximum(ids, 0)]
         n_cam = nrm @ Rc  # world -> camera frame
+        n_cam /= np.linalg.norm(n_cam, axis=1, keepdims=True)  # float32 hit points: renormalise
         rs = lambda a, *sh: a.reshape(S, S, *sh)
         return (rs((np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8), 3), rs(s.astype(np.float32)),
                 rs(np.maximum(ids, 0).astype(np.int32)), rs(cls.astype(np.uint8)),
@@ -318,8 +319,9 @@ def corrupt_flow(flow, level, rng, block=8):
     g = torch.exp(-x ** 2 / (2 * sig ** 2))
     g = (g / g.sum())
     f = torch.from_numpy(np.ascontiguousarray(flow.transpose(2, 0, 1)))[:, None]  # (2, 1, h, w)
-    f = F.conv2d(F.pad(f, (len(g) // 2,) * 2, mode="replicate"), g.view(1, 1, 1, -1))
-    f = F.conv2d(F.pad(f, (0, 0) + (len(g) // 2,) * 2, mode="replicate"), g.view(1, 1, -1, 1))
+    r = len(g) // 2
+    f = F.conv2d(F.pad(f, (r, r, 0, 0), mode="replicate"), g.view(1, 1, 1, -1))  # separable blur
+    f = F.conv2d(F.pad(f, (0, 0, r, r), mode="replicate"), g.view(1, 1, -1, 1))
     f = f[:, 0].numpy().transpose(1, 2, 0)  # (h, w, 2)
     bh, bw = -(-h // block), -(-w // block)
     hit = rng.random((bh, bw)) < 0.05 * level

@@ -1,0 +1,251 @@
+"""Tests for data.py: exact synthetic cues, the on-disk layout, pair views, bad inputs.
+
+Run: python -m pytest -q tests/test_data.py
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+
+S = 96  # small frames keep the suite fast
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return data.SyntheticScenes(3, frames=6, size=S)
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    data.write_synthetic(root, videos=2, frames=5, size=S, seed=3)
+    return root
+
+
+def _pixel_centres(n):
+    yy, xx = np.mgrid[0:n, 0:n] + 0.5
+    return xx, yy
+
+
+def _bilinear(a, x, y):
+    """Slow obvious bilinear read of a (n, n, C) at pixel coordinates (x, y) (centres at +0.5)."""
+    n = a.shape[0]
+    x, y = np.clip(x - 0.5, 0, n - 1), np.clip(y - 0.5, 0, n - 1)
+    x0, y0 = np.minimum(np.floor(x).astype(int), n - 2), np.minimum(np.floor(y).astype(int), n - 2)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    return ((1 - fx) * (1 - fy) * a[y0, x0] + fx * (1 - fy) * a[y0, x0 + 1]
+            + (1 - fx) * fy * a[y0 + 1, x0] + fx * fy * a[y0 + 1, x0 + 1])
+
+
+def test_scene_outputs_have_contract_shapes_and_ranges(scene):
+    T = 6
+    assert scene.frames.shape == (T, S, S, 3) and scene.frames.dtype == np.uint8
+    assert scene.depth.shape == (T, S, S) and (scene.depth > 0).all()
+    assert scene.masks.dtype == np.int32 and scene.masks.max() >= 2
+    assert set(np.unique(scene.classes)) >= {0} and scene.classes.max() <= data.SyntheticScenes.n_classes
+    np.testing.assert_allclose(np.linalg.norm(scene.normals, axis=-1), 1, atol=1e-4)
+    # same seed -> same video; another seed -> another video
+    again = data.SyntheticScenes(3, frames=6, size=S)
+    assert np.array_equal(again.frames, scene.frames)
+    assert not np.array_equal(data.SyntheticScenes(4, frames=6, size=S).frames, scene.frames)
+
+
+def test_object_pixels_moved_by_flow_land_on_the_same_instance(scene):
+    xx, yy = _pixel_centres(S)
+    for t in range(5):
+        f, occ = scene.flow(t, t + 1), scene.occluded(t, t + 1)
+        ok = ~occ & (scene.masks[t] > 0)
+        assert ok.sum() > 100
+        x2 = np.floor(xx + f[..., 0]).astype(int)[ok]
+        y2 = np.floor(yy + f[..., 1]).astype(int)[ok]
+        assert (scene.masks[t + 1][y2, x2] == scene.masks[t][ok]).mean() >= 0.9
+
+
+def test_forward_then_backward_flow_returns_to_the_start(scene):
+    xx, yy = _pixel_centres(S)
+    fwd, bwd, occ = scene.flow(1, 4), scene.flow(4, 1), scene.occluded(1, 4)
+    x2, y2 = xx + fwd[..., 0], yy + fwd[..., 1]
+    back = _bilinear(bwd, x2, y2)
+    err = np.hypot(x2 + back[..., 0] - xx, y2 + back[..., 1] - yy)[~occ]
+    assert np.median(err) < 0.05 and (err < 0.5).mean() > 0.9
+    # the occlusion test is not vacuous: a static zero-flow guess would fail it
+    assert (np.hypot(*np.moveaxis(fwd[~occ], -1, 0)) > 0.5).mean() > 0.5
+
+
+def test_written_layout_round_trips(synth_root):
+    r = synth_root
+    names = (r / "ImageSets/2017/val.txt").read_text().split()
+    assert names == ["synth0003", "synth0004"]
+    sc = data.SyntheticScenes(3, frames=5, size=S)
+    ann = Image.open(r / "Annotations/480p/synth0003/00002.png")
+    assert ann.mode == "P" and np.array_equal(np.asarray(ann), sc.masks[2])
+    assert np.array_equal(np.asarray(Image.open(r / "Classes/synth0003/00002.png")), sc.classes[2])
+    jpg = np.asarray(Image.open(r / "JPEGImages/480p/synth0003/00002.jpg")).astype(float)
+    assert np.abs(jpg - sc.frames[2]).mean() < 6  # JPEG quality 95
+    c = np.load(r / "Cues/synth0003/00000.npz")
+    assert "flow_prev" not in c and c["flow_next"].dtype == np.float16
+    np.testing.assert_allclose(c["disparity"], 1 / sc.depth[0], rtol=2e-3)
+    np.testing.assert_allclose(c["flow_next"], sc.flow(0, 1), atol=0.05, rtol=2e-3)
+    assert "flow_next" not in np.load(r / "Cues/synth0003/00004.npz")
+    np.testing.assert_allclose(np.load(r / "Normals/synth0003/00001.npz")["normals"], sc.normals[1], atol=2e-3)
+    assert not list(r.rglob("*.tmp"))
+
+
+def test_composed_cue_flows_equal_direct_flows_on_visible_pixels(synth_root):
+    sc = data.SyntheticScenes(3, frames=5, size=S)
+    c = data.load_cues(synth_root, "synth0003", 0, 3)
+    pix = torch.tensor([S / 2, S / 2]).view(2, 1, 1)  # normalised -> pixels
+    for got, (a, b) in ((c["flow_fwd"], (0, 3)), (c["flow_bwd"], (3, 0))):
+        err = np.linalg.norm((got * pix).permute(1, 2, 0).numpy() - sc.flow(a, b), axis=-1)
+        vis = ~sc.occluded(a, b)
+        # chaining without resampling f_{k->k+1} at the moved point gives median ~0.04 px here
+        assert np.median(err[vis]) < 0.01 and (err[vis] < 0.1).mean() > 0.9
+    assert c["disparity_j"].shape == (1, S, S)
+
+
+def test_cue_noise_is_zero_at_level_zero_and_seeded_otherwise():
+    rng = lambda: np.random.default_rng(0)  # noqa: E731
+    disp, flow = np.random.rand(32, 32).astype(np.float32) + 0.1, np.random.randn(32, 32, 2).astype(np.float32)
+    assert data.corrupt_disparity(disp, 0, rng()) is disp and data.corrupt_flow(flow, 0, rng()) is flow
+    a, b = data.corrupt_flow(flow, 1.0, rng()), data.corrupt_flow(flow, 1.0, rng())
+    assert np.array_equal(a, b) and np.abs(a - flow).mean() > 0.1
+    d = data.corrupt_disparity(disp, 1.0, rng())
+    assert (d > 0).all() and np.abs(d - disp).mean() > 0.01
+
+
+def test_crop_grid_applied_to_a_coordinate_map_gives_the_crop_coordinates():
+    base, size = 64, 32
+    sp = data.PairSampler(size=size, base=base, crop=True)
+    u = (torch.arange(base) + 0.5) * 2 / base - 1
+    coords = torch.stack(torch.meshgrid(u, u, indexing="ij")[::-1], 0)[None]  # (1, 2, Hb, Wb) x, y
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        s = sp.sample(g)
+        for grid, flip in ((s["grid_q"], s["flip_q"]), (s["grid_c"], s["flip_c"])):
+            view = data.warp(coords, grid, flip)[0].permute(1, 2, 0)  # (S, S, 2)
+            inner = (grid.abs() < 1 - 1 / base).all(-1)  # bilinear is exact inside the centres
+            torch.testing.assert_close(view[inner], grid[inner], atol=1e-5, rtol=0)
+            side = grid[0, :, 0].max() - grid[0, :, 0].min()
+            assert torch.isclose(grid[:, 0, 1].max() - grid[:, 0, 1].min(), side, atol=1e-5)
+            assert (grid[0, 0, 0] > grid[0, -1, 0]) == bool(flip)  # flipped views run right to left
+        area_q = ((s["grid_q"][0, -1, 0] - s["grid_q"][0, 0, 0]).abs() * size / (size - 1) / 2) ** 2
+        assert 0.3 - 1e-4 <= area_q <= 1 + 1e-4
+    ident = data.PairSampler(size=base, base=base, crop=False).sample(torch.Generator().manual_seed(1))
+    ref = coords[0].permute(1, 2, 0)
+    if ident["flip_c"]:
+        ref = ref.flip(1)
+    torch.testing.assert_close(ident["grid_c"], ref)
+
+
+def test_flip_negates_flow_x_and_keeps_flow_consistent(scene):
+    f = torch.from_numpy(scene.flow(0, 1)).permute(2, 0, 1)[None] * 2 / S  # (1, 2, S, S)
+    u = (torch.arange(S) + 0.5) * 2 / S - 1
+    grid = torch.stack(torch.meshgrid(u, u.flip(0), indexing="ij")[::-1], -1)  # mirrored identity
+    out = data.warp(f, grid, True, is_flow=True)
+    torch.testing.assert_close(out[:, 0], -f[:, 0].flip(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[:, 1], f[:, 1].flip(-1), atol=1e-6, rtol=0)
+    # in the mirrored views, following the warped flow lands on the same instance
+    m0, m1 = (torch.from_numpy(scene.masks[t]).float()[None, None] for t in (0, 1))
+    v0 = F.grid_sample(m0, grid[None], mode="nearest", align_corners=False)[0, 0].numpy()
+    v1 = F.grid_sample(m1, grid[None], mode="nearest", align_corners=False)[0, 0].numpy()
+    occ = F.grid_sample(torch.from_numpy(scene.occluded(0, 1)).float()[None, None], grid[None], mode="nearest",
+                        align_corners=False)[0, 0].numpy() > 0
+    fl = out[0].numpy() * S / 2  # pixels of the view
+    xx, yy = _pixel_centres(S)
+    x2, y2 = np.floor(xx + fl[0]).astype(int), np.floor(yy + fl[1]).astype(int)
+    ok = ~occ & (v0 > 0) & (x2 >= 0) & (x2 < S) & (y2 >= 0) & (y2 < S)
+    assert (v1[y2[ok], x2[ok]] == v0[ok]).mean() >= 0.9
+
+
+def test_pair_dataset_is_deterministic_and_folder_matches_synthetic(synth_root):
+    syn = data.PairDataset.synthetic(videos=2, frames=5, seed=3, base=S, size=48)
+    fold = data.PairDataset(data.VideoFolder(synth_root), base=S, size=48, seed=3)
+    assert len(syn) == len(fold) == 8
+    for i in (0, 5):
+        a, b, c = syn[i], syn[i], fold[i]
+        assert a["frames"].shape == (2, 3, S, S) and a["grid_q"].shape == (48, 48, 2)
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+        assert set(a) == set(c) and torch.equal(a["delta"], c["delta"])
+        assert (a["frames"] - c["frames"]).abs().mean() < 0.03
+        for k in ("flow_fwd", "flow_bwd", "disparity"):
+            close = ((a[k] - c[k]).abs() < 0.02 * a[k].abs().max()).float().mean()
+            assert close > 0.9, k
+    noisy = data.PairDataset.synthetic(videos=2, frames=5, seed=3, base=S, cue_noise=1.0)
+    assert (noisy[0]["flow_fwd"] - syn[0]["flow_fwd"]).abs().mean() > 1e-3
+
+
+def _jpg(path, size=(20, 16), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, 100).save(path)
+
+
+def test_video_folder_layouts_skips_and_messages(tmp_path, caplog):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.VideoFolder(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="JPEGImages/480p"):
+        data.VideoFolder(tmp_path)
+    root = tmp_path / "yt"
+    for v, n in (("b", 3), ("a", 2), ("one", 1)):
+        for i in range(n):
+            _jpg(root / "train_all_frames/JPEGImages" / v / f"{i:05d}.jpg")
+    (root / "train_all_frames/JPEGImages/empty").mkdir()
+    vf = data.VideoFolder(root)
+    assert vf.videos == ["a", "b"] and vf.skipped["empty"] == 1 and vf.skipped["one_frame"] == 1
+    assert [p.name for p in vf.frames("b")] == ["00000.jpg", "00001.jpg", "00002.jpg"] and vf.cues_dir is None
+    assert "skipping video" in caplog.text
+    d = tmp_path / "modes"
+    for mode in ("L", "RGBA", "CMYK", "P", "I;16"):
+        p = d / f"{mode.replace(';', '')}.{'jpg' if mode in ('L', 'CMYK') else 'png'}"
+        _jpg(p, mode=mode)
+        im = data.VideoFolder.load(p)
+        assert im.shape == (16, 20, 3) and im.dtype == np.uint8, mode
+    bad = d / "trunc.jpg"
+    bad.write_bytes((d / "L.jpg").read_bytes()[:60])
+    with pytest.raises(ValueError, match="trunc.jpg"):
+        data.VideoFolder.load(bad)
+    mixed = tmp_path / "mixed"
+    _jpg(mixed / "JPEGImages/m/0.jpg", (20, 16))
+    _jpg(mixed / "JPEGImages/m/1.jpg", (24, 16))
+    _jpg(mixed / "JPEGImages/ok/0.jpg")
+    _jpg(mixed / "JPEGImages/ok/1.jpg")
+    assert data.VideoFolder(mixed, verify=True).videos == ["ok"]
+    ds = data.PairDataset(data.VideoFolder(mixed), base=16, size=8)
+    item = ds[0]  # video m: mixed sizes -> logged skip to another pair
+    assert ds.skipped == 1 and "mixed frame sizes" in caplog.text and item["frames"].shape == (2, 3, 16, 16)
+
+
+def test_load_cues_names_missing_and_malformed_files(synth_root, tmp_path):
+    import shutil
+    root = tmp_path / "r"
+    shutil.copytree(synth_root / "Cues", root / "Cues")
+    cues = root / "Cues/synth0003"
+    (cues / "00002.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="00002.npz"):
+        data.load_cues(root, "synth0003", 0, 3, names=[f"{i:05d}" for i in range(5)])
+    np.savez(cues / "00001.npz", disparity=np.ones((S, S)))
+    with pytest.raises(ValueError, match="00001.npz.*flow_next"):
+        data.load_cues(root, "synth0003", 0, 2, names=[f"{i:05d}" for i in range(5)])
+    np.savez(cues / "00001.npz", disparity=np.ones((S, S)), flow_next=np.ones((S, S + 1, 2)))
+    with pytest.raises(ValueError, match="00001.npz.*shape"):
+        data.load_cues(root, "synth0003", 0, 2, names=[f"{i:05d}" for i in range(5)])
+
+
+def test_cli_writes_a_layout_and_a_preview(tmp_path):
+    repo = Path(data.__file__).parent
+    run = lambda *a: subprocess.run([sys.executable, str(repo / "data.py"), *a], capture_output=True, text=True)  # noqa: E731
+    r = run("--make-synthetic", str(tmp_path), "--videos", "1", "--frames", "3", "--size", "32", "--cue-noise", "0.5")
+    assert r.returncode == 0, r.stderr
+    r = run("--preview", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "preview.png").size[0] > 6 * 32
+    r = run("--make-synthetic", str(tmp_path), "--frames", "1")
+    assert r.returncode != 0 and "--frames >= 2" in r.stderr
