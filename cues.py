@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from pamr import pamr_cascade
@@ -309,16 +310,19 @@ def sd_cue(enc_grid, image, n_channels=32, generator=None, channels=None, use_pa
 
 # --- the cue cache (plumbing) ---
 
-def base_frame(img, size):
-    """(H, W, 3) uint8 -> (3, size, size) float [0, 1]: short side resized to `size`
-    (bilinear, antialiased), centre square crop. The base-frame geometry of data.py."""
-    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 255
-    H, W = x.shape[-2:]
-    s = size / min(H, W)
-    h, w = max(size, round(H * s)), max(size, round(W * s))
-    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[0, :, top:top + size, left:left + size].clamp(0, 1)      # (3, size, size)
+def base_frame(img, size, short=480):
+    """(H, W, 3) uint8 -> (3, size, size) float [0, 1], the base frame of data.py's PairDataset
+    (DESIGN section 2 "Frame pairs"): short side resized to `short` = 480, centre square crop,
+    resized to size x size (PIL bicubic). Square maps in the cache are read as base-aligned."""
+    im = Image.fromarray(np.asarray(img, dtype=np.uint8))
+    w, h = im.size
+    if (w, h) != (size, size):
+        k = short / min(w, h)
+        im = im.resize((max(short, round(w * k)), max(short, round(h * k))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - short) // 2, (h - short) // 2
+        im = im.crop((left, top, left + short, top + short)).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float() / 255
 
 
 def _save_atomic(path, arrays):

@@ -273,10 +273,29 @@ def test_cache_writer_interrupted_and_restarted_matches_uninterrupted(tmp_path):
         assert set(got[k]) == set(ref[k])
         for name in ref[k]:
             np.testing.assert_array_equal(got[k][name], ref[k][name])
+    # data.py reads the files back: flow_fwd 1 -> 2 in normalised units (v = -2 px constant)
+    from data import load_cues
+    c = load_cues(root, video0, 1, 2)
+    torch.testing.assert_close(c["flow_fwd"][1], torch.full((32, 32), -2.0 * 2 / 32), atol=2e-3, rtol=0)
+    assert c["disparity_i"].shape == (1, 32, 32)
     again = StandInRAFT()
     assert write_cue_cache(root, FlowCue(net=again), DepthCue(net=StandInMiDaS()), size=32,
                            progress=False) == {"written": 0, "skipped": 10}
     assert again.calls == 0
+
+
+def test_cache_base_frames_are_the_pair_datasets_base_frames(tmp_path):
+    from PIL import Image
+    from data import PairDataset, VideoFolder
+    d = tmp_path / "JPEGImages" / "480p" / "v"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for t in range(2):  # non-square frames: the centre crop matters
+        Image.fromarray(rng.integers(0, 255, (30, 52, 3), dtype=np.uint8)).save(d / f"{t:05d}.png")
+    folder = VideoFolder(str(tmp_path))
+    item = PairDataset(folder, size=28, base=28)[0]
+    ours = cues.base_frame(folder.load(folder.frames("v")[0]), 28)
+    torch.testing.assert_close(ours, item["frames"][0])
 
 
 # --- loading errors: a message saying how to provide the networks ---
