@@ -12,7 +12,8 @@ Parts, top to bottom:
   write_synthetic   the DAVIS-2017 layout + Cues/ + Normals/ + Classes/ (DESIGN section 4).
   VideoFolder       YouTube-VOS / DAVIS frame folders; load_cues reads Cues/ npz files.
   PairSampler, warp the paper's pair views (the method part, see the banner).
-  PairDataset       torch Dataset of pairs from a VideoFolder or from synthetic videos.
+  PairDataset       torch Dataset of pairs from a VideoFolder (with or without Cues/) or from
+                    SyntheticVideos rendered on the fly (PairDataset.synthetic(...), LRU cache).
 
 Shapes: T frames, S image side, H x W image, h x w cue map, Hb = Wb = base side.
   frames (T, S, S, 3) uint8, depth/masks/classes (T, S, S), normals (T, S, S, 3) (x right,
@@ -27,6 +28,9 @@ Choices and deviations (documented here once):
     counts it in `.skipped` and moves on to another pair (at most `retries` times).
     Empty and one-frame videos are skipped (counted, logged) when a VideoFolder is built;
     `verify=True` also opens every frame header there (mixed sizes, unreadable files).
+  * Cue noise (corrupt_disparity / corrupt_flow) is seeded per frame in write_synthetic
+    (applied to each stored one-step flow) and per pair in PairDataset (to the direct flow).
+  * This file is ~770 lines, over STYLE's 500: the renderer could move to its own file.
   * Cue maps whose aspect equals the frame's get the frame's centre crop; other (square)
     maps are taken as already computed on the base frame.
 
@@ -86,14 +90,14 @@ class SyntheticScenes:
     """
     n_classes = 3
 
-    def __init__(self, seed, frames=12, size=224, n_objects=(4, 7), fov_deg=60.0, fog=45.0,
+    def __init__(self, seed, frames=12, size=224, n_objects=(5, 8), fov_deg=60.0, fog=45.0,
                  sky_radius=100.0, occlusion_tol=0.03):
         rng = np.random.default_rng(seed)
         self.T, self.S, self.tol, self.sky_radius = frames, size, occlusion_tol, sky_radius
         self.f = 0.5 * size / np.tan(np.radians(fov_deg) / 2)  # focal length (pixels)
         t = np.arange(frames, dtype=float)
         # camera: orbit about the scene centre, dolly in/out, bob; looks at a drifting target
-        rho = rng.uniform(6.5, 8.5) + rng.uniform(-0.1, 0.1) * t
+        rho = rng.uniform(6.0, 7.5) + rng.uniform(-0.1, 0.1) * t
         th = rng.uniform(0, 2 * np.pi) + rng.choice([-1, 1]) * rng.uniform(0.01, 0.04) * t
         hgt = rng.uniform(1.6, 2.8) + 0.1 * np.sin(0.4 * t + rng.uniform(0, 6))
         self.cam_pos = np.stack([rho * np.sin(th), hgt, rho * np.cos(th)], 1)  # (T, 3)
@@ -116,7 +120,7 @@ class SyntheticScenes:
     def _make_object(self, k, rng, t):
         """Class, shape parameters, pose (pos (T, 3), rot (T, 3, 3)) and colours of object k."""
         cls = k % 3 + 1 if k < 3 else int(rng.integers(1, 4))  # every class appears
-        p0 = np.array([rng.uniform(-3, 3), 0, rng.uniform(-3, 3)])
+        p0 = np.array([rng.uniform(-2.5, 2.5), 0, rng.uniform(-2.5, 2.5)])
         ang = rng.uniform(0, 2 * np.pi)
         vel = rng.uniform(0.04, 0.13) * np.array([np.cos(ang), 0, np.sin(ang)])  # m / frame
         bounce = rng.uniform(0.3, 0.8) * np.abs(np.sin(np.pi * t / rng.uniform(6, 14))) * (rng.random() < 0.5)
@@ -225,7 +229,8 @@ class SyntheticScenes:
         rgb, lam = np.zeros_like(X), np.clip(nrm @ light, 0, 1)
         sky = ids < 0
         elev = np.clip(d[sky, 1] / np.linalg.norm(d[sky], axis=1), 0, 1)
-        cloud = np.clip(_noise(X[sky] / 25, np.random.default_rng(self.sky_rng_seed)), 0, 1)
+        cp = X[sky] / np.maximum(X[sky, 1:2], 5.0) * [1, 0, 1]  # clouds on a plane above
+        cloud = np.clip(1.5 * _noise(cp * 2, np.random.default_rng(self.sky_rng_seed)) - 0.3, 0, 1) * elev ** 0.5
         rgb[sky] = _mix(_mix(np.array([0.8, 0.85, 0.9]), np.array([0.3, 0.5, 0.85]), elev ** 0.6), np.ones(3), cloud)
         g = ids == 0  # ground: stone tiles with grout and mottling, blob shadows, far fade
         q = X[g][:, [0, 2]]
@@ -687,15 +692,15 @@ def preview(root, rows=4, video=None):
     columns = RGB, depth, flow to the next frame, instances, classes, normals."""
     root = Path(root)
     vf = VideoFolder(root)
-    video = video or vf.videos[0]
-    paths = vf.frames(video)
-    ts = np.linspace(0, len(paths) - 2, rows).round().astype(int)
+    vids = [video] if video else vf.videos  # rows cycle over the videos, frames spread in time
+    ts = np.linspace(0, min(len(vf.frames(v)) for v in vids) - 2, rows).round().astype(int)
     pal = np.array(_palette(), np.uint8).reshape(256, 3)
     cols = ["RGB", "depth", "flow t->t+1", "instances", "classes", "normals"]
     tiles = []
-    for t in ts:
-        stem = paths[t].stem
-        img = vf.load(paths[t])
+    for r, t in enumerate(ts):
+        video = vids[r % len(vids)]
+        stem = vf.frames(video)[t].stem
+        img = vf.load(vf.frames(video)[t])
         h, w = img.shape[:2]
         blank = np.full_like(img, 128)
         row = [img]
@@ -706,7 +711,7 @@ def preview(root, rows=4, video=None):
                     flow_to_rgb(c["flow_next"].astype(np.float32)) if "flow_next" in c else blank]
         else:
             row += [blank, blank]
-        for sub, pngs in (("Annotations/480p", True), ("Classes", True)):
+        for sub in ("Annotations/480p", "Classes"):
             p = root / sub / video / f"{stem}.png"
             row.append(pal[np.asarray(Image.open(p))] if p.is_file() else blank)
         p = root / "Normals" / video / f"{stem}.npz"
