@@ -608,8 +608,9 @@ class PairDataset(torch.utils.data.Dataset):
     cue_noise as in write_synthetic). Bad frames are logged, counted in .skipped, and the
     pair is replaced by another one (at most `retries` times)."""
 
-    def __init__(self, source, size=224, base=224, gap=5, crop=True, seed=0, cue_noise=0.0, retries=10):
+    def __init__(self, source, size=224, base=224, gap=5, crop=True, seed=0, cue_noise=0.0, with_cues=True, retries=10):
         self.source, self.base, self.seed, self.cue_noise, self.retries = source, base, seed, cue_noise, retries
+        self.with_cues = with_cues  # False: frames and grids only (cues computed by the trainer)
         self.sampler = PairSampler(size=size, base=base, gap=gap, crop=crop)
         self.synthetic = isinstance(source, SyntheticVideos)
         if self.synthetic and source.size != base:
@@ -619,9 +620,11 @@ class PairDataset(torch.utils.data.Dataset):
         self.skipped = 0
 
     @classmethod
-    def synthetic(cls, videos=8, frames=12, seed=0, base=224, cache=4, **kw):
-        """Pairs from `videos` synthetic videos rendered on the fly (video i: seed + i)."""
-        return cls(SyntheticVideos(videos, frames, base, seed, cache), base=base, seed=seed, **kw)
+    def synthetic(cls, videos=8, frames=12, scene_seed=0, base=224, cache=4, **kw):
+        """Pairs from `videos` synthetic videos rendered on the fly (video i: scene_seed + i,
+        as in write_synthetic); the pair seed `seed` (in kw) defaults to scene_seed."""
+        kw.setdefault("seed", scene_seed)
+        return cls(SyntheticVideos(videos, frames, base, scene_seed, cache), base=base, **kw)
 
     def __len__(self):
         return len(self.index)
@@ -644,6 +647,9 @@ class PairDataset(torch.utils.data.Dataset):
         t2 = min(t + s["delta"], T - 1)
         out = dict(grid_q=s["grid_q"], grid_c=s["grid_c"], flip_q=torch.tensor(s["flip_q"]),
                    flip_c=torch.tensor(s["flip_c"]), delta=torch.tensor(t2 - t))
+        if self.synthetic and not self.with_cues:
+            sc = self.source[v]
+            return dict(out, frames=torch.from_numpy(sc.frames[[t, t2]]).permute(0, 3, 1, 2).float() / 255)
         if self.synthetic:
             sc = self.source[v]
             rng = np.random.default_rng([self.seed, i])
@@ -658,7 +664,7 @@ class PairDataset(torch.utils.data.Dataset):
         if imgs[0].shape != imgs[1].shape:
             raise ValueError(f"mixed frame sizes in video {name}: {paths[0]} {imgs[0].shape[:2]} vs {paths[1]} {imgs[1].shape[:2]}")
         out["frames"] = torch.stack([_image_to_base(im, self.base) for im in imgs])  # (2, 3, Hb, Wb)
-        if src.cues_dir is not None:
+        if src.cues_dir is not None and self.with_cues:
             c = load_cues(src.root, name, t, t2, names=[p.stem for p in src.frames(name)])
             hw = imgs[0].shape[:2]
             out["flow_fwd"] = _cue_to_base(c["flow_fwd"], hw, self.base, True)

@@ -166,7 +166,7 @@ def test_flip_negates_flow_x_and_keeps_flow_consistent(scene):
 
 
 def test_pair_dataset_is_deterministic_and_folder_matches_synthetic(synth_root):
-    syn = data.PairDataset.synthetic(videos=2, frames=5, seed=3, base=S, size=48)
+    syn = data.PairDataset.synthetic(2, 5, 3, base=S, size=48)  # scene seed 3 = pair seed
     fold = data.PairDataset(data.VideoFolder(synth_root), base=S, size=48, seed=3)
     assert len(syn) == len(fold) == 8
     for i in (0, 5):
@@ -179,8 +179,12 @@ def test_pair_dataset_is_deterministic_and_folder_matches_synthetic(synth_root):
         for k in ("flow_fwd", "flow_bwd", "disparity"):
             close = ((a[k] - c[k]).abs() < 0.02 * a[k].abs().max()).float().mean()
             assert close > 0.9, k
-    noisy = data.PairDataset.synthetic(videos=2, frames=5, seed=3, base=S, cue_noise=1.0)
+    noisy = data.PairDataset.synthetic(videos=2, frames=5, scene_seed=3, seed=3, base=S, size=48, cue_noise=1.0)
     assert (noisy[0]["flow_fwd"] - syn[0]["flow_fwd"]).abs().mean() > 1e-3
+    bare = data.PairDataset(data.VideoFolder(synth_root), base=S, size=48, seed=3, with_cues=False)[0]
+    assert set(bare) == set(c) - {"flow_fwd", "flow_bwd", "disparity"}
+    other = data.PairDataset.synthetic(2, 5, 3, base=S, size=48, seed=4)[0]  # another pair seed
+    assert not all(torch.equal(other[k], syn[0][k]) for k in ("grid_q", "grid_c"))
 
 
 def _jpg(path, size=(20, 16), mode="RGB"):
