@@ -34,6 +34,9 @@ Deviations from the official code:
 - RAFT: inputs to [-1, 1] as torchvision's OpticalFlow preset (normalise mean = std = 0.5),
   replicate-padded symmetrically to multiples of 8 (RAFT's InputPadder pads the same way).
 - disparity_to_depth is our choice (the paper does not spell it out), see its docstring.
+- The cache holds size x size maps of the base frame exactly as data.py's PairDataset builds
+  it (short side 480, centre square crop, resize to --size; `base_frame`), so the square
+  maps are base-aligned. A video with an unreadable frame is logged, counted and skipped.
 
 Run: python cues.py --data ytvos/   (tests: python -m pytest -q tests/test_cues.py)
 """
@@ -332,60 +335,71 @@ def _save_atomic(path, arrays):
     os.replace(tmp, path)
 
 
+def _write_video(folder, paths, outs, todo, flow_cue, depth_cue, size, batch, device, bar, stats):
+    """Cue files outs[i] for the frame indices in `todo` of one video (counted in stats)."""
+    T, frames, pairs = len(paths), {}, {}                             # pairs[j]: flows j <-> j+1
+
+    def frame(i):
+        if i not in frames:
+            frames[i] = base_frame(folder.load(paths[i]), size)       # (3, S, S)
+        return frames[i]
+
+    for k in range(0, len(todo), batch):
+        chunk = todo[k:k + batch]
+        need = sorted({j for i in chunk for j in (i - 1, i) if 0 <= j < T - 1} - set(pairs))
+        if need:
+            a = torch.stack([frame(j) for j in need]).to(device)       # (P, 3, S, S)
+            b = torch.stack([frame(j + 1) for j in need]).to(device)
+            fwd, bwd = flow_cue(a, b)                                  # (P, 2, S, S) normalised
+            fwd, bwd = normalised_to_pixels(fwd).cpu(), normalised_to_pixels(bwd).cpu()
+            pairs.update({j: (fwd[n], bwd[n]) for n, j in enumerate(need)})
+        disp = depth_cue(torch.stack([frame(i) for i in chunk]).to(device)).cpu()  # (C, 1, S, S)
+        for n, i in enumerate(chunk):
+            arrays = {"disparity": disp[n, 0].numpy().astype(np.float16)}
+            if i + 1 < T:
+                arrays["flow_next"] = pairs[i][0].permute(1, 2, 0).numpy().astype(np.float16)
+            if i > 0:
+                arrays["flow_prev"] = pairs[i - 1][1].permute(1, 2, 0).numpy().astype(np.float16)
+            _save_atomic(outs[i], arrays)
+            stats["written"] += 1
+            bar.update(1)
+        keep = chunk[-1]                                               # drop what is no longer needed
+        pairs = {j: v for j, v in pairs.items() if j >= keep}
+        frames = {j: v for j, v in frames.items() if j >= keep}
+
+
 def write_cue_cache(root, flow_cue, depth_cue, size=224, batch=8, device="cpu", progress=True):
     """Write ROOT/Cues/<video>/<frame-stem>.npz for every frame of every video in ROOT.
 
     Per file: `disparity` (size x size float16, raw depth-net output), `flow_next` /
     `flow_prev` (size x size x 2 float16, pixels, to the next / previous frame; absent at
     the ends). Frames first go to the base frame (`base_frame`). Existing .npz files are
-    complete (written atomically) and skipped. Returns dict(written, skipped).
+    complete (written atomically) and skipped; a video with an unreadable frame is logged,
+    counted and left for later. Returns dict(written, skipped, failed_videos).
     """
     from data import VideoFolder  # the real reader of every supported layout
     folder = VideoFolder(root)
-    jobs, skipped = [], 0
+    jobs, stats = [], {"written": 0, "skipped": 0, "failed_videos": 0}
     for video in folder.videos:
         paths = list(folder.frames(video))
         outs = [os.path.join(root, "Cues", video, os.path.splitext(os.path.basename(p))[0] + ".npz")
                 for p in paths]
         todo = [i for i, o in enumerate(outs) if not os.path.isfile(o)]
-        skipped += len(paths) - len(todo)
+        stats["skipped"] += len(paths) - len(todo)
         if todo:
             jobs.append((video, paths, outs, todo))
     bar = tqdm(total=sum(len(j[3]) for j in jobs), desc="cues", unit="frame", disable=not progress)
-    written = 0
     for video, paths, outs, todo in jobs:
         os.makedirs(os.path.join(root, "Cues", video), exist_ok=True)
-        T, frames, pairs = len(paths), {}, {}                          # pairs[j]: flows j <-> j+1
-
-        def frame(i):
-            if i not in frames:
-                frames[i] = base_frame(folder.load(paths[i]), size)   # (3, S, S)
-            return frames[i]
-
-        for k in range(0, len(todo), batch):
-            chunk = todo[k:k + batch]
-            need = sorted({j for i in chunk for j in (i - 1, i) if 0 <= j < T - 1} - set(pairs))
-            if need:
-                a = torch.stack([frame(j) for j in need]).to(device)   # (P, 3, S, S)
-                b = torch.stack([frame(j + 1) for j in need]).to(device)
-                fwd, bwd = flow_cue(a, b)                              # (P, 2, S, S) normalised
-                fwd, bwd = normalised_to_pixels(fwd).cpu(), normalised_to_pixels(bwd).cpu()
-                pairs.update({j: (fwd[n], bwd[n]) for n, j in enumerate(need)})
-            disp = depth_cue(torch.stack([frame(i) for i in chunk]).to(device)).cpu()  # (C, 1, S, S)
-            for n, i in enumerate(chunk):
-                arrays = {"disparity": disp[n, 0].numpy().astype(np.float16)}
-                if i + 1 < T:
-                    arrays["flow_next"] = pairs[i][0].permute(1, 2, 0).numpy().astype(np.float16)
-                if i > 0:
-                    arrays["flow_prev"] = pairs[i - 1][1].permute(1, 2, 0).numpy().astype(np.float16)
-                _save_atomic(outs[i], arrays)
-                written += 1
-                bar.update(1)
-            keep = min(chunk[-1], T - 1)                               # drop what is no longer needed
-            pairs = {j: v for j, v in pairs.items() if j >= keep}
-            frames = {j: v for j, v in frames.items() if j >= keep}
+        try:
+            _write_video(folder, paths, outs, todo, flow_cue, depth_cue, size, batch, device,
+                         bar, stats)
+        except ValueError as err:  # data.py: "cannot read image <path>: ..."
+            stats["failed_videos"] += 1
+            tqdm.write(f"cues.py: skipping the rest of video {video} "
+                       f"({stats['failed_videos']} so far): {err}")
     bar.close()
-    return {"written": written, "skipped": skipped}
+    return stats
 
 
 def main(argv=None):
@@ -415,10 +429,16 @@ def main(argv=None):
         depth = DepthCue(args.depth, source, hub("MiDaS")).to(args.device)
     except CueLoadError as err:
         sys.exit(str(err))
-    stats = write_cue_cache(args.data, flow, depth, size=args.size, batch=args.batch,
-                            device=args.device)
+    try:
+        stats = write_cue_cache(args.data, flow, depth, size=args.size, batch=args.batch,
+                                device=args.device)
+    except FileNotFoundError as err:  # data.py's messages name the folder
+        sys.exit(f"cues.py: {err}")
     print(f"cues: wrote {stats['written']} files, skipped {stats['skipped']} complete ones, "
-          f"in {os.path.join(args.data, 'Cues')}")
+          f"{stats['failed_videos']} videos with unreadable frames, in "
+          f"{os.path.join(args.data, 'Cues')}")
+    if stats["failed_videos"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

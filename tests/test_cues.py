@@ -246,7 +246,7 @@ def test_cache_writer_interrupted_and_restarted_matches_uninterrupted(tmp_path):
     stats = write_cue_cache(ref_root, FlowCue(net=StandInRAFT()), DepthCue(net=StandInMiDaS()),
                             size=32, batch=2, progress=False)
     ref = _read_cache(ref_root)
-    assert stats == {"written": 10, "skipped": 0} and len(ref) == 10
+    assert stats == {"written": 10, "skipped": 0, "failed_videos": 0} and len(ref) == 10
     video0 = sorted(os.listdir(os.path.join(ref_root, "Cues")))[0]
     first = ref[os.path.join("Cues", video0, "00000.npz")]
     assert set(first) == {"disparity", "flow_next"} and first["disparity"].shape == (32, 32)
@@ -266,7 +266,7 @@ def test_cache_writer_interrupted_and_restarted_matches_uninterrupted(tmp_path):
     flow_net = StandInRAFT()
     stats = write_cue_cache(root, FlowCue(net=flow_net), DepthCue(net=StandInMiDaS()),
                             size=32, batch=2, progress=False)
-    assert stats == {"written": 10 - len(partial), "skipped": len(partial)}
+    assert stats == {"written": 10 - len(partial), "skipped": len(partial), "failed_videos": 0}
     got = _read_cache(root)
     assert set(got) == set(ref)
     for k in ref:
@@ -280,8 +280,17 @@ def test_cache_writer_interrupted_and_restarted_matches_uninterrupted(tmp_path):
     assert c["disparity_i"].shape == (1, 32, 32)
     again = StandInRAFT()
     assert write_cue_cache(root, FlowCue(net=again), DepthCue(net=StandInMiDaS()), size=32,
-                           progress=False) == {"written": 0, "skipped": 10}
+                           progress=False) == {"written": 0, "skipped": 10, "failed_videos": 0}
     assert again.calls == 0
+
+
+def test_cache_writer_counts_a_video_with_an_unreadable_frame_and_goes_on(tmp_path):
+    root = _synthetic_root(tmp_path, "c")
+    bad = os.path.join(root, "JPEGImages", "480p", sorted(os.listdir(os.path.join(root, "JPEGImages", "480p")))[0], "00003.jpg")
+    open(bad, "wb").write(b"not a jpeg")
+    stats = write_cue_cache(root, FlowCue(net=StandInRAFT()), DepthCue(net=StandInMiDaS()),
+                            size=32, batch=2, progress=False)
+    assert stats["failed_videos"] == 1 and stats["written"] == 5 + 2    # the other video complete
 
 
 def test_cache_base_frames_are_the_pair_datasets_base_frames(tmp_path):
