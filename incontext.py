@@ -26,7 +26,10 @@ Deviations and choices (official code: torch.linalg.solve, i.e. LU):
 - The ridge system is always formed and solved in float32 (float64 if an input is float64),
   also under autocast: see the comment in `ridge_solve`.
 - The loss applies a LayerNorm (no affine) over channels itself, so the features it sees
-  are unit-scale whatever the decoder outputs (idempotent on the decoder's LayerNorm'd output).
+  are unit-scale whatever the decoder outputs (model.py's final LayerNorm has a learnable
+  affine, so this is not a no-op). Cost: on CPU at paper size (B = 32) the loss's fwd+bwd is
+  ~11 s, ~2/3 of it the full-resolution LayerNorms and prediction, ~1/3 the L1 + edge terms;
+  the ridge solve itself is ~0.3 % (bench: python /work/bench_parts/incontext.py).
 - The masked means are normalised by the mask sums over the whole batch (0 if the mask is empty).
 - ERM ablation (`ERMHead`, `erm_loss`): no in-context step, a learned 1x1 conv predicts the
   cues of each frame (both frames) with the same L1 + edge terms.
