@@ -254,10 +254,12 @@ class ERMHead(nn.Module):
 
 
 def erm_loss(head, feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx=None, conf_q=None, n_masked=3,
-             gamma=1.0, sigma=0.1, edge=True, threshold=0.5):
+             pool=None, lam=None, gamma=1.0, sigma=0.1, edge=True, threshold=0.5, solver=None):
     """ERM ablation: predict each frame's cues with `head` and apply the same masked L1 +
     gamma * edge loss to both frames (each with its own confidence); the mean of the two.
-    Same shapes and defaults as `incontext_loss`. Returns (loss, parts)."""
+    Same shapes, keywords and defaults as `incontext_loss`, so the flag only swaps the
+    function; `pool`, `lam`, `solver` belong to the ridge step and are ignored here.
+    Returns (loss, parts)."""
     _check_maps("erm_loss", feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx, conf_q, n_masked)
     losses = [cue_loss(head(f), g, confidence(m, threshold), n_masked, gamma, sigma, edge)
               for f, g, m in ((feat_ctx, cue_ctx, conf_ctx), (feat_q, cue_q, conf_q))]

@@ -249,6 +249,11 @@ def test_erm_head_with_true_map_has_zero_loss_and_trains():
         head.proj.bias.copy_(bt)
     loss, parts = ic.erm_loss(head, fc, fq, cc, cq, conf, conf)
     assert loss.item() < 1e-5 < loss0.item() and set(parts) >= {"l1", "edge"}
+    # One flag away: the ERM loss takes every keyword of incontext_loss.
+    kw = dict(n_masked=2, pool=8, lam=0.1, gamma=0.0, sigma=0.1, edge=True, threshold=0.5,
+              solver="cholesky")
+    assert torch.isfinite(ic.erm_loss(head, fc, fq, cc, cq, conf, conf, **kw)[0])
+    assert torch.isfinite(ic.incontext_loss(fc, fq, cc, cq, conf, conf, **kw)[0])
 
 
 def test_bad_shapes_raise_clear_errors():
