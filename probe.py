@@ -296,19 +296,9 @@ def davis_sequences(root):
     return seqs, vf
 
 
-def read_annotations(root, seq, frames):
-    """Gt label maps for the frames of `seq`; the first must exist, missing later ones -> None."""
-    out, pal = [], None
-    for i, fp in enumerate(frames):
-        ap = os.path.join(root, "Annotations", "480p", seq, os.path.splitext(os.path.basename(fp))[0] + ".png")
-        if not os.path.isfile(ap):
-            if i == 0:
-                fail(f"sequence {seq}: no first-frame mask {ap}")
-            return out, pal, False
-        lab, p = load_png(ap)
-        out.append(lab.astype(np.int64))
-        pal = pal or p
-    return out, pal, True
+def annotation(root, seq, frame):
+    """Path of the DAVIS annotation of a frame path."""
+    return os.path.join(root, "Annotations", "480p", seq, Path(frame).stem + ".png")
 
 
 def write_indexed(path, labels, palette):
@@ -325,12 +315,14 @@ def run_vos(args, lila):
     seqs, vf = davis_sequences(args.data)
     preds, gts, t_prop, n_frames = {}, {}, 0.0, 0
     for seq in seqs:  # fail before any work when a first-frame mask is missing
-        first_ann = os.path.join(args.data, "Annotations", "480p", seq, Path(vf.frames(seq)[0]).stem + ".png")
-        if not os.path.isfile(first_ann):
-            fail(f"sequence {seq}: no first-frame mask {first_ann}")
+        if not os.path.isfile(annotation(args.data, seq, vf.frames(seq)[0])):
+            fail(f"sequence {seq}: no first-frame mask {annotation(args.data, seq, vf.frames(seq)[0])}")
     for seq in seqs:
         frames = vf.frames(seq)
-        gt, pal, complete = read_annotations(args.data, seq, frames)
+        paths = [annotation(args.data, seq, fp) for fp in frames]
+        complete = all(os.path.isfile(p) for p in paths)  # DAVIS test sets: first frame only
+        gt = [load_png(p)[0].astype(np.int64) for p in (paths if complete else paths[:1])]
+        pal = load_png(paths[0])[1]
         first = np.where(gt[0] == VOID, 0, gt[0])                      # (H, W), void -> background
         rgb = [load_rgb(fp) for fp in frames]
         feats = torch.stack([features(lila, x, args, args.grid, args.cmd == "vos-knn") for x in rgb])
@@ -341,8 +333,8 @@ def run_vos(args, lila):
         t0 = time.time()
         if args.cmd == "vos-knn":
             onehot = F.one_hot(small, n_cls).permute(2, 0, 1).float().to(feats.device)  # (C, h, w)
-            soft = propagate(feats, onehot, n_context=args.context, radius=args.radius,
-                             topk=args.topk, temperature=args.temperature)           # (T, C, h, w)
+            soft = propagate(feats, onehot, n_context=args.context, radius=args.radius, topk=args.topk,
+                             temperature=args.temperature, tile=args.tile)           # (T, C, h, w)
             labels = [soft_to_labels(s, first.shape, args.norm_mask) for s in soft[1:]]
         else:
             x = feats[0].flatten(1).T                                   # (h*w, D)
@@ -356,7 +348,7 @@ def run_vos(args, lila):
         n_frames += len(frames) - 1
         pred = [first] + [l.cpu().numpy() for l in labels]
         for fp, p in zip(frames, pred):
-            write_indexed(os.path.join(args.out, seq, os.path.splitext(os.path.basename(fp))[0] + ".png"), p, pal)
+            write_indexed(os.path.join(args.out, seq, Path(fp).stem + ".png"), p, pal)
         if complete:
             preds[seq], gts[seq] = pred, gt
         else:
@@ -366,33 +358,21 @@ def run_vos(args, lila):
     return metrics
 
 
-def dense_items(args, root, kind, split):
-    """(image path, target path) pairs. Video layout (synthetic / DAVIS-like): JPEGImages/480p/<v>/
-    with Normals/<v>/<f>.npz or Classes/<v>/<f>.png. Image layout (NYUv2, ADE20K, COCO-Stuff):
-    images/<split>/<name>.jpg|png with normals/<split>/<name>.npz|png or annotations/<split>/<name>.png."""
-    tdir = {"normals": "Normals", "semseg": "Classes"}[args.cmd]
-    ext = ".npz" if args.cmd == "normals" else ".png"
-    if os.path.isdir(os.path.join(root, "images")):
-        idir = os.path.join(root, "images", split)
-        if not os.path.isdir(idir):
-            fail(f"{idir}: no such split folder (see --train-split / --val-split)")
-        tsub = os.path.join(root, {"normals": "normals", "semseg": "annotations"}[args.cmd], split)
-        out = []
-        for n in sorted(os.listdir(idir)):
-            stem = os.path.splitext(n)[0]
-            cands = [os.path.join(tsub, stem + e) for e in (ext, ".png")]
-            tp = next((c for c in cands if os.path.isfile(c)), None)
-            out.append((os.path.join(idir, n), tp or cands[0]))
-        return out
+def dense_items(args, root, split):
+    """(image, target) path pairs of a split ('train' | 'val' | 'all') of a video-layout root:
+    JPEGImages/480p/<v>/<f>.jpg + Normals/<v>/<f>.npz or Classes/<v>/<f>.png (the synthetic layout;
+    NYUv2, COCO-Stuff, ADE20K go in the same layout with v = a split folder, see README).
+    Held out: the videos of ImageSets/2017/val.txt vs train.txt if it exists, else the last --val-videos."""
     seqs, vf = davis_sequences(root)
-    if kind != "all":  # hold out: ImageSets/2017/train.txt vs val.txt, else the last videos
-        tr = os.path.join(root, "ImageSets", "2017", "train.txt")
-        if os.path.isfile(tr):
-            seqs = [l.strip() for l in open(tr) if l.strip()] if kind == "train" else seqs
-        else:
-            seqs = vf.videos[:-args.val_videos] if kind == "train" else vf.videos[-args.val_videos:]
-    return [(fp, os.path.join(root, tdir, v, os.path.splitext(os.path.basename(fp))[0] + ext))
-            for v in seqs for fp in vf.frames(v)]
+    tr = os.path.join(root, "ImageSets", "2017", "train.txt")
+    if split == "train":
+        seqs = [l.strip() for l in open(tr) if l.strip()] if os.path.isfile(tr) else vf.videos[:-args.val_videos]
+    elif split == "val" and not os.path.isfile(tr):
+        seqs = vf.videos[-args.val_videos:]
+    if any(v not in vf.videos for v in seqs):
+        fail(f"{tr}: sequences without frames: {[v for v in seqs if v not in vf.videos][:5]}")
+    sub, ext = ("Normals", ".npz") if args.cmd == "normals" else ("Classes", ".png")
+    return [(fp, os.path.join(root, sub, v, Path(fp).stem + ext)) for v in seqs for fp in vf.frames(v)]
 
 
 def load_target(path, cmd, reduce_zero_label=False):
@@ -405,7 +385,7 @@ def load_target(path, cmd, reduce_zero_label=False):
             lab = np.where(lab == 0, VOID, lab - 1)
         return lab
     try:
-        n = np.load(path)["normals"] if path.endswith(".npz") else load_rgb(path) / 127.5 - 1.0
+        n = np.load(path)["normals"]
     except Exception as e:  # noqa: BLE001
         fail(f"cannot read normals {path}: {e}")
     n = np.asarray(n, np.float32)
@@ -423,12 +403,8 @@ def target_at(tgt, size, cmd):
 
 def run_dense(args, lila):
     """normals / semseg: fit a linear probe on pixels of the train frames, score the held-out ones."""
-    if args.train_data:
-        train, val = dense_items(args, args.train_data, "all", args.train_split), \
-            dense_items(args, args.data, "all", args.val_split)
-    else:
-        train, val = dense_items(args, args.data, "train", args.train_split), \
-            dense_items(args, args.data, "val", args.val_split)
+    train = dense_items(args, args.train_data or args.data, "all" if args.train_data else "train")
+    val = dense_items(args, args.data, "all" if args.train_data else "val")
     if not train or not val:
         fail(f"--data {args.data}: need train and held-out frames (got {len(train)} / {len(val)})")
     g = torch.Generator().manual_seed(args.seed)
@@ -511,46 +487,47 @@ def run_pca(args, lila):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="LILA evaluation probes (DESIGN.md section 3)")
     p.add_argument("cmd", choices=["vos-knn", "vos-lp", "normals", "semseg", "pca"])
-    g = p.add_argument_group("features")
-    g.add_argument("--ckpt", default="none", help="train.py checkpoint, or 'none' = untrained decoder seeded by --seed")
-    g.add_argument("--features", default="decoder", choices=["decoder", "encoder"],
-                   help="decoder pixel features, or the frozen encoder's last tap upsampled (baseline)")
-    g.add_argument("--weights", default=None, help="encoder weights {hub,none,PATH}; default: the checkpoint's, else hub")
-    g.add_argument("--backbone", default="dinov2_vits14", help="without --ckpt (paper: dinov2_vits14)")
-    g.add_argument("--preset", default="paper", help="decoder preset without --ckpt (paper | tiny)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the untrained decoder / encoder and the probes")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--size", type=int, default=476, help="short side of the input frames, multiple of 14 (paper 476)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="DAVIS-layout root (vos-*, and normals/semseg eval), or images/ layout root")
-    g.add_argument("--frames", help="pca: a folder of frames")
-    g.add_argument("--out", default="out/probe", help="output folder (results.json, PNGs)")
-    g = p.add_argument_group("vos (k-NN defaults as DINO / the paper)")
-    g.add_argument("--grid", type=int, default=60, help="feature grid short side (paper 60)")
-    g.add_argument("--context", type=int, default=7, help="latest predictions in the context (paper 7)")
-    g.add_argument("--radius", type=int, default=12, help="neighbourhood radius, 25x25 window (paper 12)")
-    g.add_argument("--topk", type=int, default=5, help="neighbours over all context positions (paper 5)")
-    g.add_argument("--temperature", type=float, default=0.1, help="softmax temperature on cosines (paper 0.1)")
-    g.add_argument("--norm-mask", type=int, default=1, help="DINO's per-channel min-max before argmax (1/0)")
-    g.add_argument("--void", default="background", choices=["background", "ignore"], help="gt 255 in davis_jf")
-    g.add_argument("--lp-steps", type=int, default=2000, help="vos-lp AdamW steps (paper 2000)")
-    g.add_argument("--lp-lr", type=float, default=5e-4, help="vos-lp learning rate (paper 5e-4)")
-    g.add_argument("--lp-weight-decay", type=float, default=1e-2, help="vos-lp weight decay (torch default)")
-    g = p.add_argument_group("normals / semseg linear probe")
-    g.add_argument("--train-data", help="root of the training frames (default: split --data)")
-    g.add_argument("--train-split", default="train", help="images/ layout: training split folder")
-    g.add_argument("--val-split", default="val", help="images/ layout: evaluation split folder")
-    g.add_argument("--val-videos", type=int, default=1, help="video layout without train.txt: last N videos held out")
-    g.add_argument("--pixels", type=int, default=4096, help="training pixels sampled per frame")
-    g.add_argument("--probe-steps", type=int, default=1000, help="AdamW steps")
-    g.add_argument("--probe-lr", type=float, default=1e-3, help="learning rate")
-    g.add_argument("--probe-weight-decay", type=float, default=1e-4, help="weight decay")
-    g.add_argument("--batch", type=int, default=16384, help="pixels per step (0 = all)")
-    g.add_argument("--num-classes", type=int, default=0, help="semseg classes (0 = max train label + 1; COCO-Stuff 27, ADE20K 150)")
-    g.add_argument("--reduce-zero-label", action="store_true", help="ADE20K: label 0 = ignore, k -> k-1")
-    g.add_argument("--max-frames", type=int, default=8, help="pca: frames shown, evenly spaced")
-    g.add_argument("--pca-samples", type=int, default=200000, help="pca: pixels used to fit")
+    flags = [  # (group, flag, type, default, help); every paper setting is a flag with its default
+        ("features", "--ckpt", str, "none", "train.py checkpoint, or 'none' = untrained decoder seeded by --seed"),
+        ("features", "--features", str, "decoder", "decoder | encoder (frozen last tap upsampled: the baseline)"),
+        ("features", "--weights", str, None, "encoder weights hub | none | PATH (default: the checkpoint's, else hub)"),
+        ("features", "--backbone", str, "dinov2_vits14", "encoder without --ckpt (paper: dinov2_vits14)"),
+        ("features", "--preset", str, "paper", "decoder preset without --ckpt (paper | tiny)"),
+        ("features", "--seed", int, 0, "seeds the untrained decoder / encoder and the probes"),
+        ("features", "--device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu | cuda"),
+        ("features", "--size", int, 476, "short side of the input frames in px, multiple of 14 (paper 476)"),
+        ("data", "--data", str, None, "DAVIS-layout root (vos-*; normals / semseg evaluation)"),
+        ("data", "--frames", str, None, "pca: a folder of frames"),
+        ("data", "--out", str, "out/probe", "output folder (results.json, PNGs)"),
+        ("vos", "--grid", int, 60, "feature grid short side (paper 60)"),
+        ("vos", "--context", int, 7, "latest soft predictions in the context, + the first frame (paper 7)"),
+        ("vos", "--radius", int, 12, "neighbourhood radius in grid cells, 25x25 window (paper 12)"),
+        ("vos", "--topk", int, 5, "neighbours kept over all context positions (paper 5)"),
+        ("vos", "--temperature", float, 0.1, "softmax temperature on cosines (paper 0.1)"),
+        ("vos", "--tile", int, 8, "query tile side of the local-window search (speed only)"),
+        ("vos", "--norm-mask", int, 1, "DINO's per-channel min-max before argmax (1 | 0)"),
+        ("vos", "--void", str, "background", "gt 255 in J&F: background (official) | ignore"),
+        ("vos", "--lp-steps", int, 2000, "vos-lp AdamW steps (paper 2000)"),
+        ("vos", "--lp-lr", float, 5e-4, "vos-lp learning rate (paper 5e-4)"),
+        ("vos", "--lp-weight-decay", float, 1e-2, "vos-lp weight decay (not stated; torch default)"),
+        ("dense probes", "--train-data", str, None, "root of the training frames (default: a split of --data)"),
+        ("dense probes", "--val-videos", int, 1, "video layout without ImageSets train.txt: last N videos held out"),
+        ("dense probes", "--pixels", int, 4096, "training pixels sampled per frame"),
+        ("dense probes", "--probe-steps", int, 1000, "AdamW steps"),
+        ("dense probes", "--probe-lr", float, 1e-3, "learning rate"),
+        ("dense probes", "--probe-weight-decay", float, 1e-4, "weight decay"),
+        ("dense probes", "--batch", int, 16384, "pixels per step (0 = all)"),
+        ("dense probes", "--num-classes", int, 0, "semseg classes (0 = max train label + 1; COCO-Stuff 27, ADE20K 150)"),
+        ("pca", "--max-frames", int, 8, "frames shown, evenly spaced"),
+        ("pca", "--pca-samples", int, 200000, "pixels used to fit the PCA"),
+    ]
+    groups = {}
+    for grp, flag, typ, default, help_ in flags:
+        groups.setdefault(grp, p.add_argument_group(grp)).add_argument(flag, type=typ, default=default, help=help_)
+    groups["dense probes"].add_argument("--reduce-zero-label", action="store_true", help="ADE20K: 0 = ignore, k -> k-1")
     args = p.parse_args(argv)
+    if args.features not in ("decoder", "encoder") or args.void not in ("background", "ignore"):
+        p.error("--features must be decoder | encoder, --void background | ignore")
     if args.size % 14:
         p.error(f"--size {args.size} must be a multiple of 14")
     if args.cmd == "pca" and not args.frames:
