@@ -631,18 +631,22 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.index)
 
     def __getitem__(self, i):
+        # i may exceed len(self): train.py numbers samples across epochs, so the pair i % len
+        # gets fresh crops, flips and Δ every epoch (all seeded by i itself).
         for k in range(self.retries + 1):
-            j = (i + 7919 * k) % len(self)  # deterministic replacement pair
+            key = i + 7919 * k              # deterministic replacement pair
+            j = key % len(self)
             try:
-                return self._item(j)
+                return self._item(j, key)
             except (ValueError, FileNotFoundError) as e:
                 self.skipped += 1
                 log.warning("skipping pair %d (%d skipped so far): %s", j, self.skipped, e)
         raise RuntimeError(f"{self.retries + 1} pairs in a row failed to load from {getattr(self.source, 'root', 'source')}")
 
-    def _item(self, i):
+    def _item(self, i, key=None):
         v, t = self.index[i]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        key = i if key is None else key
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
         s = self.sampler.sample(g)
         T = self.source.T if self.synthetic else len(self.source.frames(self.source.videos[v]))
         t2 = min(t + s["delta"], T - 1)
@@ -653,7 +657,7 @@ class PairDataset(torch.utils.data.Dataset):
             return dict(out, frames=torch.from_numpy(sc.frames[[t, t2]]).permute(0, 3, 1, 2).float() / 255)
         if self.synthetic:
             sc = self.source[v]
-            rng = np.random.default_rng([self.seed, i])
+            rng = np.random.default_rng([self.seed, key])
             n = torch.tensor([2 / sc.S, 2 / sc.S]).view(2, 1, 1)  # pixels -> normalised
             fl = [torch.from_numpy(corrupt_flow(sc.flow(a, b), self.cue_noise, rng)).permute(2, 0, 1) * n for a, b in ((t, t2), (t2, t))]
             dp = [torch.from_numpy(corrupt_disparity(1 / sc.depth[a], self.cue_noise, rng))[None] for a in (t, t2)]

@@ -203,8 +203,8 @@ class StepSampler(torch.utils.data.Sampler):
                 epoch = k // self.n
                 g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
                 perm = torch.randperm(self.n, generator=g)
-            if k % self.world == self.rank:
-                yield int(perm[k % self.n])
+            if k % self.world == self.rank:  # epoch * n + i: new crops for pair i each epoch
+                yield epoch * self.n + int(perm[k % self.n])
 
     def __len__(self):
         return (self.steps - self.start) * self.batch // self.world
@@ -314,7 +314,7 @@ def make_dataset(args):
     if args.cues == "synthetic":
         return data.PairDataset.synthetic(args.synthetic_videos, args.synthetic_frames,
                                           args.synthetic_seed, cue_noise=args.cue_noise,
-                                          **common)
+                                          cache=args.synthetic_videos, **common)
     folder = data.VideoFolder(args.data)
     return data.PairDataset(folder, with_cues=args.cues == "files", **common)
 
@@ -445,6 +445,7 @@ def main(argv=None, cue_nets=None):
                     p.grad /= world
         opt.step()
         step += 1
+        loss = loss.detach()
 
         if rank == 0:
             bar.update(1)

@@ -1,0 +1,148 @@
+"""train.py end to end: smoke run, exact resume, SIGKILL resume, overfit one batch, torchrun,
+non-finite loss, and the on-the-fly cue path (--cues hub) with stand-in networks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset", "tiny", "--weights", "none", "--batch", "2", "--workers", "0",
+        "--synthetic-videos", "2", "--synthetic-frames", "6", "--size", "56", "--base", "56",
+        "--log-every", "1"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run(args, **kw):
+    return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args], env=ENV,
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(out, "log.jsonl")))}
+
+
+def test_smoke_run_writes_checkpoint_log_config_and_picture(tmp_path):
+    out = str(tmp_path / "run")
+    r = run(TINY + ["--steps", "3", "--save-every", "2", "--out", out])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "done: step 3" in r.stdout
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["step"] == 3 and ck["config"]["preset"] == "tiny" and ck["config"]["seed"] == 0
+    assert sorted(losses(out)) == [1, 2, 3]
+    assert os.path.isfile(os.path.join(out, "feats_0000002.png"))
+    assert json.load(open(os.path.join(out, "config.json")))["steps"] == 3
+    # An existing run is never overwritten by accident.
+    r = run(TINY + ["--steps", "3", "--out", out])
+    assert r.returncode != 0 and "--resume" in r.stderr
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    torch.set_num_threads(1)
+    train.main(TINY + ["--steps", "4", "--save-every", "2", "--out", a])
+    train.main(TINY + ["--steps", "2", "--save-every", "2", "--out", b])
+    train.main(TINY + ["--steps", "4", "--save-every", "2", "--out", b, "--resume"])
+    la, lb = losses(a), losses(b)
+    assert sorted(lb) == [1, 2, 3, 4]
+    for s in la:
+        assert lb[s] == pytest.approx(la[s], rel=1e-4, abs=1e-6), (s, la, lb)
+    wa = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)["decoder"]
+    wb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["decoder"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    # Other method settings cannot be resumed into an existing run.
+    with pytest.raises(SystemExit, match="other settings"):
+        train.main(TINY + ["--steps", "6", "--out", b, "--resume", "--lr", "1e-3"])
+
+
+def test_sigkill_at_any_moment_resumes_cleanly(tmp_path):
+    out = str(tmp_path / "k")
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *TINY, "--steps",
+                          "200", "--save-every", "1", "--out", out], env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(out, "ckpt.pt")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(ckpt) and len(losses(out)) >= 3):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)  # checkpoints are written every step: often mid-write
+    p.wait()
+    step = torch.load(ckpt, weights_only=True)["step"]  # never a corrupt checkpoint
+    assert step >= 2
+    r = run(TINY + ["--steps", str(step + 2), "--save-every", "1", "--out", out, "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(ckpt, weights_only=True)["step"] == step + 2
+    assert sorted(losses(out)) == list(range(1, step + 3))  # log rewound to the checkpoint
+
+
+def test_overfit_one_batch_halves_the_incontext_loss():
+    torch.manual_seed(0)
+    args = train.get_args(TINY + ["--size", "56", "--lr", "3e-3"])
+    ds = train.make_dataset(args)
+    batch = torch.utils.data.default_collate([ds[0], ds[5]])
+    import model
+    lila = model.build_lila(args.backbone, "none", "tiny", seed=0)
+    opt = torch.optim.AdamW([p for p in lila.parameters() if p.requires_grad], lr=args.lr)
+    first = None
+    for it in range(60):
+        v = train.views_and_cues(batch, lila, args, sd_gen=torch.Generator().manual_seed(0))
+        loss, _ = train.lila_loss(v, args)
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * first, (first, float(loss))
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    out = str(tmp_path / "ddp")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29533", os.path.join(REPO, "train.py"), *TINY,
+                        "--batch", "4", "--steps", "2", "--out", out], env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 2
+    assert sorted(losses(out)) == [1, 2]
+
+
+def test_non_finite_loss_stops_with_step_and_part(tmp_path, monkeypatch):
+    def nan_loss(v, args, erm_head=None):
+        bad = v["feats_q"].sum() * float("nan")
+        return bad, {"l1": bad.detach(), "edge": torch.tensor(0.0)}
+    monkeypatch.setattr(train, "lila_loss", nan_loss)
+    with pytest.raises(SystemExit, match=r"step 0: non-finite loss, l1"):
+        train.main(TINY + ["--steps", "2", "--out", str(tmp_path / "nan")])
+
+
+class ShiftFlow(nn.Module):
+    """Stand-in RAFT: a constant 1-pixel flow to the right, as a list of iterates."""
+    def forward(self, a, b):
+        f = torch.zeros(a.shape[0], 2, *a.shape[-2:])
+        f[:, 0] = 1.0
+        return [f * 0.5, f]
+
+
+class Brightness(nn.Module):
+    """Stand-in MiDaS: 'disparity' = 1 + mean intensity, (B, h, w)."""
+    def forward(self, x):
+        return 1 + x.mean(1)
+
+
+@pytest.mark.parametrize("extra", [[], ["--erm", "--no-pamr", "--no-edge", "--no-crop"]])
+def test_hub_cues_and_ablations_run_on_a_video_folder(tmp_path, extra):
+    root = tmp_path / "vids"
+    data.write_synthetic(str(root), videos=2, frames=4, size=56, seed=3)
+    out = str(tmp_path / "hub")
+    train.main(TINY + ["--data", str(root), "--cues", "hub", "--steps", "2", "--out", out]
+               + extra, cue_nets=(ShiftFlow(), Brightness()))
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["step"] == 2 and ck["config"]["cues"] == "hub"
+    assert bool(ck["erm_head"]) == ("--erm" in extra)
