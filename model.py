@@ -474,6 +474,36 @@ class LILA(nn.Module):
         grid = self.encode(img, taps=self.taps[-1:])[0]              # (B, E, h, w)
         return F.interpolate(grid, size=img.shape[-2:], mode="bilinear", align_corners=False)
 
+    @torch.no_grad()
+    def features(self, image, short_side=None, patch=14):
+        """Pixel features of any image, at the image's own resolution: the documented call.
+
+        image: a PIL image, an (H, W, 3) uint8 array, or a float tensor in [0, 1] of shape
+        (3, H, W) or (B, 3, H, W). It is resized (bilinear) so both sides are multiples of the
+        patch size (and the short side is `short_side`, if given), run through LILA exactly as
+        in training, and the features are resized back to H x W.
+        Returns (D, H, W) for one image, (B, D, H, W) for a batch.
+        """
+        if not torch.is_tensor(image):  # PIL or numpy: HWC uint8 -> CHW float in [0, 1]
+            import numpy as np
+            arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+            if arr.ndim != 3 or arr.shape[2] != 3:
+                raise ValueError(f"model.py LILA.features: expected an RGB image, got shape {arr.shape}")
+            image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+        single = image.dim() == 3
+        x = image[None] if single else image                        # (B, 3, H, W)
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"model.py LILA.features: expected (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
+        H, W = x.shape[-2:]
+        scale = 1.0 if short_side is None else short_side / min(H, W)
+        h = max(patch, round(H * scale / patch) * patch)
+        w = max(patch, round(W * scale / patch) * patch)
+        dev = next(self.decoder.parameters()).device
+        x = F.interpolate(x.float().to(dev), size=(h, w), mode="bilinear", align_corners=False)
+        _, feats = self(x)                                          # (B, D, h, w)
+        feats = F.interpolate(feats.float(), size=(H, W), mode="bilinear", align_corners=False)
+        return feats[0] if single else feats                        # (D, H, W) / (B, D, H, W)
+
 
 def scale_widths(widths, embed_dim, ref_dim=WIDTHS_REF_DIM):
     """Preset widths are written for E = ref_dim (ViT-S); scale them linearly with E."""
