@@ -98,8 +98,8 @@ def get_args(argv=None):
     g.add_argument("--no-sd", action="store_true", help="ablation: drop the SD cue")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=100_000, help="training steps (paper 100k)")
-    g.add_argument("--batch", type=int, default=32, help="frame pairs per step, all GPUs "
-                   "together (paper 32)")
+    g.add_argument("--batch", type=int, default=None, help="frame pairs per step, all "
+                   "processes together (paper preset 32, tiny 8)")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper 1e-4)")
     g.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay (paper 1e-4)")
     g.add_argument("--warmup", type=int, default=0, help="linear LR warm-up steps")
@@ -115,10 +115,11 @@ def get_args(argv=None):
                    "and feature pictures")
     args = p.parse_args(argv)
 
-    preset = model.PRESETS[args.preset]
-    args.size = args.size or preset.get("size", 224)
+    tiny = args.preset == "tiny"  # CPU preset: small decoder, 112² views, 8 pairs a step
+    args.size = args.size or (112 if tiny else 224)
+    args.batch = args.batch or (8 if tiny else 32)
     if args.base is None:   # cues are computed on base frames (DESIGN: 224²); tiny: view size
-        args.base = args.size if args.preset == "tiny" else 224
+        args.base = args.size if tiny else 224
     if args.size % 14:
         p.error(f"--size {args.size} must be a multiple of 14 (ViT patch size)")
     if args.cues == "auto":
