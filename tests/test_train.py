@@ -95,7 +95,7 @@ def test_overfit_one_batch_halves_the_incontext_loss():
     for it in range(60):
         v = train.views_and_cues(batch, lila, args, sd_gen=torch.Generator().manual_seed(0))
         loss, _ = train.lila_loss(v, args)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
