@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from data import base_frame  # the cache's frames are PairDataset's base frames, by construction
 from pamr import pamr_cascade
 
 FLOW_NETS = ("raft_small", "raft_large")  # torchvision hubconf.py entry points
@@ -312,21 +313,6 @@ def sd_cue(enc_grid, image, n_channels=32, generator=None, channels=None, use_pa
 
 
 # --- the cue cache (plumbing) ---
-
-def base_frame(img, size, short=480):
-    """(H, W, 3) uint8 -> (3, size, size) float [0, 1], the base frame of data.py's PairDataset
-    (DESIGN section 2 "Frame pairs"): short side resized to `short` = 480, centre square crop,
-    resized to size x size (PIL bicubic). Square maps in the cache are read as base-aligned."""
-    im = Image.fromarray(np.asarray(img, dtype=np.uint8))
-    w, h = im.size
-    if (w, h) != (size, size):
-        k = short / min(w, h)
-        im = im.resize((max(short, round(w * k)), max(short, round(h * k))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - short) // 2, (h - short) // 2
-        im = im.crop((left, top, left + short, top + short)).resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float() / 255
-
 
 def _save_atomic(path, arrays):
     tmp = path + ".tmp"  # a leftover from an interrupted run is simply overwritten

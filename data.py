@@ -576,9 +576,11 @@ class SyntheticVideos:
         return self._lru[i]
 
 
-def _image_to_base(img, base, short=480):
-    """(H, W, 3) uint8 -> (3, base, base) float [0,1]: short side to `short`, centre crop, resize."""
-    im = Image.fromarray(img)
+def base_frame(img, base, short=480):
+    """(H, W, 3) uint8 -> (3, base, base) float [0,1], the base frame of DESIGN section 2
+    "Frame pairs": short side resized to `short` = 480, centre square crop, resized to base x
+    base (PIL bicubic). cues.py computes the cue cache on exactly these frames."""
+    im = Image.fromarray(np.asarray(img, dtype=np.uint8))
     w, h = im.size
     if (w, h) != (base, base):
         k = short / min(w, h)
@@ -668,7 +670,7 @@ class PairDataset(torch.utils.data.Dataset):
         imgs = [src.load(p) for p in paths]
         if imgs[0].shape != imgs[1].shape:
             raise ValueError(f"mixed frame sizes in video {name}: {paths[0]} {imgs[0].shape[:2]} vs {paths[1]} {imgs[1].shape[:2]}")
-        out["frames"] = torch.stack([_image_to_base(im, self.base) for im in imgs])  # (2, 3, Hb, Wb)
+        out["frames"] = torch.stack([base_frame(im, self.base) for im in imgs])  # (2, 3, Hb, Wb)
         if src.cues_dir is not None and self.with_cues:
             c = load_cues(src.root, name, t, t2, names=[p.stem for p in src.frames(name)])
             hw = imgs[0].shape[:2]
