@@ -2,7 +2,7 @@
 
 Run:   python bench.py [NAME ...] [--quick] [--threads N]
        NAME in data model incontext pamr probe cues step (default: all, in that order);
-       --quick: small batches, the whole run in ~3 min on 2 idle cores (~5 min at load 5).
+       --quick: small batches, ~35 s on 2 idle cores (5 min at load 6: see Threads).
 
 What each benchmark measures (every line prints the sizes it ran at; "lean" is our code,
 "reference" the straightforward formulation of the official code, both measured side by side
@@ -98,32 +98,21 @@ def once(fn):
     return time.perf_counter() - t0
 
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def mem_available():
-    with open("/proc/meminfo") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable"))
-
-
-def peak_rss_bytes():
-    """High-water mark of this process's resident set (VmHWM). Not ru_maxrss: Linux carries
-    that over fork + exec from the parent, so a worker started by a big parent would report
-    the parent's peak."""
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+def proc_bytes(path, key):
+    """A kB field of /proc/self/status or /proc/meminfo in bytes. VmHWM is the peak resident
+    set; not ru_maxrss, which Linux carries over fork + exec from a (big) parent process."""
+    with open(path) as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 
 
 def measured_call(fn):
     """(seconds, peak extra bytes, output) of one call; meaningful in a fresh process only."""
-    base = rss_bytes()
+    base = proc_bytes("/proc/self/status", "VmRSS")
     t0 = time.perf_counter()
     with torch.no_grad():
         out = fn()
     seconds = time.perf_counter() - t0
-    return seconds, peak_rss_bytes() - base, out
+    return seconds, proc_bytes("/proc/self/status", "VmHWM") - base, out
 
 
 def run_worker(kind, *args, out_path="-"):
@@ -278,9 +267,10 @@ def bench_pamr(batch=64, channels=32, size=224, gather_batch=16):
     header("pamr", f"dilations {DILATIONS}, sigma {SIGMA}, {ITERS_224} iterations, C={channels}, "
                    f"{size}^2, mask from {PATCH_GRID}^2")
     need = 2 * gather_batch * channels * 8 * len(DILATIONS) * size * size * 4
-    if need > 0.7 * mem_available():
+    free = proc_bytes("/proc/meminfo", "MemAvailable")
+    if need > 0.7 * free:
         raise RuntimeError(f"bench pamr: gather at B={gather_batch} needs ~{need / 2**30:.1f} GiB, "
-                           f"only {mem_available() / 2**30:.1f} GiB available")
+                           f"only {free / 2**30:.1f} GiB available")
     with tempfile.TemporaryDirectory() as tmp:
         paths = {v: os.path.join(tmp, v + ".pt") for v in ("lean", "gather")}
         r = {v: run_worker("pamr", v, gather_batch, channels, size, out_path=p) for v, p in paths.items()}
