@@ -435,7 +435,7 @@ def main(argv=None, cue_nets=None):
                if not math.isfinite(float(x))]
         if bad:
             raise SystemExit(f"step {step}: non-finite {', '.join(bad)} "
-                             f"(loss {float(loss)}); stopping. Last checkpoint: {ckpt_path}")
+                             f"(loss {float(loss.detach())}); stopping. Last checkpoint: {ckpt_path}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:  # average gradients over processes (what DDP does, spelled out)
