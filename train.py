@@ -473,4 +473,12 @@ def main(argv=None, cue_nets=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        # Bad input (a wrong path, missing weights offline, an unreadable file) already has a
+        # message naming what is wrong: print it without the traceback. Anything else is a bug
+        # and keeps its traceback.
+        if isinstance(e, FileNotFoundError) or str(e).split(":")[0].split()[0].endswith(".py"):
+            sys.exit(f"train.py: {e}")
+        raise

@@ -147,3 +147,10 @@ def test_hub_cues_and_ablations_run_on_a_video_folder(tmp_path, extra):
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["step"] == 2 and ck["config"]["cues"] == "hub"
     assert bool(ck["erm_head"]) == ("--erm" in extra)
+
+
+def test_bad_data_root_is_a_clear_message_not_a_traceback(tmp_path):
+    r = run(TINY + ["--data", str(tmp_path / "missing"), "--steps", "1",
+                    "--out", str(tmp_path / "o")])
+    assert r.returncode != 0
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
