@@ -36,7 +36,9 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -165,7 +167,6 @@ def setup_distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
-    import torch.distributed as dist
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world
 
@@ -330,7 +331,6 @@ def feature_picture(lila, pair, path, device):
     rgb = pca_rgb(torch.cat(list(feats.float().cpu()), dim=2))          # (S, 2S, 3)
     img = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)  # (2, S, S, 3)
     row = np.concatenate([img[0], img[1], rgb], axis=1)                 # (S, 4S, 3)
-    from PIL import Image
     Image.fromarray(row).save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
 
@@ -345,7 +345,7 @@ def main(argv=None, cue_nets=None):
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must be divisible by the {world} processes")
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     if rank == 0:
         print(f"device {device}, precision {'bf16 autocast' if cuda else 'fp32'}, "
               f"{world} process(es)")
@@ -439,7 +439,6 @@ def main(argv=None, cue_nets=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:  # average gradients over processes (what DDP does, spelled out)
-            import torch.distributed as dist
             for p in params:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
@@ -468,7 +467,6 @@ def main(argv=None, cue_nets=None):
     if rank == 0:
         print(f"done: step {step}, loss {float(loss):.4f}, checkpoint {ckpt_path}")
     if world > 1:
-        import torch.distributed as dist
         dist.destroy_process_group()
 
 
