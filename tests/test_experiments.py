@@ -1,0 +1,99 @@
+"""experiments.py: the rows are valid train.py / probe.py command lines, finished work is never
+redone, an interrupted run resumes, and the table is the mean ± std of the finished seeds."""
+import json
+import os
+import statistics
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import experiments  # noqa: E402
+import probe  # noqa: E402
+import train  # noqa: E402
+
+
+def test_every_row_is_a_valid_command_line():
+    for row, (train_flags, model_flags) in experiments.ROWS.items():
+        if train_flags is not None:
+            args = train.get_args(["--preset", "tiny", "--weights", "none"] + train_flags)
+            assert args.size == 112 and args.batch == 8, row
+        for cmd, flags, *_ in experiments.PROBES.values():
+            probe.parse_args([cmd, "--data", os.path.dirname(__file__), "--size", "112"]
+                             + (model_flags or []) + flags)
+    # the flags do what the row names say
+    a = train.get_args(["--no-flow", "--no-sd"] + experiments.ROWS["depth-only"][0])
+    assert a.no_flow and a.no_sd and not a.no_depth
+    a = train.get_args(experiments.ROWS["flow-only"][0])
+    assert a.no_depth and a.no_sd and not a.no_flow
+    assert train.get_args(experiments.ROWS["noise-1.0"][0]).cue_noise == 1.0
+    assert train.get_args(experiments.ROWS["erm"][0]).erm
+
+
+def fake_results(out, row, seed, vals):
+    for name, (_, _, key, *_) in experiments.PROBES.items():
+        if name in vals:
+            d = os.path.join(out, row, f"seed{seed}", f"probe_{name}")
+            os.makedirs(d, exist_ok=True)
+            json.dump({"metrics": {key: vals[name]}}, open(os.path.join(d, "results.json"), "w"))
+
+
+def args_for(out, **kw):
+    a = experiments.argparse.Namespace(rows=["untrained", "lila"], seeds=[0, 1, 2], steps=10,
+                                       lr=1e-3, out=str(out), eval_data=str(out / "eval"))
+    vars(a).update(kw)
+    return a
+
+
+def test_table_is_mean_and_std_of_finished_seeds(tmp_path, capsys):
+    fake_results(tmp_path, "lila", 0, dict(vos=0.5, normals=30.0, semseg=40.0))
+    fake_results(tmp_path, "lila", 1, dict(vos=0.7, normals=20.0, semseg=50.0))
+    fake_results(tmp_path, "lila", 2, dict(vos=0.9, normals=25.0))       # semseg missing: unfinished
+    json.dump({"train": 120.0}, open(tmp_path / "lila" / "seed0" / "times.json", "w"))
+    experiments.print_table(args_for(tmp_path))
+    table = json.load(open(tmp_path / "table.json"))
+    assert table["lila"]["seeds"] == [0, 1] and table["lila"]["vos"] == [0.5, 0.7]
+    assert table["untrained"]["seeds"] == []
+    line = [l for l in open(tmp_path / "table.md") if "LILA" in l][0]
+    sd = statistics.stdev([0.5, 0.7])
+    assert f"0.600 ± {sd:.3f}" in line and "25.0 ± 7.1" in line and "| 2 | 2.0 |" in line
+    assert "untrained decoder | — | — | — | 0 | — |" in open(tmp_path / "table.md").read()
+
+
+def test_one_run_skips_finished_work_and_resumes(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, log_path):  # record the command, write what it would have written
+        calls.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        if cmd[1] == "train.py":
+            torch.save({"step": int(cmd[cmd.index("--steps") + 1])}, os.path.join(out, "ckpt.pt"))
+        else:
+            os.makedirs(out, exist_ok=True)
+            json.dump({"metrics": {}}, open(os.path.join(out, "results.json"), "w"))
+        return 1.0
+
+    monkeypatch.setattr(experiments, "run", fake_run)
+    a = args_for(tmp_path)
+    run_dir = tmp_path / "no-edge" / "seed1"
+    run_dir.mkdir(parents=True)
+    torch.save({"step": 4}, run_dir / "ckpt.pt")                          # interrupted at step 4
+    experiments.one_run("no-edge", 1, a)
+    assert [c[1] for c in calls] == ["train.py", "probe.py", "probe.py", "probe.py"]
+    tr = calls[0]
+    assert "--resume" in tr and "--no-edge" in tr and tr[tr.index("--seed") + 1] == "1"
+    assert all(c[c.index("--ckpt") + 1] == str(run_dir / "ckpt.pt") for c in calls[1:])
+    assert json.load(open(run_dir / "times.json"))["train"] == 1.0
+    calls.clear()
+    experiments.one_run("no-edge", 1, a)                                  # everything done
+    assert calls == []
+    experiments.one_run("encoder", 0, a)                                  # no training row
+    assert [c[1] for c in calls] == ["probe.py"] * 3
+    assert all("--features" in c and c[c.index("--features") + 1] == "encoder" for c in calls)
+
+
+def test_failed_command_names_its_log(tmp_path):
+    with pytest.raises(RuntimeError, match="see .*commands.log"):
+        experiments.run([sys.executable, "-c", "import sys; sys.exit(3)"], str(tmp_path / "commands.log"))
+    assert "sys.exit(3)" in open(tmp_path / "commands.log").read()
