@@ -150,8 +150,9 @@ def fmt(vals, digits):
     if not vals:
         return "—"
     m = statistics.mean(vals)
-    s = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    if len(vals) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"   # sample std (n - 1)
 
 
 def print_table(a):
