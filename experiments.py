@@ -68,7 +68,8 @@ PROBES = {
 # Dense probes at lr 1e-2, not probe.py's 1e-3: with D=32 features, 1000 AdamW steps at 1e-3
 # underfit. On the pilot checkpoint, semseg mIoU 27.0 -> 30.4 and normals RMSE 27.2 -> 26.4;
 # the untrained decoder's semseg probe predicts only the background at either rate (21.9).
-EVAL_SEED, EVAL_VIDEOS, SIZE = 10000, 12, 112
+EVAL_SEED, EVAL_VIDEOS, SIZE = 10000, 12, 112   # held-out seeds; training uses 0..63
+HERE = os.path.dirname(os.path.abspath(__file__))  # train.py and probe.py live beside this file
 
 
 def run(cmd, log_path):
@@ -85,12 +86,16 @@ def run(cmd, log_path):
     return time.time() - t0
 
 
-def finished_step(ckpt):
-    """The step a train.py checkpoint reached, 0 without one."""
+def finished_step(ckpt, steps):
+    """The step a train.py checkpoint reached, 0 without one; a run trained past --steps would
+    mix two budgets in one table, so it is an error."""
     if not os.path.isfile(ckpt):
         return 0
     import torch
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
+    done = torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
+    if done > steps:
+        raise RuntimeError(f"{ckpt} is at step {done}, past --steps {steps}: use another --out")
+    return done
 
 
 def one_run(row, seed, a):
@@ -103,20 +108,21 @@ def one_run(row, seed, a):
     py = sys.executable
     if train_flags is not None:
         ckpt = os.path.join(out, "ckpt.pt")
-        done = finished_step(ckpt)
-        if done < a.steps:
-            cmd = [py, "train.py", "--preset", "tiny", "--weights", "none", "--steps", str(a.steps),
+        done = finished_step(ckpt, a.steps)
+        if done < a.steps:  # not started (fresh run) or interrupted (--resume from ckpt.pt)
+            # every run of the table differs from this command only in its row's flags
+            cmd = [py, os.path.join(HERE, "train.py"), "--preset", "tiny", "--weights", "none", "--steps", str(a.steps),
                    "--batch", "8", "--lr", str(a.lr), "--seed", str(seed), "--workers", "1",
                    "--synthetic-seed", "0", "--synthetic-videos", "64", "--log-every", "20",
                    "--save-every", "50", "--out", out] + train_flags + (["--resume"] if done else [])
-            times["train"] = times.get("train", 0.0) + run(cmd, log)
-        model = ["--ckpt", ckpt]
-    else:
+            times["train"] = times.get("train", 0.0) + run(cmd, log)   # summed over resumes
+        model = ["--ckpt", ckpt]    # probe.py rebuilds the seeded random encoder from its config
+    else:                           # the baselines: same seeded encoder, decoder never trained
         model = ["--ckpt", "none", "--preset", "tiny", "--weights", "none"] + model_flags
     for name, (cmd_name, flags, *_ ) in PROBES.items():
         res = os.path.join(out, f"probe_{name}", "results.json")
         if not os.path.isfile(res):
-            cmd = [py, "probe.py", cmd_name, "--data", a.eval_data, "--size", str(SIZE),
+            cmd = [py, os.path.join(HERE, "probe.py"), cmd_name, "--data", a.eval_data, "--size", str(SIZE),
                    "--seed", str(seed), "--out", os.path.dirname(res)] + model + flags
             times[name] = run(cmd, log)
     with open(times_path, "w") as f:
@@ -195,9 +201,14 @@ def main(argv=None):
     # seed-major order: the first seed of every row finishes before the second seed starts
     tasks = [(row, seed) for seed in a.seeds for row in a.rows]
     t0 = time.time()
-    with ThreadPoolExecutor(a.jobs) as pool:
-        for f in [pool.submit(one_run, row, seed, a) for row, seed in tasks]:
-            f.result()
+    with ThreadPoolExecutor(a.jobs) as pool:   # threads only wait on the subprocesses
+        futures = [pool.submit(one_run, row, seed, a) for row, seed in tasks]
+        try:
+            for f in futures:
+                f.result()
+        except RuntimeError as e:   # a failed command: the running ones finish, no new one starts
+            pool.shutdown(cancel_futures=True)
+            raise SystemExit(f"experiments.py: {e}")
     print(f"\n{len(tasks)} runs in {(time.time() - t0) / 60:.1f} min wall, {a.jobs} at once\n")
     print_table(a)
 

@@ -67,7 +67,7 @@ def test_one_run_skips_finished_work_and_resumes(tmp_path, monkeypatch):
     def fake_run(cmd, log_path):  # record the command, write what it would have written
         calls.append(cmd)
         out = cmd[cmd.index("--out") + 1]
-        if cmd[1] == "train.py":
+        if os.path.basename(cmd[1]) == "train.py":
             torch.save({"step": int(cmd[cmd.index("--steps") + 1])}, os.path.join(out, "ckpt.pt"))
         else:
             os.makedirs(out, exist_ok=True)
@@ -80,7 +80,7 @@ def test_one_run_skips_finished_work_and_resumes(tmp_path, monkeypatch):
     run_dir.mkdir(parents=True)
     torch.save({"step": 4}, run_dir / "ckpt.pt")                          # interrupted at step 4
     experiments.one_run("no-edge", 1, a)
-    assert [c[1] for c in calls] == ["train.py", "probe.py", "probe.py", "probe.py"]
+    assert [os.path.basename(c[1]) for c in calls] == ["train.py", "probe.py", "probe.py", "probe.py"]
     tr = calls[0]
     assert "--resume" in tr and "--no-edge" in tr and tr[tr.index("--seed") + 1] == "1"
     assert all(c[c.index("--ckpt") + 1] == str(run_dir / "ckpt.pt") for c in calls[1:])
@@ -89,8 +89,16 @@ def test_one_run_skips_finished_work_and_resumes(tmp_path, monkeypatch):
     experiments.one_run("no-edge", 1, a)                                  # everything done
     assert calls == []
     experiments.one_run("encoder", 0, a)                                  # no training row
-    assert [c[1] for c in calls] == ["probe.py"] * 3
+    assert [os.path.basename(c[1]) for c in calls] == ["probe.py"] * 3
     assert all("--features" in c and c[c.index("--features") + 1] == "encoder" for c in calls)
+
+
+def test_a_run_past_the_step_budget_is_refused(tmp_path):
+    d = tmp_path / "lila" / "seed0"
+    d.mkdir(parents=True)
+    torch.save({"step": 600}, d / "ckpt.pt")
+    with pytest.raises(RuntimeError, match="step 600, past --steps 10"):
+        experiments.one_run("lila", 0, args_for(tmp_path))
 
 
 def test_failed_command_names_its_log(tmp_path):
