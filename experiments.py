@@ -59,11 +59,11 @@ LABELS = {
     "depth-only": "LILA, depth only", "flow-only": "LILA, flow only",
     "no-sd": "LILA, depth + flow (no SD)", "no-crop": "LILA without cropping",
 }
-# probe name -> (probe.py command, flags, metric key in results.json, label, higher is better)
+# probe name -> (probe.py command, its flags, metric key in results.json, column label)
 PROBES = {
-    "vos": ("vos-knn", ["--grid", "28"], "JF", "J&F ↑", True),
-    "normals": ("normals", ["--val-videos", "4", "--probe-lr", "1e-2"], "rmse", "normals RMSE ° ↓", False),
-    "semseg": ("semseg", ["--val-videos", "4", "--probe-lr", "1e-2"], "miou", "semseg mIoU % ↑", True),
+    "vos": ("vos-knn", ["--grid", "28"], "JF", "J&F ↑"),
+    "normals": ("normals", ["--val-videos", "4", "--probe-lr", "1e-2"], "rmse", "normals RMSE ° ↓"),
+    "semseg": ("semseg", ["--val-videos", "4", "--probe-lr", "1e-2"], "miou", "semseg mIoU % ↑"),
 }
 # Dense probes at lr 1e-2, not probe.py's 1e-3: with D=32 features, 1000 AdamW steps at 1e-3
 # underfit. On the pilot checkpoint, semseg mIoU 27.0 -> 30.4 and normals RMSE 27.2 -> 26.4;
@@ -111,19 +111,19 @@ def one_run(row, seed, a):
         done = finished_step(ckpt, a.steps)
         if done < a.steps:  # not started (fresh run) or interrupted (--resume from ckpt.pt)
             # every run of the table differs from this command only in its row's flags
-            cmd = [py, os.path.join(HERE, "train.py"), "--preset", "tiny", "--weights", "none", "--steps", str(a.steps),
-                   "--batch", "8", "--lr", str(a.lr), "--seed", str(seed), "--workers", "1",
+            cmd = [py, os.path.join(HERE, "train.py"), "--preset", "tiny", "--weights", "none",
+                   "--steps", str(a.steps), "--batch", "8", "--lr", str(a.lr), "--seed", str(seed), "--workers", "1",
                    "--synthetic-seed", "0", "--synthetic-videos", "64", "--log-every", "20",
                    "--save-every", "50", "--out", out] + train_flags + (["--resume"] if done else [])
             times["train"] = times.get("train", 0.0) + run(cmd, log)   # summed over resumes
         model = ["--ckpt", ckpt]    # probe.py rebuilds the seeded random encoder from its config
     else:                           # the baselines: same seeded encoder, decoder never trained
         model = ["--ckpt", "none", "--preset", "tiny", "--weights", "none"] + model_flags
-    for name, (cmd_name, flags, *_ ) in PROBES.items():
+    for name, (cmd_name, flags, _, _) in PROBES.items():
         res = os.path.join(out, f"probe_{name}", "results.json")
         if not os.path.isfile(res):
-            cmd = [py, os.path.join(HERE, "probe.py"), cmd_name, "--data", a.eval_data, "--size", str(SIZE),
-                   "--seed", str(seed), "--out", os.path.dirname(res)] + model + flags
+            cmd = [py, os.path.join(HERE, "probe.py"), cmd_name, "--data", a.eval_data,
+                   "--size", str(SIZE), "--seed", str(seed), "--out", os.path.dirname(res)] + model + flags
             times[name] = run(cmd, log)
     with open(times_path, "w") as f:
         json.dump(times, f)
@@ -137,7 +137,7 @@ def collect(a):
         for seed in a.seeds:
             out = os.path.join(a.out, row, f"seed{seed}")
             vals = {}
-            for name, (_, _, key, *_ ) in PROBES.items():
+            for name, (_, _, key, _) in PROBES.items():
                 res = os.path.join(out, f"probe_{name}", "results.json")
                 if os.path.isfile(res):
                     vals[name] = json.load(open(res))["metrics"][key]
