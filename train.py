@@ -91,7 +91,7 @@ def get_args(argv=None):
     g.add_argument("--sd-channels", type=int, default=32,
                    help="self-distillation cue channels (paper 32)")
     g.add_argument("--no-pamr", action="store_true", help="ablation: bilinear SD upsampling")
-    g.add_argument("--no-edge", action="store_true", help="ablation: L1 only, γ = 0")
+    g.add_argument("--no-edge", action="store_true", help="ablation: L1 only, the edge terms are not computed")
     g.add_argument("--no-crop", action="store_true", help="ablation: full-frame views")
     g.add_argument("--erm", action="store_true", help="ablation: no in-context step, a learned "
                    "linear head predicts each frame's cues (paper's key comparison)")
@@ -293,8 +293,8 @@ def views_and_cues(batch, lila, args, flow_cue=None, depth_cue=None, sd_gen=None
 
 def lila_loss(v, args, erm_head=None):
     """The in-context loss (or, with --erm, the ablation without the in-context step)."""
-    kw = dict(n_masked=v["n_masked"], lam=args.lam,
-              gamma=0.0 if args.no_edge else args.gamma)
+    kw = dict(n_masked=v["n_masked"], lam=args.lam, gamma=args.gamma,
+              edge=not args.no_edge)     # --no-edge skips the edge terms, not just their weight
     if args.erm:
         return incontext.erm_loss(erm_head, v["feats_c"], v["feats_q"], v["cue_c"],
                                   v["cue_q"], v["conf_c"], v["conf_q"], **kw)

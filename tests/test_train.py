@@ -199,3 +199,28 @@ def test_query_and_context_flow_cues_agree_on_the_same_3d_point(monkeypatch):
     err, mag = torch.cat(errs), torch.cat(mags)
     assert len(err) > 1000 and mag.median() > 0.02, (len(err), mag.median())   # points that move
     assert err.median() < 0.1 * mag.median(), (err.median(), mag.median())
+
+
+def test_no_edge_drops_the_edge_terms_and_keeps_the_l1():
+    import model
+    args = train.get_args(TINY + ["--size", "56"])
+    ds = train.make_dataset(args)
+    batch = torch.utils.data.default_collate([ds[0], ds[3]])
+    lila = model.build_lila(args.backbone, "none", "tiny", seed=0)
+    with torch.no_grad():
+        v = train.views_and_cues(batch, lila, args, sd_gen=torch.Generator().manual_seed(0))
+        for erm_flag in ([], ["--erm"]):
+            a = train.get_args(TINY + ["--size", "56"] + erm_flag)
+            b = train.get_args(TINY + ["--size", "56", "--no-edge"] + erm_flag)
+            head = incontext_head(a, v) if erm_flag else None
+            full, parts = train.lila_loss(v, a, head)
+            plain, parts_b = train.lila_loss(v, b, head)
+            assert float(parts["edge"]) > 0 and float(parts_b["edge"]) == 0
+            assert torch.allclose(plain, parts["l1"], atol=1e-6)
+            assert torch.allclose(full, parts["l1"] + a.gamma * parts["edge"], atol=1e-6)
+
+
+def incontext_head(args, v):
+    import incontext
+    torch.manual_seed(0)
+    return incontext.ERMHead(v["feats_q"].shape[1], v["cue_q"].shape[1])
