@@ -91,7 +91,8 @@ def get_args(argv=None):
     g.add_argument("--sd-channels", type=int, default=32,
                    help="self-distillation cue channels (paper 32)")
     g.add_argument("--no-pamr", action="store_true", help="ablation: bilinear SD upsampling")
-    g.add_argument("--no-edge", action="store_true", help="ablation: L1 only, the edge terms are not computed")
+    g.add_argument("--no-edge", action="store_true",
+                   help="ablation: L1 only, the edge terms are not computed")
     g.add_argument("--no-crop", action="store_true", help="ablation: full-frame views")
     g.add_argument("--erm", action="store_true", help="ablation: no in-context step, a learned "
                    "linear head predicts each frame's cues (paper's key comparison)")

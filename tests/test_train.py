@@ -202,6 +202,7 @@ def test_query_and_context_flow_cues_agree_on_the_same_3d_point(monkeypatch):
 
 
 def test_no_edge_drops_the_edge_terms_and_keeps_the_l1():
+    import incontext
     import model
     args = train.get_args(TINY + ["--size", "56"])
     ds = train.make_dataset(args)
@@ -212,15 +213,9 @@ def test_no_edge_drops_the_edge_terms_and_keeps_the_l1():
         for erm_flag in ([], ["--erm"]):
             a = train.get_args(TINY + ["--size", "56"] + erm_flag)
             b = train.get_args(TINY + ["--size", "56", "--no-edge"] + erm_flag)
-            head = incontext_head(a, v) if erm_flag else None
+            head = incontext.ERMHead(v["feats_q"].shape[1], v["cue_q"].shape[1]) if erm_flag else None
             full, parts = train.lila_loss(v, a, head)
             plain, parts_b = train.lila_loss(v, b, head)
             assert float(parts["edge"]) > 0 and float(parts_b["edge"]) == 0
             assert torch.allclose(plain, parts["l1"], atol=1e-6)
             assert torch.allclose(full, parts["l1"] + a.gamma * parts["edge"], atol=1e-6)
-
-
-def incontext_head(args, v):
-    import incontext
-    torch.manual_seed(0)
-    return incontext.ERMHead(v["feats_q"].shape[1], v["cue_q"].shape[1])
