@@ -13,29 +13,39 @@ where std_k(p) is the unbiased standard deviation of guide channel k over all
 centre counts once per dilation). Then `iters` times:  m(p) <- sum_delta a_delta(p) m(p + delta).
 Replicate padding at the image border. Affinities are computed once per call.
 
-Where in LILA (DESIGN section 2, "Self-distillation"): the 32 encoder channels of the SD cue
-are upsampled from the patch grid to pixels by `pamr_cascade`, guided by the view's RGB:
-56^2 x 20 iterations, 112^2 x 10, 224^2 x 5, dilations {1, 3, 5}, sigma 0.05.
+Where in LILA (paper section 3, self-distillation cue): the 32 encoder channels of the SD cue
+are upsampled from the patch grid to pixels by `pamr_cascade`, guided by the view's RGB. As
+the official code (lila/lila/dpt_lila.py, TrainLILA: PAMR(20, [1,3,5], (56, 56)),
+PAMR(10, [1,3,5], (112, 112)), PAMR(5, [1,3,5], None); `refine` chains them), the stage
+sizes are FIXED: 56 x 56 with 20 iterations, 112 x 112 with 10, then the guide's own size
+with 5, whatever the view size (a 112^2 view runs 56, 112, 112; a 224^2 view 56, 112, 224).
+Each stage resizes the full-resolution guide and the current mask to its size, both
+bilinearly with align_corners=True and no antialiasing (official lila/lila/pamr.py, forward).
+Dilations {1, 3, 5}, sigma 0.05 (official configs/train_ytvos.yaml pamr.sigma), eps 1e-5.
 
 Shape legend: B batch, K guide channels (3 for RGB), C mask channels (32 for SD),
 H x W guide size, h x w mask size, P = 8 * |dilations| neighbours.
 
-Deviations from the official code (visinf/1-stage-wseg, models/mods/pamr.py; read to check
-the formula, nothing copied):
-- Same output, different evaluation. The official module stacks every shifted copy of the
-  mask, a (B, C, P, H, W) tensor (9.9 GB for B=64, C=32, P=24, 224^2, and again for the
-  product), per iteration. Here the affinities (B, P, H, W) are computed once and each
-  propagation step accumulates one shifted slice of a padded mask at a time into a
-  preallocated buffer, one cache-sized chunk of (images x channels) at a time through
-  all iterations. The local std is accumulated the same way, two-pass (mean, then squared
-  deviations), in float32 on a mean-centred guide. No (B, C, P, H, W) or (B, K, P, H, W)
-  tensor ever exists. bench: `python /work/bench_parts/pamr.py`.
-- sigma and the iteration count are arguments; the official PAMR used sigma 0.1 and
-  dilations {1, 2, 4, 8, 12, 24}; LILA's cascade uses 0.05 and {1, 3, 5} (our defaults).
-- In the cascade the guide is resized with plain bilinear interpolation
-  (align_corners=False), the mask bilinearly with align_corners=True (as inside PAMR).
+Deviations from the official code (lila/lila/pamr.py, itself following visinf/1-stage-wseg
+models/mods/pamr.py; read to check the formula, nothing copied):
+- Same numbers, different evaluation. The official module stacks every shifted copy of the
+  mask, a (B, C, P, H, W) tensor (9.9 GB for B=64, C=32, P=24, 224^2), per iteration. Here
+  the affinities (B, P, H, W) are computed once and each propagation step accumulates one
+  shifted slice of a padded mask at a time into a preallocated buffer, one cache-sized chunk
+  of (images x channels) at a time through all iterations. The local std is accumulated the
+  same way, two-pass (mean, then squared deviations) on a mean-centred guide. No
+  (B, C, P, H, W) or (B, K, P, H, W) tensor ever exists. bench: `python bench.py pamr`.
+- Precision: float32 always (float64 if an input is float64), under any autocast. The
+  official forward is decorated with a CUDA float16 autocast, so on a GPU its neighbour
+  gathers (conv2d), std and propagation (einsum) run in float16; on a CPU the official code
+  is float32, like ours. float32 keeps the cue the same on every device.
+- sigma, eps, the dilations and the iteration counts are arguments; the 2020 PAMR used
+  sigma 0.1 and dilations {1, 2, 4, 8, 12, 24}; LILA's cascade uses 0.05 and {1, 3, 5}
+  (our defaults).
+- `pamr_cascade` resizes its result to the guide's size if the last stage is not the guide's
+  own size (only for custom stages; LILA's last stage is native, so this never happens).
 
-Run: python -m pytest -q tests/test_pamr.py ; python /work/bench_parts/pamr.py
+Run: python -m pytest -q tests/test_pamr.py ; python bench.py pamr
 """
 import torch
 import torch.nn.functional as F
@@ -43,8 +53,8 @@ import torch.nn.functional as F
 # Work is split into chunks of (batch elements x mask channels), each propagated through
 # all iterations on its own (PAMR treats every image and channel independently), so that
 # a chunk's two padded buffers stay in the CPU cache. ~2^18 floats per chunk (4 channels
-# of a 224^2 image) was the fastest on a 2-core Xeon (1.3x over whole images, measured with
-# bench_parts/pamr.py); a speed knob, not a method constant.
+# of a 224^2 image) was the fastest on a 2-core Xeon (1.3x over whole images); a speed
+# knob, not a method constant.
 _CHUNK_ELEMS = 2 ** 18
 
 
@@ -121,11 +131,13 @@ def local_std(image, dilations):
 
 
 @torch.no_grad()
-def pamr_affinity(image, dilations=(1, 3, 5), sigma=0.05, eps=1e-8):
+def pamr_affinity(image, dilations=(1, 3, 5), sigma=0.05, eps=1e-5):
     """Affinities a (B, P, H, W), P = 8 * |dilations|, summing to 1 over P (see module doc).
 
     logit_delta(p) = mean_k -|I_k(p) - I_k(p + delta)| / (eps + sigma * std_k(p)); softmax
-    over delta. sigma: LILA 0.05 (official PAMR 0.1); eps: 1e-8 as in the official code.
+    over delta. sigma: LILA 0.05 (2020 PAMR 0.1); eps: 1e-5 as official lila/lila/pamr.py
+    (the 2020 PAMR used 1e-8). eps matters where the guide is nearly flat: with std ~ eps /
+    sigma or less, the affinities fall back towards a plain average of the neighbours.
     """
     x = image.to(torch.promote_types(image.dtype, torch.float32))   # float32 (or float64)
     x = x - x.mean(dim=(2, 3), keepdim=True)   # centring changes no difference, helps rounding
@@ -182,49 +194,71 @@ def propagate(mask, aff, dilations, iters):
     return mask                                                # (B, C, H, W)
 
 
+def _stage_size(size, H, W):
+    """A stage size: None = the guide's own (H, W), an int = a square, or an (h, w) pair."""
+    if size is None:
+        return H, W
+    hs, ws = (size, size) if isinstance(size, int) else tuple(size)
+    if int(hs) != hs or int(ws) != ws or hs < 1 or ws < 1:
+        raise ValueError(f"pamr.py: a stage size must be None, a positive int or an (h, w) "
+                         f"pair of positive ints, got {size!r}")
+    return int(hs), int(ws)
+
+
+def _resize(x, size):
+    """Bilinear, align_corners=True, no antialiasing: how official lila/lila/pamr.py resizes
+    both the guide and the mask. Same size: returned as is (that interpolation is exact)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
 @torch.no_grad()
-def pamr(image, mask, dilations=(1, 3, 5), iters=10, sigma=0.05, eps=1e-8):
+def pamr(image, mask, dilations=(1, 3, 5), iters=10, sigma=0.05, eps=1e-5, size=None):
     """Refine `mask` with the guide `image` (Araslanov & Roth 2020, see module docstring).
 
-    image: (B, K, H, W) guide; mask: (B, C, h, w), first resized bilinearly
-    (align_corners=True, as the official code) to H x W. Returns (B, C, H, W) in float32
-    (float64 if an input is float64). dilations {1,3,5}, sigma 0.05: LILA; iters: 10 in
-    the official PAMR (LILA's cascade sets it per stage).
+    One PAMR stage as the official module PAMR(iters, dilations, size, sigma): the guide and
+    the mask are first resized to `size` (None: the guide's own H x W; an int: a square;
+    or (h, w)), both bilinearly with align_corners=True, then the affinities are computed
+    from the resized guide and the mask is propagated `iters` times.
+    image: (B, K, H, W) guide; mask: (B, C, h, w) -> (B, C, hs, ws) in float32 (float64 if
+    an input is float64), computed in full precision even inside an autocast region.
+    dilations {1,3,5}, sigma 0.05, eps 1e-5: LILA; iters: set per stage by the cascade.
     """
     _check_inputs(image, mask, dilations, iters)
     dtype = torch.promote_types(torch.promote_types(image.dtype, mask.dtype), torch.float32)
-    image = image.to(dtype)
-    H, W = image.shape[-2:]
-    m = mask.to(dtype)
-    if m.shape[-2:] != (H, W):
-        m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=True)  # (B, C, H, W)
-    elif m is mask:
-        m = m.clone()                          # propagate() overwrites it: never the caller's
-    aff = pamr_affinity(image, dilations, sigma, eps)           # (B, P, H, W)
-    return propagate(m.contiguous(), aff, dilations, iters)     # (B, C, H, W)
+    hs, ws = _stage_size(size, *image.shape[-2:])
+    with torch.autocast(image.device.type, enabled=False):
+        guide = _resize(image.to(dtype), (hs, ws))                        # (B, K, hs, ws)
+        m = _resize(mask.to(dtype), (hs, ws))                             # (B, C, hs, ws)
+        if m is mask:
+            m = m.clone()                      # propagate() overwrites it: never the caller's
+        aff = pamr_affinity(guide, dilations, sigma, eps)                 # (B, P, hs, ws)
+        return propagate(m.contiguous(), aff, dilations, iters)           # (B, C, hs, ws)
+
+
+# LILA's cascade (official lila/lila/dpt_lila.py, TrainLILA.__init__): (stage size, iterations);
+# None = the guide's own size.
+LILA_STAGES = ((56, 20), (112, 10), (None, 5))
 
 
 @torch.no_grad()
-def pamr_cascade(image, mask, stages=((56, 20), (112, 10), (224, 5)), dilations=(1, 3, 5),
-                 sigma=0.05, ref_size=224, eps=1e-8):
-    """LILA's coarse-to-fine PAMR: for each (size, iters) stage, resize the guide to the
-    stage size and run `pamr` (which resizes the current mask to it, align_corners=True).
+def pamr_cascade(image, mask, stages=LILA_STAGES, dilations=(1, 3, 5), sigma=0.05, eps=1e-5):
+    """LILA's coarse-to-fine PAMR (official `TrainLILA.refine`): for each (size, iters)
+    stage, `pamr(image, mask, ..., size=size)`, the mask being the previous stage's output
+    and the guide always the full-resolution `image` (each stage resizes it itself).
 
-    Stage sizes are given for a ref_size x ref_size output and scale with the output:
-    a stage of side s runs at (round(s * H / ref_size), round(s * W / ref_size)).
-    image: (B, K, H, W) guide at output size; mask: (B, C, h, w) -> (B, C, H, W).
-    Defaults: LILA (56^2 x 20, 112^2 x 10, 224^2 x 5 iterations, dilations {1,3,5}, s 0.05).
+    Stage sizes are fixed, not scaled with the image: the default runs 56 x 56 (20 iterations),
+    112 x 112 (10), then H x W (5), for any H x W (a non-square view also goes through the
+    square 56 and 112 stages, as the official code).
+    image: (B, K, H, W) guide; mask: (B, C, h, w) -> (B, C, H, W) (a last stage that is not
+    H x W is resized to it, bilinear, align_corners=True).
+    Defaults: LILA (LILA_STAGES, dilations {1,3,5}, sigma 0.05, eps 1e-5).
     """
     _check_inputs(image, mask, dilations, 0)
     if len(stages) == 0:
         raise ValueError("pamr.py: pamr_cascade needs at least one (size, iters) stage")
     H, W = image.shape[-2:]
     for size, iters in stages:
-        hs = max(1, round(size * H / ref_size))
-        ws = max(1, round(size * W / ref_size))
-        guide = image if (hs, ws) == (H, W) else F.interpolate(
-            image, size=(hs, ws), mode="bilinear", align_corners=False)  # (B, K, hs, ws)
-        mask = pamr(guide, mask, dilations, iters, sigma, eps)           # (B, C, hs, ws)
-    if mask.shape[-2:] != (H, W):
-        mask = F.interpolate(mask, size=(H, W), mode="bilinear", align_corners=True)
-    return mask                                                          # (B, C, H, W)
+        mask = pamr(image, mask, dilations, iters, sigma, eps, size=size)  # (B, C, hs, ws)
+    return _resize(mask, (H, W))                                          # (B, C, H, W)

@@ -1,8 +1,11 @@
-"""Tests of pamr.py: parity with a slow float64 stack-everything PAMR, and invariants.
+"""Tests of pamr.py: parity with a slow float64 stack-everything PAMR and cascade, invariants.
 
-The reference below follows the official PAMR (Araslanov & Roth 2020, visinf/1-stage-wseg,
-models/mods/pamr.py) literally: it stacks every shifted copy, takes torch's unbiased std
-over the 9 * |dilations| window values and softmaxes over the 8 * |dilations| neighbours.
+The reference below follows the official PAMR (official lila/lila/pamr.py, after Araslanov &
+Roth 2020, visinf/1-stage-wseg models/mods/pamr.py) literally: it resizes the guide and the
+mask bilinearly with align_corners=True, stacks every shifted copy, takes torch's unbiased
+std over the 9 * |dilations| window values, divides by (1e-5 + sigma * std) and softmaxes
+over the 8 * |dilations| neighbours. The reference cascade chains it over LILA's fixed
+stages (official lila/lila/dpt_lila.py, TrainLILA: 56^2 x 20, 112^2 x 10, native x 5).
 Run: python -m pytest -q tests/test_pamr.py
 """
 import pytest
@@ -13,11 +16,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import pamr
 
 
-def reference_pamr(image, mask, dilations, iters, sigma, eps=1e-8):
-    """Slow, obvious PAMR in float64: stack all shifted copies (B, X, n, H, W)."""
-    x, m = image.double(), mask.double()
+def reference_pamr(image, mask, dilations, iters, sigma, eps=1e-5, size=None):
+    """Slow, obvious PAMR in float64: stack all shifted copies (B, X, n, H, W).
+    size: the official module's `resize` (None: the guide's own size). The guide and the mask
+    are resized in their own dtype (float32 for a float32 input, as the official code), as
+    float32 rounding of a resized guide moves the affinities by up to ~1e-4 (they divide by
+    sigma * std), far more than the float32 rounding of the PAMR arithmetic itself."""
+    size = tuple(image.shape[-2:]) if size is None else size
+    x = F.interpolate(image, size=size, mode="bilinear", align_corners=True).double()
     B, K, H, W = x.shape
-    m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=True)
+    m = F.interpolate(mask, size=(H, W), mode="bilinear", align_corners=True).double()
     window = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
     ring = [o for o in window if o != (0, 0)]
 
@@ -32,6 +40,14 @@ def reference_pamr(image, mask, dilations, iters, sigma, eps=1e-8):
     for _ in range(iters):
         m = (stack(m, ring) * aff).sum(dim=2)                               # (B, C, H, W)
     return m
+
+
+def reference_cascade(image, mask, stages, dilations=(1, 3, 5), sigma=0.05):
+    """The official `refine`: each stage gets the full-resolution guide and the last mask."""
+    for size, iters in stages:
+        size = None if size is None else (size, size)
+        mask = reference_pamr(image, mask, dilations, iters, sigma, size=size)
+    return mask
 
 
 def _rand(*shape, seed=0):
@@ -112,15 +128,65 @@ def test_strong_vertical_edge_stops_leakage_where_a_box_blur_leaks():
     assert blurred[..., W // 2:].max().item() > 0.2            # the blur leaks over it
 
 
-def test_cascade_output_shape_finite_and_single_stage_equals_pamr():
-    image = _rand(3, 3, 42, 56, seed=8)                        # not square, not 224
+def test_tiny_contrast_guide_gives_near_uniform_weights_with_official_eps():
+    # eps = 1e-5 (official lila/lila/pamr.py) dominates sigma * std ~ 5e-8 here: the weights
+    # are nearly uniform; with the 2020 PAMR's eps = 1e-8 the same guide is an edge map
+    image = 0.5 + 1e-6 * _rand(2, 3, 12, 12, seed=10)
+    aff = pamr.pamr_affinity(image)                            # defaults: LILA, eps 1e-5
+    assert (aff - 1 / 24).abs().max().item() < 2e-3
+    sharp = pamr.pamr_affinity(image, eps=1e-8)
+    assert (sharp - 1 / 24).abs().max().item() > 0.05
+
+
+@pytest.mark.parametrize("size", [(9, 13), 16, None])
+def test_one_stage_resizes_guide_and_mask_bilinearly_with_align_corners(size):
+    image = _rand(2, 3, 21, 17, seed=11)
+    mask = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(12))
+    out = pamr.pamr(image, mask, (1, 3, 5), 4, 0.05, size=size)
+    ref_size = (size, size) if isinstance(size, int) else size
+    ref = reference_pamr(image, mask, (1, 3, 5), 4, 0.05, size=ref_size)
+    assert out.shape == ref.shape == (2, 3) + (ref_size or (21, 17))
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    # in float64 end to end the two formulations agree to rounding
+    out64 = pamr.pamr(image.double(), mask.double(), (1, 3, 5), 4, 0.05, size=size)
+    ref64 = reference_pamr(image.double(), mask.double(), (1, 3, 5), 4, 0.05, size=ref_size)
+    assert out64.dtype == torch.float64 and (out64 - ref64).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("H, W", [(112, 112), (40, 30), (224, 224)])
+def test_cascade_runs_fixed_56_112_native_stages_as_the_official_refine(H, W, monkeypatch):
+    # The stage sizes do not scale with the view: a 112^2 view runs 56, 112, 112 (an
+    # output-scaled cascade would run 28, 56, 112), a 40 x 30 view 56^2, 112^2, 40 x 30.
+    B, C = (2, 3) if H < 200 else (1, 1)
+    image = _rand(B, 3, H, W, seed=13)
+    mask = torch.randn(B, C, max(H // 14, 2), max(W // 14, 2),
+                       generator=torch.Generator().manual_seed(14))
+    seen, propagate = [], pamr.propagate
+    monkeypatch.setattr(pamr, "propagate", lambda m, a, d, it: seen.append(
+        (tuple(m.shape[-2:]), it)) or propagate(m, a, d, it))
+    out = pamr.pamr_cascade(image, mask)
+    assert seen == [((56, 56), 20), ((112, 112), 10), ((H, W), 5)]
+    assert out.shape == (B, C, H, W) and out.dtype == torch.float32
+    ref = reference_cascade(image, mask, ((56, 20), (112, 10), (None, 5)))
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    if H < 200:                                # float64 end to end: equal to rounding
+        out64 = pamr.pamr_cascade(image.double(), mask.double())
+        ref64 = reference_cascade(image.double(), mask.double(), ((56, 20), (112, 10), (None, 5)))
+        assert (out64 - ref64).abs().max().item() < 1e-10
+
+
+def test_cascade_custom_stages_and_single_native_stage_equals_pamr():
+    image = _rand(3, 3, 42, 56, seed=8)                        # not square
     mask = torch.randn(3, 5, 3, 4, generator=torch.Generator().manual_seed(9))
-    out = pamr.pamr_cascade(image, mask)                       # stages scale to 42/224, 56/224
-    assert out.shape == (3, 5, 42, 56) and torch.isfinite(out).all()
-    one = pamr.pamr_cascade(image, mask, stages=((224, 3),), sigma=0.1)
+    one = pamr.pamr_cascade(image, mask, stages=((None, 3),), sigma=0.1)
     assert torch.allclose(one, pamr.pamr(image, mask, (1, 3, 5), 3, 0.1), atol=1e-7)
-    coarse = pamr.pamr_cascade(image, mask, stages=((112, 2),))  # ends below output size
-    assert coarse.shape == (3, 5, 42, 56) and torch.isfinite(coarse).all()
+    coarse = pamr.pamr_cascade(image, mask, stages=((28, 2),))  # ends below the guide's size
+    ref = F.interpolate(reference_cascade(image, mask, ((28, 2),)), size=(42, 56),
+                        mode="bilinear", align_corners=True)
+    assert coarse.shape == (3, 5, 42, 56)
+    assert (coarse.double() - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="pamr.py.*stage size"):
+        pamr.pamr_cascade(image, mask, stages=((0, 2),))
 
 
 class _LargestTensor(TorchDispatchMode):
