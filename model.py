@@ -1,9 +1,9 @@
 """model.py: the frozen DINOv2 encoder and the light DPT pixel decoder of LILA.
 
-What it implements (DESIGN.md section 2, "Encoder" and "Decoder"; LILA, arXiv 2604.26488):
-a frozen DINOv2 ViT-S/B/L/14 is tapped at four blocks; a small DPT-style decoder turns the
-four patch grids into one D-dimensional, per-pixel LayerNormed feature per image pixel.
-Only the decoder trains.
+What it implements (LILA, arXiv 2604.26488, "Encoder" and "Decoder"; official code
+google-research lila/lila/dpt_lila.py): a frozen DINOv2 ViT-S/B/L/14 is tapped at four blocks;
+a small DPT-style decoder (the official SmallDPTHead) turns the four patch grids into one
+D-dimensional, per-pixel LayerNormed feature per image pixel. Only the decoder trains.
 
 Shape legend: B batch, H x W image (sides multiples of 14), h x w = H/14 x W/14 patch grid,
 T = 1 + h*w tokens (class token first), E encoder width (384 S, 768 B, 1024 L),
@@ -18,18 +18,30 @@ patch_embed.proj.{weight,bias}, blocks.{i}.{norm1, attn.qkv, attn.proj, ls1.gamm
 mlp.fc1, mlp.fc2, ls2.gamma}, norm. `get_intermediate_layers(x, idx)` returns the numbers of
 the official `get_intermediate_layers(x, n=idx, reshape=True, norm=True)`.
 
-Deviations from the official code (none change the numbers beyond float rounding):
+Encoder deviations from the official DINOv2 code (none change the numbers beyond rounding):
 - attention uses torch's scaled_dot_product_attention (same softmax(q k^T / sqrt(d)) v);
 - no xFormers, nested tensors, stochastic depth, register tokens or masking (mask_token
   exists only so that checkpoints load strictly);
 - random init ("none") uses LayerScale 1e-5 (the DINOv2 training value); the hub builds with
   1.0 and then overwrites it with the checkpoint;
 - intermediate layers come back in the order requested (the official code: block order).
-Deviations from DPT (Ranftl et al., ICCV 2021) in the decoder: no readout token handling
-(class token dropped, as DESIGN says), bilinear upsampling with align_corners=False (DPT: True),
-fusion upsamples to the next level's exact size (odd grids work), the head keeps F/2 hidden
-channels (DPT: 32, which would cap D=128 features at rank 32), and ends in a per-pixel
-LayerNorm instead of a ReLU.
+Decoder: the official SmallDPTHead + LILA.norm_feats (lila/lila/dpt_lila.py, util/blocks.py,
+config.py) op for op: the same convolutions, biases, ReLUs, sizes, bilinear resizes with
+align_corners=True, head F -> F/2 -> F/2 -> D = F/2, the LayerNorm last; widths per backbone
+as the official lila_config (PRESETS["paper"]). Deviations, none of which changes the function:
+- parameter names are ours (reassemble.{i}.project/resample/to_features, fusion.{i}.*,
+  head_conv1/head_conv2/head_out), so official LILA checkpoints need their keys renamed;
+- the deepest fusion block has no skip unit (the official refinenet4 owns a resConfUnit1 it
+  never calls), so it has fewer parameters and a seed draws other initial values;
+- the per-pixel LayerNorm sits inside DPTDecoder (saved with it) and has no affine weight and
+  bias; the official LILA.fnorm has them, but they never train (TrainLILA.parameters() hands
+  the optimizer only latent_head's parameters), so they stay 1 and 0;
+- the decoder always normalises (no official with_norm=False switch) and resizes the head to
+  the image size it is given (official: patch grid x 14, the same for the multiple-of-14
+  inputs the encoder accepts); no class-token readout (official use_clstoken=False);
+- no ViT-g/14 (official lila_config has it).
+The DPT paper (Ranftl et al., ICCV 2021) differs from the official LILA head in ways we follow
+LILA on: the head keeps F/2 hidden channels (DPT: 32) and ends in a LayerNorm (DPT: a ReLU).
 
 Run:  python -m pytest -q tests/test_model.py;  timings: python bench.py model
 Use:  import model; net = model.build_lila("dinov2_vits14", weights="hub", preset="paper")
@@ -47,7 +59,8 @@ import torch.nn.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# name -> (E, depth, heads, tapped 0-based blocks). Taps: DESIGN.md section 2 (DPT's choice).
+# name -> (E, depth, heads, tapped 0-based blocks). Taps: official lila/lila/config.py
+# (intermediate_layer_idx), DPT's choice.
 Backbone = namedtuple("Backbone", "embed_dim depth heads taps")
 BACKBONES = {
     "dinov2_vits14": Backbone(384, 12, 6, (2, 5, 8, 11)),
@@ -57,15 +70,23 @@ BACKBONES = {
 # dinov2/hub/utils.py (_DINOV2_BASE_URL) + hub/backbones.py (f"/{base}/{full}_pretrain.pth").
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{name}/{name}_pretrain.pth"
 
-# Decoder sizes. Widths are given for ViT-S (E=384) and scale linearly with E in build_lila:
-# S (48,96,192,384) is the paper's; B gives (96,192,384,768) = DPT-Base's; L gives
-# (128,256,512,1024) where DPT-Large uses (256,512,1024,1024) (our documented choice).
-# F and D stay the same for every backbone. "tiny" is the same code at CPU size.
+# Decoder sizes per backbone: F ("features") and the reassemble widths ("out_channels") of the
+# official lila/lila/config.py (lila_config), D = F / 2 (official LILA.dec_dim = features // 2;
+# paper: D = 128 for ViT-S). "tiny" is the same code at CPU size: F and D a quarter of the
+# paper's, widths a third of the paper's for S and B and a quarter for L (whose official widths
+# are already 5x S's), so each backbone keeps the official pattern of widths.
 PRESETS = {
-    "paper": dict(features=256, out_dim=128, widths=(48, 96, 192, 384)),
-    "tiny": dict(features=64, out_dim=32, widths=(16, 32, 64, 128)),
+    "paper": {
+        "dinov2_vits14": dict(features=256, out_dim=128, widths=(48, 96, 192, 384)),
+        "dinov2_vitb14": dict(features=384, out_dim=192, widths=(96, 192, 384, 768)),
+        "dinov2_vitl14": dict(features=512, out_dim=256, widths=(256, 512, 1024, 1024)),
+    },
+    "tiny": {
+        "dinov2_vits14": dict(features=64, out_dim=32, widths=(16, 32, 64, 128)),
+        "dinov2_vitb14": dict(features=96, out_dim=48, widths=(32, 64, 128, 256)),
+        "dinov2_vitl14": dict(features=128, out_dim=64, widths=(64, 128, 256, 256)),
+    },
 }
-WIDTHS_REF_DIM = 384  # the E the preset widths are written for
 
 
 # ------------------------------------------------------------------ encoder: DINOv2 ViT
@@ -346,8 +367,9 @@ def conv3x3(c_in, c_out, stride=1, bias=True):
 
 class Reassemble(nn.Module):
     """One tapped layer: (B, E, h, w) -> 1x1 conv to `width` -> resample by `factor`
-    (4, 2: transposed conv k=s=factor; 1: identity; 0.5: 3x3 conv stride 2) -> 3x3 conv to F
-    (no bias, as DPT's `layerN_rn`)."""
+    (4, 2: transposed conv k=s=factor; 1: identity; 0.5: 3x3 conv stride 2 padding 1) -> 3x3
+    conv to F without bias. Official SmallDPTHead: `projects[i]`, `resize_layers[i]` (all with
+    bias) and util/blocks.py `_make_scratch` `layer{i}_rn` (bias=False, expand=False)."""
 
     def __init__(self, embed_dim, width, factor, features):
         super().__init__()
@@ -367,56 +389,73 @@ class Reassemble(nn.Module):
 
 
 class ResidualConvUnit(nn.Module):
-    """RefineNet / DPT residual unit: x + conv(relu(conv(relu(x))))."""
+    """RefineNet / DPT residual unit: x + conv2(relu(conv1(relu(x)))), 3x3 convs with bias,
+    no batch norm (official util/blocks.py ResidualConvUnit with bn=False, ReLU not in place)."""
 
     def __init__(self, ch):
         super().__init__()
         self.conv1, self.conv2 = conv3x3(ch, ch), conv3x3(ch, ch)
 
     def forward(self, x):
-        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))        # (B, F, h, w)
 
 
 class FusionBlock(nn.Module):
-    """DPT FeatureFusionBlock: y = RCU(x + RCU_skip(skip)), upsampled bilinearly to `size`,
-    then a 1x1 conv. The deepest block has no skip input."""
+    """DPT FeatureFusionBlock: y = RCU(x + RCU_skip(skip)), bilinearly resized to `size`, then
+    a 1x1 conv with bias (official util/blocks.py FeatureFusionBlock, expand=False). The
+    deepest block has no skip input (the official block owns an unused first unit there)."""
 
-    def __init__(self, ch, has_skip):
+    def __init__(self, ch, has_skip, align_corners):
         super().__init__()
+        self.align_corners = align_corners
         self.skip_unit = ResidualConvUnit(ch) if has_skip else None
         self.unit = ResidualConvUnit(ch)
         self.out_conv = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x, skip, size):
         if skip is not None:
-            x = x + self.skip_unit(skip)
-        x = F.interpolate(self.unit(x), size=size, mode="bilinear", align_corners=False)
+            x = x + self.skip_unit(skip)                             # (B, F, h, w)
+        x = F.interpolate(self.unit(x), size=size, mode="bilinear",
+                          align_corners=self.align_corners)          # (B, F, *size)
         return self.out_conv(x)                                      # (B, F, *size)
 
 
 class DPTDecoder(nn.Module):
     """Four (B, E, h, w) grids (shallow -> deep) -> (B, D, H, W) per-pixel LayerNormed features.
 
-    factors: resampling per level, (4, 2, 1, 1/2) as in DPT (strides 14/4 ... 28 here);
-    last_upsample: the shallowest fusion block upsamples x2 as in DPT; head_hidden: channels
-    of the full-resolution 3x3 conv (default F/2); ln_eps: torch's LayerNorm default."""
+    The official SmallDPTHead (lila/lila/dpt_lila.py) followed by LILA.norm_feats:
+      reassemble level i (factors 4, 2, 1, 1/2 of the patch grid) -> F channels;
+      fuse deepest first, each block resized to the next level's size, the last one x2
+      (`last_upsample`; official scale_factor=2) -> (B, F, 8h, 8w);
+      head: 3x3 conv F -> F/2, bilinear resize to the image size H x W (= 14h x 14w),
+      3x3 conv F/2 -> F/2, ReLU, 1x1 conv F/2 -> D (official D = F/2, no ReLU at the end);
+      LayerNorm over the D channels of every pixel.
+    align_corners: every bilinear resize of the official decoder uses True (fusion blocks built
+    by _make_fusion_block(align_corners=True); the head's F.interpolate(align_corners=True)).
+    ln_eps: torch's LayerNorm default, as the official nn.LayerNorm(dec_dim)."""
 
     def __init__(self, embed_dim, widths=(48, 96, 192, 384), features=256, out_dim=128,
-                 factors=(4, 2, 1, 0.5), last_upsample=2, head_hidden=None, ln_eps=1e-5):
+                 factors=(4, 2, 1, 0.5), last_upsample=2, align_corners=True, ln_eps=1e-5):
         super().__init__()
         if len(widths) != len(factors):
             raise ValueError(f"model.py DPTDecoder: {len(widths)} widths for {len(factors)} levels")
-        head_hidden = head_hidden or features // 2
+        hidden = features // 2  # official head_features_2 = features // 2
         self.out_dim, self.last_upsample = out_dim, last_upsample
+        self.align_corners = align_corners
         self.reassemble = nn.ModuleList(
             Reassemble(embed_dim, wd, f, features) for wd, f in zip(widths, factors))
         # fusion[i] fuses level i; the deepest (last) has no skip input.
         self.fusion = nn.ModuleList(
-            FusionBlock(features, has_skip=i < len(widths) - 1) for i in range(len(widths)))
-        self.head_conv1 = conv3x3(features, features // 2)
-        self.head_conv2 = conv3x3(features // 2, head_hidden)
-        self.head_out = nn.Conv2d(head_hidden, out_dim, 1)
-        self.norm = nn.LayerNorm(out_dim, eps=ln_eps)
+            FusionBlock(features, has_skip=i < len(widths) - 1, align_corners=align_corners)
+            for i in range(len(widths)))
+        self.head_conv1 = conv3x3(features, features // 2)           # official output_conv1
+        self.head_conv2 = conv3x3(features // 2, hidden)             # official output_conv2[0]
+        self.head_out = nn.Conv2d(hidden, out_dim, 1)                # official output_conv2[2]
+        # Official LILA.fnorm is an affine nn.LayerNorm, but its weight and bias never train:
+        # TrainLILA.parameters() returns only latent_head's parameters, which is all the
+        # optimizer gets, so they stay 1 and 0. A LayerNorm without affine parameters is the
+        # same function (and a weight decay cannot shrink it here).
+        self.norm = nn.LayerNorm(out_dim, eps=ln_eps, elementwise_affine=False)
 
     def forward(self, grids, size):
         if len(grids) != len(self.reassemble):
@@ -432,7 +471,8 @@ class DPTDecoder(nn.Module):
             x = self.fusion[i](levels[i] if x is None else x, None if x is None else levels[i],
                                out_size)                             # (B, F, *out_size)
         y = self.head_conv1(x)                                       # (B, F/2, 8h, 8w)
-        y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)  # (B, F/2, H, W)
+        y = F.interpolate(y, size=tuple(size), mode="bilinear",
+                          align_corners=self.align_corners)          # (B, F/2, H, W)
         y = self.head_out(F.relu(self.head_conv2(y)))                # (B, D, H, W)
         return self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()  # (B, D, H, W)
 
@@ -505,20 +545,21 @@ class LILA(nn.Module):
         return feats[0] if single else feats                        # (D, H, W) / (B, D, H, W)
 
 
-def scale_widths(widths, embed_dim, ref_dim=WIDTHS_REF_DIM):
-    """Preset widths are written for E = ref_dim (ViT-S); scale them linearly with E."""
-    return tuple(max(1, round(w * embed_dim / ref_dim)) for w in widths)
+def decoder_config(backbone, preset):
+    """The DPTDecoder keyword arguments (features, out_dim, widths) of `preset` for `backbone`."""
+    if preset not in PRESETS:
+        raise ValueError(f"model.py: unknown preset '{preset}', choose from {list(PRESETS)}")
+    if backbone not in PRESETS[preset]:
+        raise ValueError(f"model.py: unknown backbone '{backbone}', choose from {list(BACKBONES)}")
+    return dict(PRESETS[preset][backbone])
 
 
 def build_lila(backbone="dinov2_vits14", weights="hub", preset="paper", seed=0):
     """LILA with a frozen DINOv2 `backbone` and a seeded, untrained decoder of `preset`."""
-    if preset not in PRESETS:
-        raise ValueError(f"model.py build_lila: unknown preset '{preset}', choose from {list(PRESETS)}")
+    cfg = decoder_config(backbone, preset)  # checked before the (slow) encoder is built
     encoder = load_dinov2(backbone, weights, seed=seed)
-    spec, cfg = BACKBONES[backbone], PRESETS[preset]
+    spec = BACKBONES[backbone]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        decoder = DPTDecoder(spec.embed_dim, scale_widths(cfg["widths"], spec.embed_dim),
-                             features=cfg["features"], out_dim=cfg["out_dim"])
+        decoder = DPTDecoder(spec.embed_dim, **cfg)
     return LILA(encoder, decoder, spec.taps)
-

@@ -9,6 +9,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import shutil
 import sys
 import urllib.error
@@ -60,9 +61,12 @@ def tiny_vit(seed=0, gamma_std=0.5):
     return vit.eval()
 
 
+TINY_DEC = model.PRESETS["tiny"]["dinov2_vits14"]  # F=64, D=32, widths (16, 32, 64, 128)
+
+
 def tiny_lila(seed=0):
     vit = tiny_vit(seed)
-    dec = model.DPTDecoder(TINY_VIT["embed_dim"], **model.PRESETS["tiny"])
+    dec = model.DPTDecoder(TINY_VIT["embed_dim"], **TINY_DEC)
     return model.LILA(vit, dec, taps=(0, 1, 2, 3))
 
 
@@ -283,7 +287,7 @@ def test_lila_shapes_square_and_non_square(size):
     enc, feats = lila(img)
     h, w = size[0] // 14, size[1] // 14
     assert enc.shape == (2, TINY_VIT["embed_dim"], h, w)
-    assert feats.shape == (2, model.PRESETS["tiny"]["out_dim"], *size)
+    assert feats.shape == (2, TINY_DEC["out_dim"], *size)
     assert lila.decoder.out_dim == feats.shape[1]
     assert lila.encoder_features(img).shape == (2, TINY_VIT["embed_dim"], *size)
 
@@ -339,7 +343,7 @@ def test_tiny_preset_forward_backward_step_changes_features():
 def test_decoder_state_dict_round_trip_is_strict_and_exact():
     a = tiny_lila(seed=0)
     torch.manual_seed(5)
-    other = model.DPTDecoder(TINY_VIT["embed_dim"], **model.PRESETS["tiny"])
+    other = model.DPTDecoder(TINY_VIT["embed_dim"], **TINY_DEC)
     buf = io.BytesIO()
     torch.save(a.decoder.state_dict(), buf)
     buf.seek(0)
@@ -350,6 +354,167 @@ def test_decoder_state_dict_round_trip_is_strict_and_exact():
         assert torch.equal(a(img)[1], b(img)[1])
 
 
-def test_preset_widths_scale_with_embed_dim_as_dpt():
-    assert model.scale_widths(model.PRESETS["paper"]["widths"], 384) == (48, 96, 192, 384)
-    assert model.scale_widths(model.PRESETS["paper"]["widths"], 768) == (96, 192, 384, 768)
+# ------------------------------------------------------------------ decoder vs the official code
+# Official lila/lila/config.py (lila_config): fusion width F ("features") and reassemble widths
+# ("out_channels") per backbone; the official LILA's D is features // 2 (dec_dim).
+OFFICIAL_CONFIG = {
+    "dinov2_vits14": (2 * 128, (48, 96, 192, 384)),
+    "dinov2_vitb14": (2 * 192, (96, 192, 384, 768)),
+    "dinov2_vitl14": (2 * 256, (256, 512, 1024, 1024)),
+}
+
+
+def official_head_shapes(E, F_, widths):
+    """Parameter shapes of the official SmallDPTHead(use_bn=False, use_clstoken=False), under
+    its own names, written out from lila/lila/dpt_lila.py and lila/lila/util/blocks.py."""
+    s = {}
+    for i, w in enumerate(widths):
+        s[f"projects.{i}.weight"], s[f"projects.{i}.bias"] = (w, E, 1, 1), (w,)
+        s[f"scratch.layer{i + 1}_rn.weight"] = (F_, w, 3, 3)          # bias=False
+    for i, k in ((0, 4), (1, 2), (3, 3)):  # ConvTranspose k=s=4, k=s=2, (Identity), Conv 3x3 s2
+        s[f"resize_layers.{i}.weight"] = (widths[i], widths[i], k, k)
+        s[f"resize_layers.{i}.bias"] = (widths[i],)
+    for r in range(1, 5):
+        for unit in ("resConfUnit1", "resConfUnit2"):
+            for c in ("conv1", "conv2"):
+                s[f"scratch.refinenet{r}.{unit}.{c}.weight"] = (F_, F_, 3, 3)
+                s[f"scratch.refinenet{r}.{unit}.{c}.bias"] = (F_,)
+        s[f"scratch.refinenet{r}.out_conv.weight"], s[f"scratch.refinenet{r}.out_conv.bias"] = (F_, F_, 1, 1), (F_,)
+    s["scratch.output_conv1.weight"], s["scratch.output_conv1.bias"] = (F_ // 2, F_, 3, 3), (F_ // 2,)
+    s["scratch.output_conv2.0.weight"], s["scratch.output_conv2.0.bias"] = (F_ // 2, F_ // 2, 3, 3), (F_ // 2,)
+    s["scratch.output_conv2.2.weight"], s["scratch.output_conv2.2.bias"] = (F_ // 2, F_ // 2, 1, 1), (F_ // 2,)
+    return s
+
+
+OUR_TO_OFFICIAL = [  # our DPTDecoder parameter names -> the official SmallDPTHead's
+    (r"^reassemble\.(\d)\.project\.", lambda m: f"projects.{m[1]}."),
+    (r"^reassemble\.(\d)\.resample\.", lambda m: f"resize_layers.{m[1]}."),
+    (r"^reassemble\.(\d)\.to_features\.", lambda m: f"scratch.layer{int(m[1]) + 1}_rn."),
+    (r"^fusion\.(\d)\.skip_unit\.", lambda m: f"scratch.refinenet{int(m[1]) + 1}.resConfUnit1."),
+    (r"^fusion\.(\d)\.unit\.", lambda m: f"scratch.refinenet{int(m[1]) + 1}.resConfUnit2."),
+    (r"^fusion\.(\d)\.out_conv\.", lambda m: f"scratch.refinenet{int(m[1]) + 1}.out_conv."),
+    (r"^head_conv1\.", lambda m: "scratch.output_conv1."),
+    (r"^head_conv2\.", lambda m: "scratch.output_conv2.0."),
+    (r"^head_out\.", lambda m: "scratch.output_conv2.2."),
+]
+
+
+def as_official_shapes(decoder):
+    out = {}
+    for name, p in decoder.named_parameters():
+        for pattern, repl in OUR_TO_OFFICIAL:
+            if re.match(pattern, name):
+                out[re.sub(pattern, repl, name)] = tuple(p.shape)
+                break
+        else:
+            raise AssertionError(f"no official counterpart for {name}")
+    return out
+
+
+def assert_official_decoder_shapes(decoder, backbone):
+    F_, widths = OFFICIAL_CONFIG[backbone]
+    want = official_head_shapes(model.BACKBONES[backbone].embed_dim, F_, widths)
+    # The official refinenet4 builds a resConfUnit1 it never calls; ours does not build it.
+    want = {k: v for k, v in want.items() if not k.startswith("scratch.refinenet4.resConfUnit1.")}
+    assert as_official_shapes(decoder) == want
+    assert decoder.out_dim == F_ // 2
+    # The official fnorm's affine weight and bias never train: ours has none.
+    assert list(decoder.norm.parameters()) == []
+
+
+@pytest.mark.parametrize("backbone", list(OFFICIAL_CONFIG))
+def test_paper_preset_builds_the_official_decoder_shapes(backbone):
+    cfg = model.PRESETS["paper"][backbone]
+    assert (cfg["features"], cfg["widths"]) == OFFICIAL_CONFIG[backbone]
+    with torch.device("meta"):  # shapes only: ViT-L's decoder has 63 M parameters
+        decoder = model.DPTDecoder(model.BACKBONES[backbone].embed_dim, **cfg)
+    assert_official_decoder_shapes(decoder, backbone)
+
+
+def test_presets_cover_every_backbone_with_d_half_of_f():
+    for preset, table in model.PRESETS.items():
+        assert set(table) == set(model.BACKBONES), preset
+        for cfg in table.values():
+            assert cfg["out_dim"] == cfg["features"] // 2 and len(cfg["widths"]) == 4
+    assert model.PRESETS["tiny"]["dinov2_vits14"] == dict(features=64, out_dim=32, widths=(16, 32, 64, 128))
+    with pytest.raises(ValueError, match="preset 'huge'"):
+        model.decoder_config("dinov2_vits14", "huge")
+
+
+def bilinear_matrix_align_corners(n_out, n_in):
+    """(n_out, n_in) weights of bilinear resizing with align_corners=True: output i samples
+    input i (n_in - 1) / (n_out - 1), linear between the two neighbours."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        src = i * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        i0 = min(math.floor(src), n_in - 1)
+        m[i, i0] += 1 - (src - i0)
+        if src > i0:
+            m[i, i0 + 1] += src - i0
+    return m
+
+
+def resize_align_corners(x, size):
+    return torch.einsum("ih,bchw,jw->bcij", bilinear_matrix_align_corners(size[0], x.shape[2]), x,
+                        bilinear_matrix_align_corners(size[1], x.shape[3]))
+
+
+def slow_official_decoder(sd, grids, size, eps=1e-5):
+    """SmallDPTHead.forward + LILA.norm_feats of the official lila/lila/dpt_lila.py, written
+    out with explicit convs from our state dict, resizes as explicit align_corners=True
+    matrices, the final 2x resize of refinenet1 as its scale_factor=2, the LayerNorm by hand."""
+    def conv(x, p, **kw):
+        return F.conv2d(x, sd[p + ".weight"], sd.get(p + ".bias"), **kw)
+
+    def rcu(x, p):  # ResidualConvUnit: out = conv2(relu(conv1(relu(x)))) + x
+        return conv(torch.relu(conv(torch.relu(x), p + ".conv1", padding=1)), p + ".conv2", padding=1) + x
+
+    layer = []
+    for i, g in enumerate(grids):
+        x = conv(g, f"reassemble.{i}.project")
+        r = f"reassemble.{i}.resample"
+        if i < 2:
+            x = F.conv_transpose2d(x, sd[r + ".weight"], sd[r + ".bias"], stride=4 // (i + 1))
+        elif i == 3:
+            x = conv(x, r, stride=2, padding=1)
+        layer.append(conv(x, f"reassemble.{i}.to_features", padding=1))  # layer{i+1}_rn
+    # refinenet4 (one input) -> size of layer 3; refinenet3, 2 -> next sizes; refinenet1 -> x2.
+    path = conv(resize_align_corners(rcu(layer[3], "fusion.3.unit"), layer[2].shape[-2:]),
+                "fusion.3.out_conv")
+    for i in (2, 1, 0):
+        x = path + rcu(layer[i], f"fusion.{i}.skip_unit")
+        target = layer[i - 1].shape[-2:] if i else tuple(2 * s for s in layer[0].shape[-2:])
+        path = conv(resize_align_corners(rcu(x, f"fusion.{i}.unit"), target), f"fusion.{i}.out_conv")
+    out = resize_align_corners(conv(path, "head_conv1", padding=1), size)   # output_conv1, resize
+    out = conv(torch.relu(conv(out, "head_conv2", padding=1)), "head_out")  # output_conv2
+    mu = out.mean(1, keepdim=True)
+    return (out - mu) / torch.sqrt(((out - mu) ** 2).mean(1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("grid", [(3, 5), (4, 4)])
+def test_decoder_matches_slow_official_reference(grid):
+    torch.manual_seed(0)
+    E = TINY_VIT["embed_dim"]
+    dec = model.DPTDecoder(E, **TINY_DEC).double()
+    grids = [torch.randn(2, E, *grid, dtype=torch.float64) for _ in range(4)]
+    size = (14 * grid[0], 14 * grid[1])
+    with torch.no_grad():
+        got = dec(grids, size)
+        ref = slow_official_decoder(dec.state_dict(), grids, size)
+        assert got.shape == (2, TINY_DEC["out_dim"], *size)
+        torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
+        # The reference can tell: the same weights resized with align_corners=False differ.
+        other = model.DPTDecoder(E, **TINY_DEC, align_corners=False).double()
+        other.load_state_dict(dec.state_dict())
+        assert (other(grids, size) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backbone", list(model.BACKBONES))
+def test_tiny_decoder_shapes_per_backbone(backbone):
+    E, cfg = model.BACKBONES[backbone].embed_dim, model.PRESETS["tiny"][backbone]
+    torch.manual_seed(0)
+    dec = model.DPTDecoder(E, **cfg)
+    with torch.no_grad():
+        out = dec([torch.randn(1, E, 3, 5) for _ in range(4)], (42, 70))
+    assert out.shape == (1, cfg["out_dim"], 42, 70) and dec.out_dim == cfg["out_dim"]
+    assert torch.isfinite(out).all()
