@@ -1,7 +1,7 @@
 """Cues: RAFT flow, MiDaS depth, flow confidence, the self-distillation cue, the cue cache.
 
-What: the noisy per-pixel targets LILA's linear in-context learner reads (DESIGN section 2,
-"Cues"; paper section 3). All are computed on the base frames (224^2), never on the crops:
+What: the noisy per-pixel targets LILA's linear in-context learner reads (paper section 3).
+Flow and depth are computed on the base frames (224^2), never on the crops:
 - `FlowCue`: optical flow with RAFT (torchvision's `raft_small` / `raft_large` through
   torch.hub), both directions t->t' and t'->t in one batched call, in normalised units.
 - `DepthCue`: relative inverse depth with MiDaS (torch.hub `intel-isl/MiDaS`), with the
@@ -9,9 +9,14 @@ What: the noisy per-pixel targets LILA's linear in-context learner reads (DESIGN
 - `disparity_to_depth`: per-image robust normalisation, bounded log-compressed depth and a
   validity mask for very far pixels (sky). One conversion for every depth source.
 - `flow_confidence`: forward-backward consistency, 1 where exp(-e / tau) > 0.5.
-- `sd_cue`: the self-distillation cue, random encoder channels upsampled by the PAMR cascade.
-- `write_cue_cache` / the CLI: precompute ROOT/Cues/<video>/<frame>.npz (DESIGN section 4)
-  so that training needs no cue network. Atomic (tmp + os.replace) and resumable.
+- `sd_cue`: the self-distillation cue, random encoder channels (one subset per pair, shared
+  by its two views) upsampled by the PAMR cascade of pamr.py.
+- `write_cue_cache` / the CLI: precompute ROOT/Cues/<video>/<frame>.npz (`disparity`,
+  `flow_next`, `flow_prev`, see write_cue_cache) so that training needs no cue network.
+  Atomic (tmp + os.replace) and resumable.
+Both cue networks always run in float32, also when called inside an autocast region (RAFT
+keeps its correlation volume in float32 by design; a bf16 autocast moved random-weight RAFT
+flow by up to 0.5 px on a CPU), so cues computed during training equal the cached ones.
 
 Shape legend: B batch, H x W image/map, h x w encoder patch grid, E encoder width,
 C selected SD channels. Flow (B, 2, H, W): channel 0 = x (u), 1 = y (v), in normalised
@@ -24,8 +29,24 @@ injected nn.Module with the same call signature (how the tests drive the real pr
 post-processing). torchvision (RAFT) and timm (MiDaS) are optional dependencies, checked up
 front with a message saying how to install them.
 
-Deviations from the official code:
-- MiDaS preprocessing follows intel-isl/MiDaS hubconf.py `transforms()` (read, not copied):
+Deviations from the official code (google-research lila/; read, nothing copied):
+- Cue networks: the official code uses SEA-RAFT (lila/lila/dpt_lila.py SeaFlow, checkpoint
+  Tartan-C-T-TSKH432x960-M, 4 iterations) and Depth-Anything-V2 ViT-L (load_depth_model).
+  Here torchvision RAFT and MiDaS through torch.hub: pip-installable, loadable offline from
+  TORCH_HOME, and any other source can write the cue cache instead.
+- Depth conversion. Official DepthCore (dpt_lila.py; constants configs/train_ytvos.yaml
+  `depthcore`: scale 1.0, scale_disp 0.01, eps 0.1, depth_tol 0.9), on the raw DA-V2
+  disparity, no per-image normalisation:
+      depth = log(1 + scale / (scale_disp * disp + eps)) / log(1 + scale / eps)   in (0, 1]
+      valid = depth < depth_tol                  (= disp > ~3.07 in DA-V2 units)
+  Its constants are tied to DA-V2's output units. MiDaS' scale differs per variant and per
+  image, so `disparity_to_depth` first divides by a per-image quantile (see its docstring).
+- Flow confidence: the same test as official func_utils.py compute_confidence (see
+  `forward_backward_error`; tau = conf_temp 0.05). The official code returns three channels
+  [flow, flow, depth-valid] per frame; here the flow channel alone (depth validity comes from
+  `disparity_to_depth`). The official code turns both flow components into pixels with the
+  height (x * H / 2 too); equal on its square base frames, ours uses W for x.
+- MiDaS preprocessing follows intel-isl/MiDaS hubconf.py `transforms()`:
   MiDaS_small/MiDaS resize to 256/384 "upper_bound", ImageNet mean/std; DPT_* resize to 384
   "minimal", mean = std = 0.5; keep aspect ratio, sides multiples of 32 (Resize.get_size in
   midas/transforms.py). They resize with cv2 INTER_CUBIC on one numpy image; here torch
@@ -33,7 +54,6 @@ Deviations from the official code:
   (their sample code uses bicubic).
 - RAFT: inputs to [-1, 1] as torchvision's OpticalFlow preset (normalise mean = std = 0.5),
   replicate-padded symmetrically to multiples of 8 (RAFT's InputPadder pads the same way).
-- disparity_to_depth is our choice (the paper does not spell it out), see its docstring.
 - The cache holds size x size maps of the base frame exactly as data.py's PairDataset builds
   it (short side 480, centre square crop, resize to --size; `base_frame`), so the square
   maps are base-aligned. A video with an unreadable frame is logged, counted and skipped.
@@ -170,25 +190,28 @@ class FlowCue(nn.Module):
 
     @torch.no_grad()
     def forward(self, img1, img2):
-        """img1, img2 (B, 3, H, W) in [0, 1] -> (flow_fwd 1->2, flow_bwd 2->1), each (B, 2, H, W)."""
+        """img1, img2 (B, 3, H, W) in [0, 1] -> (flow_fwd 1->2, flow_bwd 2->1), each (B, 2, H, W).
+        Always float32: any surrounding autocast is switched off for the network."""
         B = img1.shape[0]
-        src = torch.cat([img1, img2]) * 2 - 1                        # (2B, 3, H, W) in [-1, 1]
-        dst = torch.cat([img2, img1]) * 2 - 1                        # (2B, 3, H, W)
-        src, pad = pad_to_multiple(src, self.multiple)               # (2B, 3, H8, W8)
-        dst, _ = pad_to_multiple(dst, self.multiple)
-        out = self.net(src, dst)
-        out = out[-1] if isinstance(out, (list, tuple)) else out     # (2B, 2, H8, W8) pixels
-        flow = pixels_to_normalised(unpad(out.float(), pad))         # (2B, 2, H, W)
+        with torch.autocast(img1.device.type, enabled=False):
+            src = torch.cat([img1, img2]).float() * 2 - 1            # (2B, 3, H, W) in [-1, 1]
+            dst = torch.cat([img2, img1]).float() * 2 - 1            # (2B, 3, H, W)
+            src, pad = pad_to_multiple(src, self.multiple)           # (2B, 3, H8, W8)
+            dst, _ = pad_to_multiple(dst, self.multiple)
+            out = self.net(src, dst)
+            out = out[-1] if isinstance(out, (list, tuple)) else out  # (2B, 2, H8, W8) pixels
+            flow = pixels_to_normalised(unpad(out.float(), pad))     # (2B, 2, H, W)
         return flow[:B], flow[B:]
 
 
-def flow_confidence(flow_fwd, flow_bwd, tau=0.05):
-    """Forward-backward consistency (DESIGN section 2; tau = 0.05 normalised units):
+def forward_backward_error(flow_fwd, flow_bwd):
+    """e(p) = || f_fwd(p) + f_bwd(p + f_fwd(p)) ||, in normalised units.
 
-        e(p) = || f_fwd(p) + f_bwd(p + f_fwd(p)) ||,   conf(p) = [exp(-e(p) / tau) > 0.5]
-
-    f_bwd is sampled bilinearly with border padding (align_corners=False coordinates).
-    flow_fwd, flow_bwd (B, 2, H, W) normalised -> (B, 1, H, W) float in {0, 1}.
+    f_bwd is read bilinearly at the landing point p + f_fwd(p), clamped to the image (border
+    padding). Official func_utils.py flow_sample does the same with pixel-index grids and
+    align_corners=True; here pixel centres with align_corners=False: both sample pixel
+    x + u, y + v, clamped to [0, W - 1] x [0, H - 1] (tests/test_cues.py checks both).
+    flow_fwd, flow_bwd (B, 2, H, W) normalised -> (B, 1, H, W).
     """
     B, _, H, W = flow_fwd.shape
     ys = (torch.arange(H, device=flow_fwd.device, dtype=flow_fwd.dtype) * 2 + 1) / H - 1
@@ -197,7 +220,18 @@ def flow_confidence(flow_fwd, flow_bwd, tau=0.05):
     grid = base + flow_fwd.permute(0, 2, 3, 1)                        # (B, H, W, 2)
     bwd_at = F.grid_sample(flow_bwd, grid, mode="bilinear", padding_mode="border",
                            align_corners=False)                       # (B, 2, H, W)
-    err = (flow_fwd + bwd_at).norm(dim=1, keepdim=True)               # (B, 1, H, W)
+    return (flow_fwd + bwd_at).norm(dim=1, keepdim=True)              # (B, 1, H, W)
+
+
+def flow_confidence(flow_fwd, flow_bwd, tau=0.05):
+    """Forward-backward consistency (paper section 3; official func_utils.py compute_uniconf,
+    tau = conf_temp 0.05 in normalised units, configs/train_ytvos.yaml):
+
+        conf(p) = [exp(-e(p) / tau) > 0.5],   e = forward_backward_error(f_fwd, f_bwd)
+
+    flow_fwd, flow_bwd (B, 2, H, W) normalised -> (B, 1, H, W) float in {0, 1}.
+    """
+    err = forward_backward_error(flow_fwd, flow_bwd)                  # (B, 1, H, W)
     return (torch.exp(-err / tau) > 0.5).float()
 
 
@@ -206,12 +240,14 @@ def flow_confidence(flow_fwd, flow_bwd, tau=0.05):
 def midas_input_size(H, W, side, method, multiple=32):
     """Network input (h, w) for an H x W image: MiDaS Resize.get_size with keep_aspect_ratio
     (intel-isl/MiDaS midas/transforms.py): one scale for both sides, then each side rounded
-    to a multiple of `multiple` ("upper_bound": at most `side`, "minimal": plain rounding)."""
+    to a multiple of `multiple` ("upper_bound": at most `side`, "minimal": plain rounding).
+    "minimal" takes the scale nearer to 1, the height's on a tie (as get_size: the width's
+    only if strictly nearer)."""
     sh, sw = side / H, side / W
     if method == "upper_bound":
         s = min(sh, sw)
     elif method == "minimal":
-        s = sh if abs(1 - sh) < abs(1 - sw) else sw
+        s = sw if abs(1 - sw) < abs(1 - sh) else sh
     else:
         raise ValueError(f"cues.py: unknown MiDaS resize method {method!r}")
 
@@ -254,11 +290,13 @@ class DepthCue(nn.Module):
 
     @torch.no_grad()
     def forward(self, img):
-        """img (B, 3, H, W) in [0, 1] -> disparity (B, 1, H, W), raw MiDaS units."""
+        """img (B, 3, H, W) in [0, 1] -> disparity (B, 1, H, W), raw MiDaS units.
+        Always float32: any surrounding autocast is switched off for the network."""
         H, W = img.shape[-2:]
-        out = self.net(self.preprocess(img))
-        out = out.float().view(img.shape[0], 1, *out.shape[-2:])     # (B, 1, h, w)
-        return F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
+        with torch.autocast(img.device.type, enabled=False):
+            out = self.net(self.preprocess(img.float()))
+            out = out.float().view(img.shape[0], 1, *out.shape[-2:])  # (B, 1, h, w)
+            return F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
 
 
 def disparity_to_depth(disp, q=0.95, far=0.02):
@@ -271,7 +309,8 @@ def disparity_to_depth(disp, q=0.95, far=0.02):
 
     Decreasing in disparity, bounded, invariant to the scale of `disp` (MiDaS units,
     1/metres, ...). An unknown shift (MiDaS) is not removed. Our choice: the paper only says
-    depth is normalised and far pixels are masked (DESIGN section 2).
+    depth is normalised and far pixels are masked; the official DepthCore (module header)
+    uses fixed constants tied to Depth-Anything-V2's units instead of the quantile.
     disp (B, 1, H, W) -> (depth (B, 1, H, W), valid (B, 1, H, W) float in {0, 1}).
     """
     B = disp.shape[0]
@@ -286,30 +325,50 @@ def disparity_to_depth(disp, q=0.95, far=0.02):
 
 # --- method: self-distillation cue ---
 
-def sd_channels(n_total, n_channels=32, generator=None):
-    """A random subset of `n_channels` of `n_total` encoder channels (share it across views)."""
+def sd_channels(n_total, n_channels=32, generator=None, batch=None):
+    """A random subset of `n_channels` of `n_total` encoder channels: (n_channels,), or with
+    `batch`, (batch, n_channels), one subset per pair (official dpt_lila.py random_subset
+    draws one per pair, shared by its two views). Row b is the b-th draw of the batch=None
+    call from the same generator."""
     if n_channels > n_total:
         raise ValueError(f"cues.py: n_channels={n_channels} > encoder width {n_total}")
-    return torch.randperm(n_total, generator=generator)[:n_channels]
+    if batch is None:
+        return torch.randperm(n_total, generator=generator)[:n_channels]        # (C,)
+    return torch.stack([torch.randperm(n_total, generator=generator)[:n_channels]
+                        for _ in range(batch)])                                # (batch, C)
 
 
 def sd_cue(enc_grid, image, n_channels=32, generator=None, channels=None, use_pamr=True):
-    """Self-distillation cue (DESIGN section 2): `n_channels` random channels (32 in the paper)
-    of the encoder's last tapped layer, upsampled from h x w to H x W by the PAMR cascade
-    guided by the view's RGB (or bilinearly: the "no PAMR" ablation), L2-normalised per pixel.
+    """Self-distillation cue (paper section 3; official TrainLILA.train_forward): C random
+    channels (num_fts = 32) of the encoder's last tapped layer, upsampled from h x w to H x W
+    by the PAMR cascade guided by the view's RGB (or bilinearly: the "no PAMR" ablation),
+    L2-normalised per pixel.
 
-    enc_grid (B, E, h, w), image (B, 3, H, W) in [0, 1] -> (B, C, H, W). Pass the same
-    `channels` (e.g. from `sd_channels`) for both views of a pair.
+    enc_grid (B, E, h, w), image (B, 3, H, W) in [0, 1] -> (B, C, H, W).
+    channels: (C,) one subset for every element, or (B, C) one subset per element (as the
+    official code: pass the pair's row for both of its views, e.g. `ch.repeat(2, 1)` for a
+    [queries; contexts] batch); None: draw (C,) = `sd_channels(E, n_channels, generator)`.
     """
+    B, E, h, w = enc_grid.shape
     H, W = image.shape[-2:]
     if channels is None:
-        channels = sd_channels(enc_grid.shape[1], n_channels, generator)
-    sub = enc_grid[:, channels.to(enc_grid.device)].float()          # (B, C, h, w)
-    if use_pamr:
-        up = pamr_cascade(image.float(), sub)                         # (B, C, H, W)
+        channels = sd_channels(E, n_channels, generator)
+    channels = torch.as_tensor(channels, device=enc_grid.device)
+    if channels.dim() == 1:
+        sub = enc_grid[:, channels]                                    # (B, C, h, w)
+    elif channels.dim() == 2 and channels.shape[0] == B:
+        idx = channels[:, :, None, None].expand(-1, -1, h, w)          # (B, C, h, w)
+        sub = torch.gather(enc_grid, 1, idx)                           # (B, C, h, w)
     else:
-        up = F.interpolate(sub, size=(H, W), mode="bilinear", align_corners=False)
-    return F.normalize(up, dim=1)                                     # (B, C, H, W) unit norm
+        raise ValueError(f"cues.py: sd_cue channels must be (C,) or (B, C) with B = {B}, "
+                         f"got shape {tuple(channels.shape)}")
+    with torch.autocast(image.device.type, enabled=False):
+        sub = sub.float()
+        if use_pamr:
+            up = pamr_cascade(image.float(), sub)                      # (B, C, H, W)
+        else:
+            up = F.interpolate(sub, size=(H, W), mode="bilinear", align_corners=False)
+        return F.normalize(up, dim=1)                                  # (B, C, H, W) unit norm
 
 
 # --- the cue cache (plumbing) ---

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import cues  # noqa: E402
-from cues import (DepthCue, FlowCue, disparity_to_depth, flow_confidence, sd_channels,  # noqa: E402
-                  sd_cue, write_cue_cache)
+from cues import (DepthCue, FlowCue, disparity_to_depth, flow_confidence,  # noqa: E402
+                  forward_backward_error, sd_channels, sd_cue, write_cue_cache)
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 
@@ -91,9 +91,10 @@ def test_flow_cue_padding_replicates_the_border():
 
 
 def slow_flow_confidence(f, b, tau):
-    """Per-pixel loop: pixel centre p, target q = p + f(p) in pixels, bilinear with clamping."""
+    """Per-pixel loop: pixel centre p, target q = p + f(p) in pixels, bilinear with clamping.
+    Returns (confidence, error e), each (1, 1, H, W)."""
     _, _, H, W = f.shape
-    out = torch.zeros(1, 1, H, W)
+    out, err = torch.zeros(1, 1, H, W), torch.zeros(1, 1, H, W)
     for y in range(H):
         for x in range(W):
             qx = min(max(x + f[0, 0, y, x].item() * W / 2, 0.0), W - 1.0)
@@ -104,8 +105,8 @@ def slow_flow_confidence(f, b, tau):
             s = ((1 - ax) * (1 - ay) * b[0, :, y0, x0] + ax * (1 - ay) * b[0, :, y0, x1]
                  + (1 - ax) * ay * b[0, :, y1, x0] + ax * ay * b[0, :, y1, x1])
             e = (f[0, :, y, x] + s).norm().item()
-            out[0, 0, y, x] = float(np.exp(-e / tau) > 0.5)
-    return out
+            out[0, 0, y, x], err[0, 0, y, x] = float(np.exp(-e / tau) > 0.5), e
+    return out, err
 
 
 def test_flow_confidence_matches_slow_pixel_loop():
@@ -113,10 +114,35 @@ def test_flow_confidence_matches_slow_pixel_loop():
     f = (torch.rand(1, 2, 9, 11, generator=g) - 0.5) * 0.6
     b = -f + (torch.rand(1, 2, 9, 11, generator=g) - 0.5) * 0.15
     c = flow_confidence(f, b, tau=0.05)
-    ref = slow_flow_confidence(f, b, 0.05)
+    ref, ref_err = slow_flow_confidence(f, b, 0.05)
     assert c.shape == (1, 1, 9, 11)
     assert 0 < c.sum() < c.numel()                                      # the test can discriminate
     assert (c == ref).float().mean() >= 0.98                            # ties at the threshold aside
+    torch.testing.assert_close(forward_backward_error(f, b), ref_err, atol=1e-5, rtol=0)
+
+
+def official_style_error(f, b):
+    """The official func_utils.py flow_sample + compute_uniconf error, written out: integer
+    pixel-index grid, displacement = normalised flow * H / 2 for BOTH components, grid
+    normalised with align_corners=True, bilinear, border padding."""
+    _, _, H, W = f.shape
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=f.dtype), torch.arange(W, dtype=f.dtype),
+                            indexing="ij")
+    px, py = xx + f[:, 0] * H / 2, yy + f[:, 1] * H / 2                 # (B, H, W) pixels
+    grid = torch.stack([2 * px / (W - 1) - 1, 2 * py / (H - 1) - 1], dim=-1)
+    at = F.grid_sample(b, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return (f + at).norm(dim=1, keepdim=True)                           # (B, 1, H, W)
+
+
+def test_forward_backward_error_equals_the_official_sampling_on_square_maps():
+    g = torch.Generator().manual_seed(7)
+    f = (torch.rand(3, 2, 24, 24, generator=g) - 0.5) * 0.8             # lands off-image too
+    b = -f.flip(-1) + (torch.rand(3, 2, 24, 24, generator=g) - 0.5) * 0.2
+    ours, theirs = forward_backward_error(f, b), official_style_error(f, b)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    conf, official = flow_confidence(f, b, 0.05), (torch.exp(-theirs / 0.05) > 0.5).float()
+    assert 0 < official.sum() < official.numel()                        # the test can discriminate
+    assert (conf != official).sum() <= 2                                # rounding ties at 0.5 aside
 
 
 def test_flow_confidence_on_exact_synthetic_flows_and_corrupted_region():
@@ -149,6 +175,9 @@ def test_midas_input_size_follows_the_official_resize_rule():
     assert cues.midas_input_size(480, 854, 256, "upper_bound") == (128, 256)   # 143.9 -> 128
     assert cues.midas_input_size(480, 854, 384, "minimal") == (384, 672)       # 683.2 -> 672
     assert cues.midas_input_size(224, 224, 384, "minimal") == (384, 384)
+    # |1 - 384/320| == |1 - 384/480| exactly: a tie, where get_size fits the height
+    assert cues.midas_input_size(320, 480, 384, "minimal") == (384, 576)
+    assert cues.midas_input_size(480, 320, 384, "minimal") == (384, 256)
 
 
 @pytest.mark.parametrize("name", ["MiDaS_small", "DPT_Hybrid"])
@@ -169,6 +198,48 @@ def test_depth_cue_preprocesses_to_multiples_of_32_normalised_and_resizes_back(n
     lo, hi = net.inputs[-1][0].amin(dim=(1, 2)), net.inputs[-1][1].amax(dim=(1, 2))
     torch.testing.assert_close(lo, -torch.tensor(mean) / torch.tensor(std))
     torch.testing.assert_close(hi, (1 - torch.tensor(mean)) / torch.tensor(std))
+
+
+class ConvRAFT(nn.Module):
+    """RAFT's call signature with a conv, which a CPU bf16 autocast runs in bf16."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 2, 3, padding=1)
+
+    def forward(self, a, b):
+        return [self.conv(torch.cat([a, b], dim=1)) * 10]
+
+
+class ConvMiDaS(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).squeeze(1).abs() + 1
+
+
+def test_cue_networks_run_in_float32_inside_a_bf16_autocast():
+    torch.manual_seed(0)
+    img1, img2 = torch.rand(2, 3, 24, 32), torch.rand(2, 3, 24, 32)
+    flow_cue, depth_cue = FlowCue(net=ConvRAFT()), DepthCue(net=ConvMiDaS())
+    x = torch.rand(2, 6, 24, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = flow_cue.net.conv(x)                      # the stand-in alone IS changed by autocast
+        fwd_a, bwd_a = flow_cue(img1, img2)
+        disp_a = depth_cue(img1)
+        sd_a = sd_cue(torch.randn(2, 8, 2, 3, generator=torch.Generator().manual_seed(1)), img1,
+                      n_channels=4, generator=torch.Generator().manual_seed(2))
+    assert raw.dtype == torch.bfloat16
+    assert (raw.float() - flow_cue.net.conv(x)).abs().max() > 1e-4
+    fwd, bwd = flow_cue(img1, img2)
+    sd = sd_cue(torch.randn(2, 8, 2, 3, generator=torch.Generator().manual_seed(1)), img1,
+                n_channels=4, generator=torch.Generator().manual_seed(2))
+    for a, b in ((fwd_a, fwd), (bwd_a, bwd), (disp_a, depth_cue(img1)), (sd_a, sd)):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    # half-precision inputs are computed in float32 too
+    torch.testing.assert_close(depth_cue(img1.bfloat16()), depth_cue(img1.bfloat16().float()))
 
 
 def test_disparity_to_depth_monotonic_bounded_scale_invariant_far_masked():
@@ -219,6 +290,37 @@ def test_sd_cue_shapes_unit_norm_and_shared_channels():
                                     align_corners=False), dim=1)
     torch.testing.assert_close(flat, ref)
     assert not torch.allclose(flat, out)
+
+
+def test_sd_channels_per_pair_rows_are_successive_draws():
+    rows = sd_channels(40, 8, torch.Generator().manual_seed(3), batch=5)
+    assert rows.shape == (5, 8)
+    g = torch.Generator().manual_seed(3)
+    for b in range(5):
+        assert torch.equal(rows[b], sd_channels(40, 8, g))
+        assert len(set(rows[b].tolist())) == 8                          # a subset: no repeats
+    assert len({tuple(r.tolist()) for r in rows}) == 5                  # different per pair
+    with pytest.raises(ValueError, match="cues.py"):
+        sd_channels(4, 8, batch=2)
+
+
+@pytest.mark.parametrize("use_pamr", [True, False])
+def test_sd_cue_per_element_channels_equal_each_element_alone(use_pamr):
+    g = torch.Generator().manual_seed(4)
+    B, E = 3, 24
+    enc = torch.randn(B, E, 3, 3, generator=g)
+    img = torch.rand(B, 3, 42, 42, generator=g)
+    ch = sd_channels(E, 6, g, batch=B)                                  # (B, 6)
+    out = sd_cue(enc, img, channels=ch, use_pamr=use_pamr)
+    assert out.shape == (B, 6, 42, 42)
+    for b in range(B):
+        alone = sd_cue(enc[b:b + 1], img[b:b + 1], channels=ch[b], use_pamr=use_pamr)
+        torch.testing.assert_close(out[b:b + 1], alone, atol=1e-6, rtol=0)
+        # and it really is that element's channels: another subset gives another cue
+        assert not torch.allclose(alone, sd_cue(enc[b:b + 1], img[b:b + 1],
+                                                channels=ch[(b + 1) % B], use_pamr=use_pamr))
+    with pytest.raises(ValueError, match="cues.py.*channels"):
+        sd_cue(enc, img, channels=ch[:2])
 
 
 # --- the cue cache ---
@@ -304,6 +406,8 @@ def test_cache_base_frames_are_the_pair_datasets_base_frames(tmp_path):
     folder = VideoFolder(str(tmp_path))
     item = PairDataset(folder, size=28, base=28)[0]
     ours = cues.base_frame(folder.load(folder.frames("v")[0]), 28)
+    if bool(item.get("flip", False)):          # the pair's shared flip comes after the base frame
+        ours = ours.flip(-1)
     torch.testing.assert_close(ours, item["frames"][0])
 
 
