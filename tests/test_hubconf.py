@@ -58,3 +58,22 @@ def test_wrong_width_or_backbone_fails_clearly(ckpt):
                        trust_repo=True)
     with pytest.raises(FileNotFoundError, match="not found"):
         torch.hub.load(REPO, "lila_vits14", source="local", ckpt="/nope/ckpt.pt", trust_repo=True)
+
+
+# ------------------------------------------------------------------ backbones and shapes
+@pytest.mark.parametrize("entry", ["lila_vits14", "lila_vitb14", "lila_vitl14"])
+def test_hub_entries_build_the_official_decoder_widths(entry):
+    from test_model import assert_official_decoder_shapes
+    with torch.device("meta"):  # shapes only: no ViT-L's 300 M random values
+        lila = torch.hub.load(REPO, entry, source="local", ckpt="none", weights="none",
+                              preset="paper", trust_repo=True)
+    assert_official_decoder_shapes(lila.decoder, entry.replace("lila_", "dinov2_"))
+
+
+def test_vitb14_entry_runs_end_to_end_at_tiny_size():
+    lila = torch.hub.load(REPO, "lila_vitb14", source="local", ckpt="none", weights="none",
+                          preset="tiny", trust_repo=True)
+    assert lila.encoder.embed_dim == 768 and lila.taps == (2, 5, 8, 11)
+    f = lila.features(torch.rand(3, 30, 44))
+    assert f.shape == (model.PRESETS["tiny"]["dinov2_vitb14"]["out_dim"], 30, 44) == (48, 30, 44)
+    assert torch.isfinite(f).all()
