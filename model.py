@@ -51,6 +51,7 @@ import os
 import sys
 from collections import namedtuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -334,6 +335,23 @@ def _sha256(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
+_random_weights_announced = False  # the banner below is printed once per process
+
+
+def _announce_random_weights(name, seed):
+    """Say loudly, once per process, that an encoder has random weights (a script that builds
+    several models, e.g. bench.py, would otherwise print the banner each time)."""
+    global _random_weights_announced
+    if _random_weights_announced:
+        return
+    _random_weights_announced = True
+    bar = "!" * 78
+    print(f"{bar}\n!! model.py: {name} has RANDOM weights (weights='none', seed={seed}).\n"
+          f"!! Its features are meaningless: use this for tests and smoke runs only.\n"
+          f"!! (Said once per process: later random encoders are not announced again.)\n{bar}",
+          file=sys.stderr, flush=True)
+
+
 def load_dinov2(name, weights="hub", seed=0, sha256=None):
     """Frozen eval-mode ViT for `name` in BACKBONES. weights: "hub" (official checkpoint via
     torch.hub's cache in $TORCH_HOME), a path to a state-dict file, or "none" (random init
@@ -345,10 +363,7 @@ def load_dinov2(name, weights="hub", seed=0, sha256=None):
         torch.manual_seed(seed)
         model = ViT(spec.embed_dim, spec.depth, spec.heads)
     if weights == "none":
-        bar = "!" * 78
-        print(f"{bar}\n!! model.py: {name} has RANDOM weights (weights='none', seed={seed}).\n"
-              f"!! Its features are meaningless: use this for tests and smoke runs only.\n{bar}",
-              file=sys.stderr, flush=True)
+        _announce_random_weights(name, seed)
     else:
         state, source = _fetch_hub(name) if weights == "hub" else (_read_state_dict(weights), weights)
         if sha256 is not None and _sha256(source) != sha256.lower():
@@ -515,34 +530,85 @@ class LILA(nn.Module):
         return F.interpolate(grid, size=img.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.no_grad()
-    def features(self, image, short_side=None, patch=14):
+    def features(self, image, short_side=None, patch=14, range_tol=1 / 255):
         """Pixel features of any image, at the image's own resolution: the documented call.
 
-        image: a PIL image, an (H, W, 3) uint8 array, or a float tensor in [0, 1] of shape
-        (3, H, W) or (B, 3, H, W). It is resized (bilinear) so both sides are multiples of the
-        patch size (and the short side is `short_side`, if given), run through LILA exactly as
-        in training, and the features are resized back to H x W.
-        Returns (D, H, W) for one image, (B, D, H, W) for a batch.
+        image: a PIL image (any mode: L, RGB, RGBA (alpha dropped), P, I;16, I, F, ...), a numpy
+        array (H, W) or (H, W, 3), or a tensor (3, H, W) or (B, 3, H, W). uint8 counts 0..255,
+        uint16 0..65535 (PIL "I" too, if its values fit), float must lie in [0, 1] (up to
+        `range_tol`, one 8-bit level); grey is repeated to RGB. Anything else is a ValueError.
+        It is resized (bilinear) so both sides are multiples of the patch size (and the short
+        side is `short_side`, if given), run through LILA exactly as in training, and the
+        features are resized back to H x W. Returns (D, H, W) for one image, (B, D, H, W) for a
+        batch, D = self.decoder.out_dim (the preset's: paper 128 for ViT-S, tiny 32).
         """
-        if not torch.is_tensor(image):  # PIL or numpy: HWC uint8 -> CHW float in [0, 1]
-            import numpy as np
-            arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-            if arr.ndim != 3 or arr.shape[2] != 3:
-                raise ValueError(f"model.py LILA.features: expected an RGB image, got shape {arr.shape}")
-            image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
-        single = image.dim() == 3
-        x = image[None] if single else image                        # (B, 3, H, W)
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"model.py LILA.features: expected (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
+        x, single = image_batch(image, range_tol)                   # (B, 3, H, W) in [0, 1]
         H, W = x.shape[-2:]
+        if short_side is not None and not short_side > 0:
+            raise ValueError(f"model.py: LILA.features: short_side must be positive, got {short_side}")
         scale = 1.0 if short_side is None else short_side / min(H, W)
         h = max(patch, round(H * scale / patch) * patch)
         w = max(patch, round(W * scale / patch) * patch)
         dev = next(self.decoder.parameters()).device
-        x = F.interpolate(x.float().to(dev), size=(h, w), mode="bilinear", align_corners=False)
+        x = F.interpolate(x.to(dev), size=(h, w), mode="bilinear", align_corners=False)
         _, feats = self(x)                                          # (B, D, h, w)
         feats = F.interpolate(feats.float(), size=(H, W), mode="bilinear", align_corners=False)
         return feats[0] if single else feats                        # (D, H, W) / (B, D, H, W)
+
+
+# ------------------------------------------------------------------ images in, for LILA.features
+WHITE = {"uint8": 255, "uint16": 65535}  # integer pixel types -> the value of white
+
+
+def image_batch(image, range_tol=1 / 255):
+    """PIL image / numpy array / tensor -> ((B, 3, H, W) float32 in [0, 1], single image?).
+    Every refusal is one ValueError beginning "model.py: LILA.features: "."""
+    def refuse(msg):
+        raise ValueError(f"model.py: LILA.features: {msg}")
+
+    if type(image).__module__.startswith("PIL."):               # a PIL image -> numpy
+        mode = image.mode
+        if mode.startswith("I;16"):
+            image = np.asarray(image).astype(np.uint16)             # (H, W), any byte order
+        elif mode == "I":  # 32-bit ints: how Pillow opens many 16-bit PNGs
+            image = np.asarray(image)
+            if image.size and (image.min() < 0 or image.max() > WHITE["uint16"]):
+                refuse(f"PIL mode 'I' values span {image.min()}..{image.max()}, not 16-bit 0..65535")
+            image = image.astype(np.uint16)
+        elif mode == "F":
+            image = np.asarray(image)                               # (H, W) float32
+        else:
+            image = np.asarray(image.convert("RGB"))                # (H, W, 3) uint8
+    if isinstance(image, np.ndarray):                            # numpy: HWC or HW -> CHW
+        if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):  # grey -> RGB
+            image = image.reshape(image.shape[0], image.shape[1], 1).repeat(3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3:
+            refuse(f"expected a numpy image (H, W) or (H, W, 3), got shape {image.shape}")
+        if image.dtype.name not in WHITE and image.dtype.kind != "f":
+            refuse(f"numpy dtype {image.dtype} is not uint8, uint16 or float in [0, 1]")
+        white = WHITE.get(image.dtype.name, 1)
+        image = torch.from_numpy(image.astype(np.float32) / np.float32(white)).permute(2, 0, 1)
+    elif not torch.is_tensor(image):
+        refuse(f"expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
+    elif image.dim() not in (3, 4) or image.shape[-3] != 3:
+        refuse(f"expected a tensor (3, H, W) or (B, 3, H, W), got {tuple(image.shape)} (an (H, W, 3) "
+               f"image: pass it as a numpy array or permute(2, 0, 1))")
+    elif str(image.dtype).replace("torch.", "") in WHITE:
+        image = image.float() / WHITE[str(image.dtype).replace("torch.", "")]
+    elif not image.is_floating_point():
+        refuse(f"tensor dtype {image.dtype} is not uint8, uint16 or float in [0, 1]")
+    single = image.dim() == 3
+    x = (image[None] if single else image).float()              # (B, 3, H, W)
+    if x.numel() == 0:
+        refuse("the batch holds no image" if len(x) == 0 else
+               f"the image is empty ({x.shape[2]}x{x.shape[3]} pixels)")
+    if not torch.isfinite(x).all():
+        refuse("the image has non-finite values (NaN or inf)")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -range_tol or hi > 1 + range_tol:
+        refuse(f"float values span [{lo:g}, {hi:g}], expected [0, 1] (divide 8-bit values by "
+               f"255, 16-bit ones by 65535)")
+    return x, single
 
 
 def decoder_config(backbone, preset):

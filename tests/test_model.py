@@ -14,9 +14,11 @@ import shutil
 import sys
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
@@ -270,13 +272,14 @@ def test_missing_file_and_unknown_names_are_clear_errors(tmp_path):
         model.build_lila(weights="none", preset="huge")
 
 
-def test_random_init_is_seeded_and_announced(capfd):
+def test_random_init_is_seeded_and_announced_once_per_process(capfd, monkeypatch):
+    monkeypatch.setattr(model, "_random_weights_announced", False)  # as in a fresh process
     a = model.load_dinov2("dinov2_vits14", "none", seed=0).state_dict()
     b = model.load_dinov2("dinov2_vits14", "none", seed=0).state_dict()
     c = model.load_dinov2("dinov2_vits14", "none", seed=1).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["pos_embed"], c["pos_embed"])
-    assert "RANDOM weights" in capfd.readouterr().err
+    assert capfd.readouterr().err.count("RANDOM weights") == 1  # three builds, one banner
 
 
 # ------------------------------------------------------------------ decoder and LILA
@@ -518,3 +521,105 @@ def test_tiny_decoder_shapes_per_backbone(backbone):
         out = dec([torch.randn(1, E, 3, 5) for _ in range(4)], (42, 70))
     assert out.shape == (1, cfg["out_dim"], 42, 70) and dec.out_dim == cfg["out_dim"]
     assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------ LILA.features: accepted images
+@pytest.fixture(scope="module")
+def small_lila():
+    return tiny_lila().eval()
+
+
+def rgb8(h=20, w=30, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)  # (H, W, 3)
+
+
+def canonical(small_lila, chw):
+    """The reference call: a float32 tensor (3, H, W) in [0, 1]."""
+    return small_lila.features(chw.float())
+
+
+def test_features_of_uint8_kinds_equal_the_float_tensor(small_lila):
+    a = rgb8()
+    ref = canonical(small_lila, torch.from_numpy(a).permute(2, 0, 1) / 255.0)
+    assert ref.shape == (TINY_DEC["out_dim"], 20, 30)
+    got = {
+        "numpy uint8": small_lila.features(a),
+        "PIL RGB": small_lila.features(Image.fromarray(a)),
+        "PIL RGBA (alpha dropped)": small_lila.features(Image.fromarray(np.dstack([a, a[..., :1]]))),
+        "tensor uint8": small_lila.features(torch.from_numpy(a).permute(2, 0, 1).contiguous()),
+        "numpy float32 in [0, 1]": small_lila.features(a.astype(np.float32) / 255),
+        "numpy float64 in [0, 1]": small_lila.features(a / 255.0),
+    }
+    for kind, f in got.items():
+        torch.testing.assert_close(f, ref, msg=kind)
+    # A float image in [0, 1] is not divided by 255 again (the features differ if it is).
+    assert (canonical(small_lila, torch.from_numpy(a).permute(2, 0, 1) / 255.0 ** 2) - ref).abs().max() > 0.1
+
+
+def test_features_of_grey_and_16_bit_images_equal_the_float_tensor(small_lila):
+    g16 = np.random.default_rng(1).integers(0, 65536, (20, 30), dtype=np.uint16)  # (H, W)
+    ref16 = canonical(small_lila, torch.from_numpy(g16.astype(np.float32) / 65535).expand(3, -1, -1))
+    for kind, img in {"PIL I;16": Image.fromarray(g16),
+                      "PIL I (32-bit, as many 16-bit PNGs open)": Image.fromarray(g16.astype(np.int32)),
+                      "numpy uint16 (H, W)": g16,
+                      "numpy uint16 (H, W, 3)": np.repeat(g16[..., None], 3, axis=2),
+                      "tensor uint16": torch.from_numpy(g16.astype(np.int32)).to(torch.uint16).expand(3, -1, -1)}.items():
+        torch.testing.assert_close(small_lila.features(img), ref16, msg=kind)
+    # A dark 16-bit image is not white (PIL's convert("RGB") clips I;16 to 255 = white).
+    dark = Image.fromarray(np.full((20, 30), 3000, np.uint16))
+    white = canonical(small_lila, torch.ones(3, 20, 30))
+    assert (small_lila.features(dark) - white).abs().max() > 0.1
+    g8 = rgb8()[..., 0]
+    ref8 = canonical(small_lila, torch.from_numpy(g8).expand(3, -1, -1) / 255.0)
+    for kind, img in {"PIL L": Image.fromarray(g8), "numpy (H, W)": g8, "numpy (H, W, 1)": g8[..., None],
+                      "PIL F": Image.fromarray(g8.astype(np.float32) / 255)}.items():
+        torch.testing.assert_close(small_lila.features(img), ref8, msg=kind)
+
+
+def test_features_of_a_batch_equal_each_image_and_tolerate_rounding(small_lila):
+    x = torch.rand(2, 3, 20, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f = small_lila.features(x)
+    assert f.shape == (2, TINY_DEC["out_dim"], 20, 30)
+    for i in range(2):
+        torch.testing.assert_close(f[i], canonical(small_lila, x[i]))
+    y = x[0].float().clone()
+    y[0, 0, 0], y[0, 0, 1] = 1 + 1e-4, -1e-4  # within one 8-bit level: accepted, not clipped
+    assert small_lila.features(y).shape == (TINY_DEC["out_dim"], 20, 30)
+
+
+# ------------------------------------------------------------------ LILA.features: refusals
+def nan_image():
+    x = torch.rand(3, 20, 30)
+    x[1, 2, 3] = float("nan")
+    return x
+
+
+REFUSED = {
+    "float 0..255 numpy": (lambda: rgb8().astype(np.float32), r"\[0, 255\], expected \[0, 1\]"),
+    "float above 1 + tol": (lambda: torch.full((3, 20, 30), 1.01), r"\[1.01, 1.01\], expected \[0, 1\]"),
+    "negative float": (lambda: torch.full((3, 20, 30), -0.5), r"expected \[0, 1\]"),
+    "NaN": (nan_image, "non-finite"),
+    "inf": (lambda: torch.full((1, 3, 20, 30), float("inf")), "non-finite"),
+    "numpy RGBA": (lambda: np.zeros((20, 30, 4), np.uint8), r"\(20, 30, 4\)"),
+    "numpy 2 channels": (lambda: np.zeros((20, 30, 2), np.uint8), r"\(20, 30, 2\)"),
+    "tensor 4 channels": (lambda: torch.rand(4, 20, 30), r"\(4, 20, 30\)"),
+    "tensor HWC": (lambda: torch.rand(20, 30, 3), r"permute\(2, 0, 1\)"),
+    "tensor 2-D": (lambda: torch.rand(20, 30), r"\(20, 30\)"),
+    "0x0 PIL": (lambda: Image.new("RGB", (0, 0)), "empty \\(0x0 pixels\\)"),
+    "0x5 numpy": (lambda: np.zeros((0, 5, 3), np.uint8), "empty \\(0x5 pixels\\)"),
+    "empty batch": (lambda: torch.rand(0, 3, 20, 30), "no image"),
+    "int64 numpy": (lambda: np.zeros((20, 30, 3), np.int64), "int64"),
+    "bool numpy": (lambda: np.zeros((20, 30, 3), bool), "bool"),
+    "int32 tensor": (lambda: torch.zeros(3, 20, 30, dtype=torch.int32), "int32"),
+    "PIL I beyond 16 bit": (lambda: Image.fromarray(np.full((20, 30), 70000, np.int32)), "70000"),
+    "a list": (lambda: [[0, 1], [1, 0]], "got list"),
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSED))
+def test_features_refuse_bad_images_with_one_clear_line(small_lila, kind):
+    make, needle = REFUSED[kind]
+    with pytest.raises(ValueError, match=r"^model\.py: LILA\.features: ") as err:
+        small_lila.features(make())
+    assert re.search(needle, str(err.value)), str(err.value)
+    assert "\n" not in str(err.value)
