@@ -40,6 +40,7 @@ Commands:  python data.py --make-synthetic /tmp/s [--videos 4 --frames 12 --size
 import argparse
 import logging
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -114,7 +115,9 @@ class SyntheticScenes:
         hue, sat, val = rng.uniform(0, 1), rng.uniform(0.08, 0.35), rng.uniform(0.55, 0.75)
         self.tile_cols = _hsv([hue, hue + 0.04], [sat, sat * 0.8], [val, val * 0.72])  # two tones
         out = [self._render(i, fog) for i in range(frames)]
-        self.frames, self.depth, self.masks, self.classes, self.normals, self.points = (
+        # World hit points are not stored (12 bytes a pixel): `_points` recomputes them exactly
+        # from the depth, which keeps a cached 224^2 video at ~15 MB.
+        self.frames, self.depth, self.masks, self.classes, self.normals = (
             np.stack(x) for x in zip(*out))
 
     def _make_object(self, k, rng, t):
@@ -205,13 +208,24 @@ class SyntheticScenes:
         r0, r1 = np.clip([np.floor(y.min()), np.ceil(y.max()) + 1], 0, S).astype(int)
         return (np.arange(r0, r1)[:, None] * S + np.arange(c0, c1)[None]).ravel()
 
+    def _rays(self, t):
+        """(S*S, 3) float32 world directions of the pixel rays of frame t, scaled so that the ray
+        parameter is the z-depth (camera-frame z = 1)."""
+        S, Rc = self.S, np.asarray(self.cam_rot[t], np.float32)
+        yy, xx = np.asarray(np.mgrid[0:S, 0:S] + 0.5, np.float32)  # pixel centres
+        dc = np.stack([(xx - S / 2) / self.f, (yy - S / 2) / self.f, np.ones_like(xx)], -1).reshape(-1, 3)
+        return dc @ Rc.T
+
+    def _points(self, t):
+        """(S*S, 3) world points seen in frame t: camera centre + depth * ray (as in _render)."""
+        o = np.asarray(self.cam_pos[t], np.float32)
+        return o + self.depth[t].reshape(-1)[:, None] * self._rays(t)
+
     def _render(self, t, fog):
-        """Ray cast frame t: (rgb uint8, z-depth, instance ids, class ids, cam normals, world points)."""
+        """Ray cast frame t: (rgb uint8, z-depth, instance ids, class ids, cam normals)."""
         f32 = lambda a: np.asarray(a, np.float32)  # float32 halves the memory traffic
         S, Rc, o = self.S, f32(self.cam_rot[t]), f32(self.cam_pos[t])
-        yy, xx = f32(np.mgrid[0:S, 0:S] + 0.5)  # pixel centres
-        dc = np.stack([(xx - S / 2) / self.f, (yy - S / 2) / self.f, np.ones_like(xx)], -1).reshape(-1, 3)
-        d = dc @ Rc.T  # (N, 3) world ray directions; the ray parameter s is the z-depth
+        d = self._rays(t)  # (N, 3) world ray directions; the ray parameter s is the z-depth
         b, c = (o * d).sum(1), (o @ o) - self.sky_radius ** 2  # sky dome |x| = R (camera inside)
         s = (-b + np.sqrt(b * b - (d * d).sum(1) * c)) / (d * d).sum(1)
         ids, nrm = np.full(len(d), -1), -d / np.linalg.norm(d, axis=1, keepdims=True)
@@ -261,11 +275,11 @@ class SyntheticScenes:
         rs = lambda a, *sh: a.reshape(S, S, *sh)
         return (rs((np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8), 3), rs(s.astype(np.float32)),
                 rs(np.maximum(ids, 0).astype(np.int32)), rs(cls.astype(np.uint8)),
-                rs(n_cam.astype(np.float32), 3), rs(X.astype(np.float32), 3))
+                rs(n_cam.astype(np.float32), 3))
 
     def _project(self, t, t2):
         """Move every surface point seen in frame t to time t2 and project it: (u, v, z) (S*S,)."""
-        X, ids = self.points[t].reshape(-1, 3).astype(float), self.masks[t].ravel()
+        X, ids = self._points(t).astype(float), self.masks[t].ravel()
         for k, ob in enumerate(self.objects, 1):  # ground and sky (id 0) are static
             m = ids == k
             X[m] = ((X[m] - ob["pos"][t]) @ ob["rot"][t]) @ ob["rot"][t2].T + ob["pos"][t2]
@@ -401,24 +415,36 @@ LAYOUTS = ("JPEGImages/480p/<video>/ (DAVIS)", "JPEGImages/<video>/ (YouTube-VOS
            "train_all_frames/JPEGImages/<video>/", "train/JPEGImages/<video>/")
 
 
+def natural_key(path):
+    """Sort key of a frame path: digit runs compare as numbers, so 2.jpg < 10.jpg
+    (zero-padded names sort as before)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", Path(path).name)]
+
+
 class VideoFolder:
     """Frame folders of real video. The first existing layout in LAYOUTS is used.
-    `.videos` sorted names, `.frames(v)` sorted paths, `.load(path)` (H, W, 3) uint8 RGB,
-    `.cues_dir` (ROOT/Cues or None), `.skipped` dict of counted skips."""
+    `.videos` sorted names, `.frames(v)` paths in natural order (see natural_key), `.load(path)`
+    (H, W, 3) uint8 RGB, `.cues_dir` (ROOT/Cues or None), `.skipped` dict of counted skips."""
 
     def __init__(self, root, verify=False):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"video root {self.root} does not exist (expected one of: ROOT/" + ", ROOT/".join(LAYOUTS) + ")")
+            raise FileNotFoundError(f"data.py: video root {self.root} does not exist (expected one of: ROOT/" + ", ROOT/".join(LAYOUTS) + ")")
         cands = [self.root / "JPEGImages/480p", self.root / "JPEGImages",
                  self.root / "train_all_frames/JPEGImages", self.root / "train/JPEGImages"]
         self.image_dir = next((c for c in cands if c.is_dir()), None)
         if self.image_dir is None:
-            raise FileNotFoundError(f"no video folders under {self.root}: looked for ROOT/" + ", ROOT/".join(LAYOUTS))
-        self.skipped, self._frames = {"empty": 0, "one_frame": 0, "unreadable_or_mixed_sizes": 0}, {}
+            raise FileNotFoundError(f"data.py: no video folders under {self.root}: looked for ROOT/" + ", ROOT/".join(LAYOUTS))
+        self.skipped = {"empty": 0, "one_frame": 0, "unreadable_or_mixed_sizes": 0, "duplicate_frame_names": 0}
+        self._frames = {}
         for d in sorted(p for p in self.image_dir.iterdir() if p.is_dir()):
-            fr = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+            fr = sorted((p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS), key=natural_key)
             why = "empty" if not fr else "one_frame" if len(fr) == 1 else None
+            stems = [p.stem for p in fr]
+            if why is None and len(set(stems)) < len(stems):  # 00000.jpg + 00000.png: one cue file
+                dup = sorted(p.name for p in fr if stems.count(p.stem) > 1)[:4]
+                log.warning("video %s: frames share a name (%s): their cue files would collide", d, ", ".join(dup))
+                why = "duplicate_frame_names"
             if why is None and verify:
                 why = self._verify(fr)
             if why:
@@ -428,7 +454,7 @@ class VideoFolder:
                 self._frames[d.name] = fr
         self.videos = sorted(self._frames)
         if not self.videos:
-            raise FileNotFoundError(f"no videos with >= 2 frames in {self.image_dir} (skipped: {self.skipped}); "
+            raise FileNotFoundError(f"data.py: no videos with >= 2 frames in {self.image_dir} (skipped: {self.skipped}); "
                                     "layouts: ROOT/" + ", ROOT/".join(LAYOUTS))
         if any(self.skipped.values()):
             log.warning("VideoFolder %s: %d videos, skipped %s", self.root, len(self.videos), self.skipped)
@@ -447,6 +473,23 @@ class VideoFolder:
     def frames(self, video):
         return self._frames[video]
 
+    def check_cues(self):
+        """Error unless ROOT/Cues/<video> holds one .npz per frame of every video (a half-written
+        cache is completed by rerunning `python cues.py --data ROOT`, which skips finished files)."""
+        missing = {}
+        for v in self.videos:
+            d = self.root / "Cues" / v
+            have = {n[:-4] for n in os.listdir(d) if n.endswith(".npz")} if d.is_dir() else set()
+            lack = [p.stem for p in self._frames[v] if p.stem not in have]
+            if lack:
+                missing[v] = lack
+        if missing:
+            v, lack = next(iter(missing.items()))
+            raise FileNotFoundError(
+                f"data.py: the cue cache {self.root / 'Cues'} is incomplete: {len(missing)} of {len(self.videos)} "
+                f"videos lack cue files (e.g. {d.parent / v}/{lack[0]}.npz); complete it with "
+                f"`python cues.py --data {self.root}`, or train with --cues hub")
+
     @staticmethod
     def load(path):
         """(H, W, 3) uint8 RGB from any PIL mode (L, LA, RGBA, CMYK, P, I;16 ...)."""
@@ -458,36 +501,54 @@ class VideoFolder:
                     im = Image.fromarray((255 * a / max(a.max(), 1)).astype(np.uint8))
                 return np.asarray(im.convert("RGB"))
         except Exception as e:
-            raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+            raise ValueError(f"data.py: cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def _check_cue(path, key, a, shape):
+    """data.py: a cue array must have the documented shape and plausible, finite values."""
+    want = "(h, w)" if key == "disparity" else "(h, w, 2)"
+    if a.ndim != (2 if key == "disparity" else 3) or (key != "disparity" and a.shape[-1] != 2) \
+            or (shape is not None and a.shape != shape):
+        raise ValueError(f"data.py: cue file {path}: '{key}' has shape {a.shape}, expected {want}"
+                         + (f" = {shape}" if shape is not None else ""))
+    if not np.isfinite(a).all():
+        raise ValueError(f"data.py: cue file {path}: '{key}' holds {int((~np.isfinite(a)).sum())} NaN/inf values")
+    if key == "disparity" and not (a > 0).mean() >= 0.25:  # sky may be <= 0, not most of a frame
+        raise ValueError(f"data.py: cue file {path}: 'disparity' is positive on only {100 * (a > 0).mean():.0f} % of "
+                         "the pixels (expected relative inverse depth: larger = nearer, > 0)")
+    if key != "disparity" and np.abs(a).max() > 2 * max(a.shape[:2]):
+        raise ValueError(f"data.py: cue file {path}: '{key}' reaches {np.abs(a).max():.3g} px, more than twice "
+                         f"the map size {a.shape[:2]} (flow is stored in pixels of the map)")
 
 
 def load_cues(root, video, i, j, names=None):
     """Cues of frames i and j from ROOT/Cues/<video>/<name>.npz. `names` are the frame stems
-    (default: the sorted npz files). Flow i->j chains flow_next (flow_prev if j < i):
+    (default: the npz files in natural order). Flow i->j chains flow_next (flow_prev if j < i):
     f_{i->k+1}(x) = f_{i->k}(x) + f_{k->k+1}(x + f_{i->k}(x)) (bilinear). Returns float32
-    torch dict(flow_fwd (2, h, w), flow_bwd (2, h, w) normalised, disparity_i/j (1, h, w))."""
+    torch dict(flow_fwd (2, h, w), flow_bwd (2, h, w) normalised, disparity_i/j (1, h, w)).
+    A missing, unreadable or implausible file is an error naming it (_check_cue)."""
     d = Path(root) / "Cues" / video
-    names = names or sorted(p.stem for p in d.glob("*.npz"))
+    names = names or [p.stem for p in sorted(d.glob("*.npz"), key=natural_key)]
     cache = {}
 
     def get(k, key, shape=None):
         path = d / f"{names[k]}.npz"
         if k not in cache:
             if not path.is_file():
-                raise FileNotFoundError(f"missing cue file {path}")
+                raise FileNotFoundError(f"data.py: missing cue file {path}")
             try:
-                cache[k] = dict(np.load(path))
+                with np.load(path, allow_pickle=False) as z:
+                    cache[k] = {name: z[name] for name in z.files}
             except Exception as e:
-                raise ValueError(f"cannot read cue file {path}: {e}") from None
+                raise ValueError(f"data.py: cannot read cue file {path} ({type(e).__name__}: {e})") from None
         if key not in cache[k]:
-            raise ValueError(f"cue file {path} has no '{key}' (has {sorted(cache[k])})")
-        a = cache[k][key].astype(np.float32)
-        if (shape is not None and a.shape != shape) or a.ndim != (2 if key == "disparity" else 3):
-            raise ValueError(f"cue file {path}: '{key}' has shape {a.shape}, expected {shape or '(h, w)'}")
+            raise ValueError(f"data.py: cue file {path} has no '{key}' (has {sorted(cache[k])})")
+        a = np.asarray(cache[k][key], np.float32)
+        _check_cue(path, key, a, shape)
         return torch.from_numpy(a)
 
     if not 0 <= min(i, j) <= max(i, j) < len(names):
-        raise IndexError(f"frames {i}, {j} out of range for {len(names)} cue files in {d}")
+        raise ValueError(f"data.py: frames {i}, {j} out of range for {len(names)} cue files in {d}")
     disp_i = get(i, "disparity")  # (h, w), fixes the map size
     ref_shape = tuple(disp_i.shape)
     h, w = ref_shape
@@ -514,51 +575,90 @@ def _sample(x, flow):
 
 
 # --------------------------------------------------------------------------- method: frame pairs
-class PairSampler:
-    """DESIGN section 2 "Frame pairs": delta ~ U{1..gap}; one shared horizontal flip; query =
-    random square crop of query_area (fraction of the base frame's area, uniform) with its
-    own flip; context = square crop of ctx_area at a random position. sample(generator) ->
-    dict(grid_q, grid_c (size, size, 2), flip_q, flip_c bool, delta int). crop=False: the
-    identity grids (flips kept)."""
+HI_RES = 480  # side of the square base frame the views are cut from (official dataload.py: Resize(480), CenterCrop(480))
 
-    def __init__(self, size=224, base=224, gap=5, crop=True, query_area=(0.3, 1.0), ctx_area=0.8):
-        self.size, self.base, self.gap, self.crop = size, base, gap, crop
+
+class PairSampler:
+    """The views of one frame pair (official dataload.py YTVOS + configs/train_ytvos.yaml):
+    delta ~ U{1..gap} (gap 5); one shared horizontal flip of both frames (p = 0.5, applied by the
+    dataset to the frames and their cue maps); the query view is a random square crop of
+    query_area (a fraction of the area, uniform in [0.3, 1]) at a random position with its own
+    flip (p = 0.5); the context view a square crop of ctx_area = 0.8 at a random position, never
+    flipped on its own. Crops are integer pixel boxes (top, left, side) of the hi x hi base
+    frame, as torchvision's RandomResizedCrop.get_params (ratio 1) draws them.
+    sample(generator) -> dict(box_q, box_c, grid_q, grid_c (size, size, 2), flip, flip_q, delta).
+    crop=False (ablation): both views are the whole base frame (flips kept)."""
+
+    def __init__(self, size=224, hi=HI_RES, gap=5, crop=True, query_area=(0.3, 1.0), ctx_area=0.8):
+        self.size, self.hi, self.gap, self.crop = size, hi, gap, crop
         self.query_area, self.ctx_area = query_area, ctx_area
 
-    def _grid(self, area, flip, g):
-        side = 2 * float(np.sqrt(area)) if self.crop else 2.0  # crop side, normalised units
-        x0, y0 = (-1 + (2 - side) * torch.rand(2, generator=g)).tolist()  # top-left corner
-        u = (torch.arange(self.size) + 0.5) / self.size  # view pixel centres in (0, 1)
-        xs = x0 + side * (u.flip(0) if flip else u)  # a flipped view reads the crop mirrored
-        ys = y0 + side * u
-        return torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], -1)  # (S, S, 2) x, y
+    def _box(self, area, g):
+        side = min(self.hi, max(1, round(np.sqrt(area) * self.hi))) if self.crop else self.hi
+        top, left = (int(torch.randint(0, self.hi - side + 1, (1,), generator=g)) for _ in range(2))
+        return top, left, side
 
     def sample(self, g):
         shared, own = (torch.rand(2, generator=g) < 0.5).tolist()
         delta = int(torch.randint(1, self.gap + 1, (1,), generator=g))
         lo, hi = self.query_area
-        a_q = lo + (hi - lo) * float(torch.rand(1, generator=g))
-        return dict(grid_q=self._grid(a_q, shared ^ own, g), grid_c=self._grid(self.ctx_area, shared, g),
-                    flip_q=shared ^ own, flip_c=shared, delta=delta)
+        box_q = self._box(lo + (hi - lo) * float(torch.rand(1, generator=g)), g)
+        box_c = self._box(self.ctx_area, g)
+        return dict(box_q=box_q, box_c=box_c, grid_q=crop_grid(box_q, self.hi, self.size, own),
+                    grid_c=crop_grid(box_c, self.hi, self.size, False), flip=shared, flip_q=own, delta=delta)
 
 
-def warp(x, grid, flip, is_flow=False):
-    """x (B, C, Hb, Wb) on the base frame -> (B, C, S, S) in the view (bilinear,
-    align_corners=False). Flow keeps the base frame's normalised units; a flipped view
-    mirrors x, so its flow-x changes sign (the official code forgets this)."""
+def crop_grid(box, hi, size, flip=False):
+    """The grid_sample grid (size, size, 2) (x, y in [-1, 1], align_corners=False) that maps each
+    pixel of a view to its position in the base frame: the view shows the box (top, left, side)
+    of an hi x hi frame, mirrored if `flip`. The grid is in the base frame's normalised units,
+    so it reads any cue map of the same frame, whatever its resolution."""
+    top, left, side = box
+    u = (torch.arange(size, dtype=torch.float64) + 0.5) / size        # view pixel centres in (0, 1)
+    xs = 2 * (left + side * (u.flip(0) if flip else u)) / hi - 1      # a flipped view reads the box mirrored
+    ys = 2 * (top + side * u) / hi - 1
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], -1).float()  # (size, size, 2) x, y
+
+
+def cut_view(frame, box, size, flip=False):
+    """frame (C, hi, hi) -> the view (C, size, size): the box cut out and resized with
+    antialiasing (official: torchvision resized_crop(..., antialias=True)), mirrored if `flip`.
+    Sharp even for small crops: the box is cut from the high-resolution frame, not from the
+    cue-resolution one."""
+    top, left, side = box
+    x = frame[None, :, top:top + side, left:left + side]                # (1, C, side, side)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                      antialias=side > size)[0]                         # (C, size, size)
+    return x.flip(-1) if flip else x
+
+
+def warp(x, grid):
+    """x (B, C, Hb, Wb), a map on the base frame -> (B, C, S, S) in the view (bilinear,
+    align_corners=False, border). Values are copied, never changed: flow keeps the base
+    frame's normalised units whatever the crop's zoom or the view's own flip, so that one
+    linear map reads the query and the context alike (the official code does the same)."""
     grid = grid if grid.dim() == 4 else grid[None].expand(len(x), -1, -1, -1)  # (B, S, S, 2)
-    out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-    if is_flow:
-        sign = torch.where(torch.as_tensor(flip).view(-1, 1, 1), -1.0, 1.0).to(x.dtype)  # (B or 1, 1, 1)
-        out = torch.cat([out[:, :1] * sign[:, None], out[:, 1:]], 1)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def hflip_cues(cues):
+    """The cue maps of a mirrored frame pair: every map mirrored, and flow-x negated, because
+    in the mirrored video things move the other way (the shared flip, as if the cue networks had
+    seen the flipped frames). cues: dict of (..., C, H, W) tensors with keys flow_* and others."""
+    out = {}
+    for k, v in cues.items():
+        v = v.flip(-1)
+        if k.startswith("flow"):
+            v = torch.cat([-v[..., :1, :, :], v[..., 1:, :, :]], -3)
+        out[k] = v
     return out
 
 
 # --------------------------------------------------------------------------- datasets
 class SyntheticVideos:
-    """`n` SyntheticScenes (video i: seed + i) rendered on demand, an LRU of `cache` videos
-    (per DataLoader worker, since each worker holds its own copy; ~22 MB per 12-frame 224^2
-    video. With shuffling, cache >= n avoids re-rendering, ~0.4 s CPU per video)."""
+    """`n` SyntheticScenes (video i: seed + i) rendered at `size` on demand, an LRU of `cache`
+    videos (each DataLoader worker holds its own; ~15 MB per 12-frame 224^2 video, ~0.4 s of
+    CPU to render one. With shuffling, cache >= n avoids re-rendering)."""
 
     def __init__(self, n=8, frames=12, size=224, seed=0, cache=8):
         self.n, self.T, self.size, self.seed, self.cache = n, frames, size, seed, cache
@@ -576,19 +676,33 @@ class SyntheticVideos:
         return self._lru[i]
 
 
-def base_frame(img, base, short=480):
-    """(H, W, 3) uint8 -> (3, base, base) float [0,1], the base frame of DESIGN section 2
-    "Frame pairs": short side resized to `short` = 480, centre square crop, resized to base x
-    base (PIL bicubic). cues.py computes the cue cache on exactly these frames."""
+def _square(img, side):
+    """(H, W, 3) uint8 -> PIL image side x side: the centre square of the frame, resized (PIL
+    bicubic, antialiased). Cut first, so a huge or extreme-aspect frame costs nothing."""
     im = Image.fromarray(np.asarray(img, dtype=np.uint8))
     w, h = im.size
-    if (w, h) != (base, base):
-        k = short / min(w, h)
-        im = im.resize((max(short, round(w * k)), max(short, round(h * k))), Image.BICUBIC)
-        w, h = im.size
-        l, t = (w - short) // 2, (h - short) // 2
-        im = im.crop((l, t, l + short, t + short)).resize((base, base), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+    c = min(w, h)
+    l, t = (w - c) // 2, (h - c) // 2
+    im = im.crop((l, t, l + c, t + c))
+    return im if c == side else im.resize((side, side), Image.BICUBIC)
+
+
+def _to_tensor(im):
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255  # (3, H, W)
+
+
+def base_frames(img, base, hi=HI_RES):
+    """(H, W, 3) uint8 -> (hi-res (3, hi, hi), cue-res (3, base, base)) float in [0, 1]: the
+    base frame of the pair (the frame's centre square at 480 x 480, official dataload.py), and
+    that frame resized to the cue resolution (PIL bicubic). Views are cut from the first; cues
+    are computed on the second (cues.py writes its cache on exactly these frames)."""
+    sq = _square(img, hi)
+    return _to_tensor(sq), _to_tensor(sq if base == hi else sq.resize((base, base), Image.BICUBIC))
+
+
+def base_frame(img, base, hi=HI_RES):
+    """The cue-resolution base frame (3, base, base) of `base_frames`."""
+    return base_frames(img, base, hi)[1]
 
 
 def _cue_to_base(x, frame_hw, base, is_flow=False):
@@ -604,80 +718,128 @@ def _cue_to_base(x, frame_hw, base, is_flow=False):
     return F.interpolate(x[None], size=(base, base), mode="bilinear", align_corners=False)[0]
 
 
+def _downsample(x, size):
+    """(C, R, R) -> (C, size, size): the mean over each k x k block when R = k size (the exact
+    cue of a low-resolution pixel is the mean over the render pixels it covers), else an
+    antialiased bilinear resize."""
+    R = x.shape[-1]
+    if R % size == 0:
+        return F.avg_pool2d(x[None], R // size)[0] if R > size else x
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
 class PairDataset(torch.utils.data.Dataset):
-    """Item i = one frame pair (CONTRACT): the i-th (video, t) with t < T-1, delta from the
-    sampler clamped to the video's end; everything seeded by (seed, i). Source: a VideoFolder
-    (cues from ROOT/Cues if present, else no cue keys) or SyntheticVideos (exact cues, then
-    cue_noise as in write_synthetic). Bad frames are logged, counted in .skipped, and the
-    pair is replaced by another one (at most `retries` times)."""
+    """Frame pairs with their two views (official dataload.py YTVOS, see PairSampler).
+
+    Item i: video i % len(self) (every video equally often, however long it is), then frame t
+    uniform in 0..T-2 and t2 = min(t + delta, T - 1); everything seeded by (seed, i). i may
+    exceed len(self): train.py numbers samples across epochs, so each epoch draws fresh frames,
+    crops and flips. Returns float tensors:
+      views (2, 3, S, S)     the query view (of frame t) and the context view (of frame t2),
+                             cut from the hi-res base frames (sharp) and resized to S
+      frames (2, 3, Hb, Wb)  both base frames at the cue resolution (Hb = Wb = base)
+      grid_q, grid_c (S, S, 2), flip, flip_q, delta (see PairSampler; the shared flip is
+                             already applied to frames, views and cues)
+      flow_fwd, flow_bwd (2, Hb, Wb) normalised, disparity (2, 1, Hb, Wb)   (if with_cues)
+    Sources: a VideoFolder (cues from ROOT/Cues if with_cues, else none: the trainer computes
+    them), or SyntheticVideos (exact cues, rendered at their own size, which acts as the hi-res
+    base; cue_noise as in write_synthetic). A pair that fails to load is logged, counted in
+    .skipped and replaced by another one (at most `retries` times)."""
 
     def __init__(self, source, size=224, base=224, gap=5, crop=True, seed=0, cue_noise=0.0, with_cues=True, retries=10):
-        self.source, self.base, self.seed, self.cue_noise, self.retries = source, base, seed, cue_noise, retries
-        self.with_cues = with_cues  # False: frames and grids only (cues computed by the trainer)
-        self.sampler = PairSampler(size=size, base=base, gap=gap, crop=crop)
+        self.source, self.size, self.base, self.seed = source, size, base, seed
+        self.cue_noise, self.retries, self.with_cues = cue_noise, retries, with_cues
         self.synthetic = isinstance(source, SyntheticVideos)
-        if self.synthetic and source.size != base:
-            raise ValueError(f"synthetic videos are rendered at {source.size}, but base={base}")
-        lens = [source.T] * len(source) if self.synthetic else [len(source.frames(v)) for v in source.videos]
-        self.index = [(v, t) for v, n in enumerate(lens) for t in range(n - 1)]
+        self.hi = source.size if self.synthetic else HI_RES
+        if self.synthetic and source.size < base:
+            raise ValueError(f"data.py: synthetic videos are rendered at {source.size}, below the cue resolution {base}")
+        self.sampler = PairSampler(size=size, hi=self.hi, gap=gap, crop=crop)
+        self.lengths = [source.T] * len(source) if self.synthetic else [len(source.frames(v)) for v in source.videos]
+        if not self.synthetic and with_cues and source.cues_dir is not None:
+            source.check_cues()
         self.skipped = 0
 
     @classmethod
-    def synthetic(cls, videos=8, frames=12, scene_seed=0, base=224, cache=8, **kw):
+    def synthetic(cls, videos=8, frames=12, scene_seed=0, base=224, size=224, render=None, cache=8, **kw):
         """Pairs from `videos` synthetic videos rendered on the fly (video i: scene_seed + i,
-        as in write_synthetic); the pair seed `seed` (in kw) defaults to scene_seed."""
+        as in write_synthetic) at `render` px (default 2 * size: the smallest query crop, 30 % of
+        the area, then still has more render pixels than view pixels, so no view is ever
+        upsampled, as with the 480 px base of real video). The pair seed `seed` (in kw)
+        defaults to scene_seed."""
         kw.setdefault("seed", scene_seed)
-        return cls(SyntheticVideos(videos, frames, base, scene_seed, cache), base=base, **kw)
+        render = render or 2 * size
+        return cls(SyntheticVideos(videos, frames, render, scene_seed, cache), base=base, size=size, **kw)
 
     def __len__(self):
-        return len(self.index)
+        return len(self.lengths)
 
     def __getitem__(self, i):
-        # i may exceed len(self): train.py numbers samples across epochs, so the pair i % len
-        # gets fresh crops, flips and Δ every epoch (all seeded by i itself).
+        last = None
         for k in range(self.retries + 1):
             key = i + 7919 * k              # deterministic replacement pair
-            j = key % len(self)
             try:
-                return self._item(j, key)
+                return self._item(key)
             except (ValueError, FileNotFoundError) as e:
                 self.skipped += 1
-                log.warning("skipping pair %d (%d skipped so far): %s", j, self.skipped, e)
-        raise RuntimeError(f"{self.retries + 1} pairs in a row failed to load from {getattr(self.source, 'root', 'source')}")
+                last = e
+                log.warning("skipping pair %d (%d skipped so far): %s", key, self.skipped, e)
+        raise RuntimeError(f"data.py: {self.retries + 1} pairs in a row failed to load from "
+                           f"{getattr(self.source, 'root', 'the synthetic videos')}; the last: {last}")
 
-    def _item(self, i, key=None):
-        v, t = self.index[i]
-        key = i if key is None else key
+    def _item(self, key):
+        v = key % len(self.lengths)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
         s = self.sampler.sample(g)
-        T = self.source.T if self.synthetic else len(self.source.frames(self.source.videos[v]))
+        T = self.lengths[v]
+        t = int(torch.randint(0, T - 1, (1,), generator=g))
         t2 = min(t + s["delta"], T - 1)
-        out = dict(grid_q=s["grid_q"], grid_c=s["grid_c"], flip_q=torch.tensor(s["flip_q"]),
-                   flip_c=torch.tensor(s["flip_c"]), delta=torch.tensor(t2 - t))
-        if self.synthetic and not self.with_cues:
-            sc = self.source[v]
-            return dict(out, frames=torch.from_numpy(sc.frames[[t, t2]]).permute(0, 3, 1, 2).float() / 255)
+        hi, cues = self._frames_and_cues(v, t, t2, key)                 # (2, 3, hi, hi), dict
+        if s["flip"]:                                                   # the shared flip
+            hi, cues = hi.flip(-1), hflip_cues(cues)
+        views = torch.stack([cut_view(hi[0], s["box_q"], self.size, s["flip_q"]),
+                             cut_view(hi[1], s["box_c"], self.size)])   # (2, 3, S, S)
+        return dict(views=views, grid_q=s["grid_q"], grid_c=s["grid_c"], flip=torch.tensor(s["flip"]),
+                    flip_q=torch.tensor(s["flip_q"]), delta=torch.tensor(t2 - t), **cues)
+
+    def _frames_and_cues(self, v, t, t2, key):
+        """The two hi-res base frames (2, 3, hi, hi) and a dict with the cue-resolution frames
+        (2, 3, base, base) and, if with_cues, the cue maps of the pair (unflipped)."""
         if self.synthetic:
             sc = self.source[v]
-            rng = np.random.default_rng([self.seed, key])
-            n = torch.tensor([2 / sc.S, 2 / sc.S]).view(2, 1, 1)  # pixels -> normalised
-            fl = [torch.from_numpy(corrupt_flow(sc.flow(a, b), self.cue_noise, rng)).permute(2, 0, 1) * n for a, b in ((t, t2), (t2, t))]
-            dp = [torch.from_numpy(corrupt_disparity(1 / sc.depth[a], self.cue_noise, rng))[None] for a in (t, t2)]
-            frames = torch.from_numpy(sc.frames[[t, t2]]).permute(0, 3, 1, 2).float() / 255
-            return dict(out, frames=frames, flow_fwd=fl[0], flow_bwd=fl[1], disparity=torch.stack(dp))
+            hi = torch.from_numpy(sc.frames[[t, t2]]).permute(0, 3, 1, 2).float() / 255  # (2, 3, R, R)
+            out = dict(frames=torch.stack([_downsample(x, self.base) for x in hi]))
+            if self.with_cues:
+                out.update(self._synthetic_cues(sc, t, t2, key))
+            return hi, out
         name, src = self.source.videos[v], self.source
         paths = [src.frames(name)[t], src.frames(name)[t2]]
         imgs = [src.load(p) for p in paths]
         if imgs[0].shape != imgs[1].shape:
-            raise ValueError(f"mixed frame sizes in video {name}: {paths[0]} {imgs[0].shape[:2]} vs {paths[1]} {imgs[1].shape[:2]}")
-        out["frames"] = torch.stack([base_frame(im, self.base) for im in imgs])  # (2, 3, Hb, Wb)
+            raise ValueError(f"data.py: mixed frame sizes in video {name}: {paths[0]} {imgs[0].shape[:2]} vs {paths[1]} {imgs[1].shape[:2]}")
+        pairs = [base_frames(im, self.base, self.hi) for im in imgs]
+        out = dict(frames=torch.stack([p[1] for p in pairs]))          # (2, 3, Hb, Wb)
         if src.cues_dir is not None and self.with_cues:
             c = load_cues(src.root, name, t, t2, names=[p.stem for p in src.frames(name)])
             hw = imgs[0].shape[:2]
             out["flow_fwd"] = _cue_to_base(c["flow_fwd"], hw, self.base, True)
             out["flow_bwd"] = _cue_to_base(c["flow_bwd"], hw, self.base, True)
-            out["disparity"] = torch.stack([_cue_to_base(c["disparity_i"], hw, self.base), _cue_to_base(c["disparity_j"], hw, self.base)])
-        return out
+            out["disparity"] = torch.stack([_cue_to_base(c["disparity_i"], hw, self.base),
+                                            _cue_to_base(c["disparity_j"], hw, self.base)])
+        return torch.stack([p[0] for p in pairs]), out
+
+    def _synthetic_cues(self, sc, t, t2, key):
+        """Exact flow (both ways) and disparity at the render size, downsampled to the cue
+        resolution, then corrupted there (cue_noise, seeded by (seed, key)) like write_synthetic."""
+        rng = np.random.default_rng([self.seed, key])
+        b, R = self.base, sc.S
+        fl = []
+        for a, c in ((t, t2), (t2, t)):
+            f = _downsample(torch.from_numpy(sc.flow(a, c)).permute(2, 0, 1), b) * (b / R)  # (2, b, b) px
+            f = corrupt_flow(f.permute(1, 2, 0).numpy(), self.cue_noise, rng)
+            fl.append(torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1) * (2 / b))  # normalised
+        dp = [torch.from_numpy(corrupt_disparity(_downsample(torch.from_numpy(1 / sc.depth[a])[None], b)[0].numpy(),
+                                                 self.cue_noise, rng))[None] for a in (t, t2)]
+        return dict(flow_fwd=fl[0], flow_bwd=fl[1], disparity=torch.stack(dp))  # (2,b,b) x2, (2,1,b,b)
 
 
 # --------------------------------------------------------------------------- preview + CLI

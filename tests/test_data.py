@@ -121,70 +121,133 @@ def test_cue_noise_is_zero_at_level_zero_and_seeded_otherwise():
     assert (d > 0).all() and np.abs(d - disp).mean() > 0.01
 
 
-def test_crop_grid_applied_to_a_coordinate_map_gives_the_crop_coordinates():
-    base, size = 64, 32
-    sp = data.PairSampler(size=size, base=base, crop=True)
-    u = (torch.arange(base) + 0.5) * 2 / base - 1
-    coords = torch.stack(torch.meshgrid(u, u, indexing="ij")[::-1], 0)[None]  # (1, 2, Hb, Wb) x, y
+def _coords(n):
+    """(1, 2, n, n) map of each pixel's own normalised (x, y) position."""
+    u = (torch.arange(n) + 0.5) * 2 / n - 1
+    return torch.stack(torch.meshgrid(u, u, indexing="ij")[::-1], 0)[None]
+
+
+def test_crop_grid_reads_the_box_of_any_resolution_and_mirrors_flipped_views():
+    hi, size = 120, 32
+    sp = data.PairSampler(size=size, hi=hi, crop=True)
     g = torch.Generator().manual_seed(0)
-    for _ in range(5):
+    for _ in range(8):
         s = sp.sample(g)
-        for grid, flip in ((s["grid_q"], s["flip_q"]), (s["grid_c"], s["flip_c"])):
-            view = data.warp(coords, grid, flip)[0].permute(1, 2, 0)  # (S, S, 2)
-            inner = (grid.abs() < 1 - 1 / base).all(-1)  # bilinear is exact inside the centres
-            torch.testing.assert_close(view[inner], grid[inner], atol=1e-5, rtol=0)
-            side = grid[0, :, 0].max() - grid[0, :, 0].min()
-            assert torch.isclose(grid[:, 0, 1].max() - grid[:, 0, 1].min(), side, atol=1e-5)
+        for key, flip in (("q", s["flip_q"]), ("c", False)):
+            grid, (top, left, side) = s[f"grid_{key}"], s[f"box_{key}"]
+            assert 0 <= top and 0 <= left and top + side <= hi and left + side <= hi
+            # the grid's x span is exactly the box, in the base frame's normalised units
+            xs = grid[0, :, 0]
+            lo, up = 2 * left / hi - 1, 2 * (left + side) / hi - 1
+            assert abs(float(xs.min()) - (lo + (up - lo) / (2 * size))) < 1e-5
             assert (grid[0, 0, 0] > grid[0, -1, 0]) == bool(flip)  # flipped views run right to left
-        area_q = ((s["grid_q"][0, -1, 0] - s["grid_q"][0, 0, 0]).abs() * size / (size - 1) / 2) ** 2
-        assert 0.3 - 1e-4 <= area_q <= 1 + 1e-4
-    ident = data.PairSampler(size=base, base=base, crop=False).sample(torch.Generator().manual_seed(1))
-    ref = coords[0].permute(1, 2, 0)
-    if ident["flip_c"]:
-        ref = ref.flip(1)
-    torch.testing.assert_close(ident["grid_c"], ref)
+            for n in (hi, 48):                                       # any resolution of the base
+                view = data.warp(_coords(n), grid)[0].permute(1, 2, 0)  # (S, S, 2)
+                inner = (grid.abs() < 1 - 1 / n).all(-1)             # bilinear is exact inside
+                torch.testing.assert_close(view[inner], grid[inner], atol=1e-5, rtol=0)
+        area_q = s["box_q"][2] ** 2 / hi ** 2
+        assert 0.3 - 0.02 <= area_q <= 1 and abs(s["box_c"][2] ** 2 / hi ** 2 - 0.8) < 0.02
+    whole = data.PairSampler(size=size, hi=hi, crop=False).sample(torch.Generator().manual_seed(1))
+    assert whole["box_q"] == whole["box_c"] == (0, 0, hi)
 
 
-def test_flip_negates_flow_x_and_keeps_flow_consistent(scene):
-    f = torch.from_numpy(scene.flow(0, 1)).permute(2, 0, 1)[None] * 2 / S  # (1, 2, S, S)
-    u = (torch.arange(S) + 0.5) * 2 / S - 1
-    grid = torch.stack(torch.meshgrid(u, u.flip(0), indexing="ij")[::-1], -1)  # mirrored identity
-    out = data.warp(f, grid, True, is_flow=True)
-    torch.testing.assert_close(out[:, 0], -f[:, 0].flip(-1), atol=1e-6, rtol=0)
-    torch.testing.assert_close(out[:, 1], f[:, 1].flip(-1), atol=1e-6, rtol=0)
-    # in the mirrored views, following the warped flow lands on the same instance
-    m0, m1 = (torch.from_numpy(scene.masks[t]).float()[None, None] for t in (0, 1))
-    v0 = F.grid_sample(m0, grid[None], mode="nearest", align_corners=False)[0, 0].numpy()
-    v1 = F.grid_sample(m1, grid[None], mode="nearest", align_corners=False)[0, 0].numpy()
-    occ = F.grid_sample(torch.from_numpy(scene.occluded(0, 1)).float()[None, None], grid[None], mode="nearest",
-                        align_corners=False)[0, 0].numpy() > 0
-    fl = out[0].numpy() * S / 2  # pixels of the view
+def test_a_view_is_its_box_cut_from_the_sharp_frame_and_matches_its_grid(scene):
+    frame = torch.from_numpy(scene.frames[0]).permute(2, 0, 1).float() / 255   # (3, S, S)
+    box = (10, 20, 60)
+    for flip in (False, True):
+        view = data.cut_view(frame, box, 30, flip)                        # 2x downsampling
+        # reference: PIL's antialiased bilinear resize of the cut box, channel by channel
+        ref = torch.stack([torch.tensor(np.asarray(Image.fromarray(c[10:70, 20:80].numpy(), mode="F")
+                                                       .resize((30, 30), Image.BILINEAR))) for c in frame])
+        ref = ref.flip(-1) if flip else ref
+        torch.testing.assert_close(view, ref, atol=1e-4, rtol=0)
+        # the view and its grid agree: sampling the frame with the grid gives nearly the view
+        grid = data.crop_grid(box, S, 30, flip)
+        assert (data.warp(frame[None], grid)[0] - view).abs().mean() < 0.03
+    # Cut from the full-resolution frame, a small crop keeps its detail; the old way (upsampled
+    # from a cue-resolution frame) loses it.
+    small = F.interpolate(frame[None], size=(S // 2, S // 2), mode="area")[0]
+    up = data.warp(small[None], data.crop_grid(box, S, 60))[0]
+    sharp = data.cut_view(frame, box, 60)
+    hf = lambda x: (x[:, :, 1:] - x[:, :, :-1]).abs().mean()  # noqa: E731
+    assert hf(sharp) > 1.3 * hf(up)
+
+
+def test_warp_copies_values_and_the_shared_flip_mirrors_the_video(scene):
+    f = torch.from_numpy(scene.flow(0, 1)).permute(2, 0, 1)[None] * 2 / S   # (1, 2, S, S)
+    mirror = data.crop_grid((0, 0, S), S, S, flip=True)                     # the own flip of a view
+    out = data.warp(f, mirror)
+    torch.testing.assert_close(out, f.flip(-1), atol=1e-6, rtol=0)          # re-laid out, same values
+    # The shared flip: the flow of the mirrored video is the mirrored flow with x negated;
+    # following it in the mirrored masks lands on the same instance.
+    fl = data.hflip_cues({"flow_fwd": f[0]})["flow_fwd"].numpy() * S / 2    # (2, S, S) pixels
+    assert np.allclose(fl[0], -f[0, 0].flip(-1).numpy() * S / 2) and np.allclose(fl[1], f[0, 1].flip(-1).numpy() * S / 2)
+    m0, m1, occ = scene.masks[0][:, ::-1], scene.masks[1][:, ::-1], scene.occluded(0, 1)[:, ::-1]
     xx, yy = _pixel_centres(S)
     x2, y2 = np.floor(xx + fl[0]).astype(int), np.floor(yy + fl[1]).astype(int)
-    ok = ~occ & (v0 > 0) & (x2 >= 0) & (x2 < S) & (y2 >= 0) & (y2 < S)
-    assert (v1[y2[ok], x2[ok]] == v0[ok]).mean() >= 0.9
+    ok = ~occ & (m0 > 0) & (x2 >= 0) & (x2 < S) & (y2 >= 0) & (y2 < S)
+    assert ok.sum() > 100 and (m1[y2[ok], x2[ok]] == m0[ok]).mean() >= 0.9
+    wrong = np.floor(xx - fl[0]).astype(int)                                 # without the negation
+    ok2 = ok & (wrong >= 0) & (wrong < S)
+    assert (m1[y2[ok2], wrong[ok2]] == m0[ok2]).mean() < 0.9
 
 
-def test_pair_dataset_is_deterministic_and_folder_matches_synthetic(synth_root):
-    syn = data.PairDataset.synthetic(2, 5, 3, base=S, size=48)  # scene seed 3 = pair seed
-    fold = data.PairDataset(data.VideoFolder(synth_root), base=S, size=48, seed=3)
-    assert len(syn) == len(fold) == 8
+def test_pair_dataset_is_deterministic_and_its_cues_are_the_exact_ones(synth_root):
+    syn = data.PairDataset.synthetic(2, 5, 3, base=S // 2, size=48)   # renders at 96, cues at 48
+    assert len(syn) == 2 and syn.source.size == 96
     for i in (0, 5):
-        a, b, c = syn[i], syn[i], fold[i]
-        assert a["frames"].shape == (2, 3, S, S) and a["grid_q"].shape == (48, 48, 2)
+        a, b = syn[i], syn[i]
+        assert a["views"].shape == (2, 3, 48, 48) and a["frames"].shape == (2, 3, S // 2, S // 2)
         for k in a:
             assert torch.equal(a[k], b[k]), k
-        assert set(a) == set(c) and torch.equal(a["delta"], c["delta"])
-        assert (a["frames"] - c["frames"]).abs().mean() < 0.03
-        for k in ("flow_fwd", "flow_bwd", "disparity"):
-            close = ((a[k] - c[k]).abs() < 0.02 * a[k].abs().max()).float().mean()
-            assert close > 0.9, k
-    noisy = data.PairDataset.synthetic(videos=2, frames=5, scene_seed=3, seed=3, base=S, size=48, cue_noise=1.0)
+    # the cues equal the scene's exact cues, downsampled to the cue resolution (and mirrored
+    # with flow-x negated when the pair is flipped)
+    sc = data.SyntheticScenes(3, frames=5, size=96)
+    for i in range(6):
+        it = syn[2 * i]                                                # video 0 (seed 3)
+        t_pairs = [(t, min(t + int(it["delta"]), 4)) for t in range(4)]
+        ref = {}
+        for t, t2 in t_pairs:
+            if t2 - t != int(it["delta"]):
+                continue
+            f = F.avg_pool2d(torch.from_numpy(sc.flow(t, t2)).permute(2, 0, 1)[None], 2)[0] * 2 / 96
+            f = data.hflip_cues({"flow": f})["flow"] if it["flip"] else f
+            ref[t] = f
+        err = min((it["flow_fwd"] - r).abs().max() for r in ref.values())
+        assert err < 1e-4, err                                         # one of the frames t matches
+    noisy = data.PairDataset.synthetic(videos=2, frames=5, scene_seed=3, seed=3, base=S // 2, size=48, cue_noise=1.0)
     assert (noisy[0]["flow_fwd"] - syn[0]["flow_fwd"]).abs().mean() > 1e-3
+    fold = data.PairDataset(data.VideoFolder(synth_root), base=S // 2, size=48, seed=3)
+    c = fold[1]
+    assert c["views"].shape == (2, 3, 48, 48) and set(c) == set(syn[0])
     bare = data.PairDataset(data.VideoFolder(synth_root), base=S, size=48, seed=3, with_cues=False)[0]
     assert set(bare) == set(c) - {"flow_fwd", "flow_bwd", "disparity"}
-    other = data.PairDataset.synthetic(2, 5, 3, base=S, size=48, seed=4)[0]  # another pair seed
+    other = data.PairDataset.synthetic(2, 5, 3, base=S // 2, size=48, seed=4)[0]  # another pair seed
     assert not all(torch.equal(other[k], syn[0][k]) for k in ("grid_q", "grid_c"))
+
+
+def test_every_video_is_drawn_equally_often_whatever_its_length(tmp_path):
+    root = tmp_path / "lens"
+    for v, n in (("long", 40), ("short", 3)):
+        for i in range(n):
+            _jpg(root / "JPEGImages" / v / f"{i:05d}.jpg", (24, 24))
+    ds = data.PairDataset(data.VideoFolder(root), base=16, size=14, with_cues=False)
+    assert len(ds) == 2
+    counts = {0: 0, 1: 0}
+    for key in range(200):                                             # keys of 100 epochs
+        counts[key % len(ds)] += 1
+        ds[key]
+    assert counts[0] == counts[1] == 100 and ds.skipped == 0
+
+
+def test_base_frame_cuts_the_centre_square_first(tmp_path):
+    img = (np.random.default_rng(0).random((60, 100, 3)) * 255).astype(np.uint8)
+    hi, lo = data.base_frames(img, 16, hi=30)
+    ref = Image.fromarray(img[:, 20:80]).resize((30, 30), Image.BICUBIC)
+    assert torch.equal(hi, torch.from_numpy(np.asarray(ref).copy()).permute(2, 0, 1).float() / 255)
+    assert lo.shape == (3, 16, 16)
+    thin = np.zeros((2, 20000, 3), np.uint8)                          # 20000 x 2: cut to 2 x 2 first
+    assert data.base_frame(thin, 16).shape == (3, 16, 16)
 
 
 def _jpg(path, size=(20, 16), mode="RGB"):
