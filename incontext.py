@@ -1,7 +1,8 @@
-"""The linear in-context loss of LILA (ridge regression by Cholesky, masked L1 + edge loss).
+"""The linear in-context loss of LILA (ridge regression by Cholesky, L1 + edge loss).
 
 Paper: "Featurising Pixels from Dynamic 3D Scenes with Linear In-Context Learners",
-Araslanov et al., CVPR 2026, section "Linear in-context learning" (DESIGN.md section 2).
+Araslanov et al., CVPR 2026, section 3 ("Linear in-context learning"); official code:
+lila/lila/dpt_lila.py (solve_weighted_ridge_regression, forward_cross, flow_boundary_loss).
 
 The decoder is trained so that ONE linear map, fitted in closed form on a *context* frame
 to predict its noisy cues (flow, depth, self-distillation), also predicts the cues of a
@@ -10,29 +11,30 @@ to predict its noisy cues (flow, depth, self-distillation), also predicts the cu
     W* = argmin_W (1/N) sum_n c_n ||x_n^T W - y_n||^2 + lam ||W||^2                 (ridge)
        = (X^T C X / N + lam I)^-1  X^T C Y / N                         (normal equations)
     g_hat = X_q W*                                         (prediction on the full query)
-    L = masked L1(g_hat, g_q) + gamma * edge(g_hat, g_q)                            (loss)
-    edge = | |grad g_hat| - |grad g_q| | * (1 - exp(-|grad g_q| / sigma)),  grad in x and y
+    L = L1(g_hat, g_q) + gamma * (L_x + L_y)                                        (loss)
+    L_x = mean | |dx g_hat| - |dx g_q| | * (1 - exp(-|dx g_q| / sigma)),  L_y the same in y
+
+x_n = [f_n, 1]: the decoder's features (already LayerNormed by the decoder, model.py) with a
+constant 1 for the bias, average-pooled to 32 x 32 on the context; c_n the product of the
+pooled confidence channels, zeroed below 0.5. In the loss every flow/depth channel counts only
+where its own confidence is positive; the SD channels count everywhere.
 
 Shapes: B batch, D feature channels (128 for ViT-S), P = D + 1 (bias column), H x W a view
 (224^2), K cue channels (2 flow + 1 depth + 32 SD = 35), N = pool^2 context samples (1024),
-Cc confidence channels (e.g. flow forward-backward check and depth validity).
+Cm confidence channels, one per masked cue channel ([flow, flow, depth-valid]).
 
-Deviations and choices (official code: torch.linalg.solve, i.e. LU):
-- Cholesky (`cholesky_ex` + `cholesky_solve`) instead of LU: the system is symmetric positive
-  definite (lam > 0). If float32 round-off ever breaks positive definiteness (only with
-  un-normalised, huge features) a small diagonal jitter relative to the matrix scale is added
-  to the failed batch elements and the factorisation repeated; this never fires for the
-  LayerNorm'd features of the loss. `solver="lu" | "lstsq"` exist for the benchmark/tests.
+Deviations from the official code:
+- Cholesky (`cholesky_ex` + `cholesky_solve`) instead of LU (`torch.linalg.solve`): the system
+  is symmetric positive definite (lam > 0). If float32 round-off ever breaks positive
+  definiteness (only with un-normalised, huge features) a small diagonal jitter relative to the
+  matrix scale is added to the failed batch elements and the factorisation repeated.
+  `solver="lu" | "lstsq"` exist for the benchmark and the tests; on a CPU Cholesky and LU cost
+  the same (python bench.py incontext).
 - The ridge system is always formed and solved in float32 (float64 if an input is float64),
   also under autocast: see the comment in `ridge_solve`.
-- The loss applies a LayerNorm (no affine) over channels itself, so the features it sees
-  are unit-scale whatever the decoder outputs (model.py's final LayerNorm has a learnable
-  affine, so this is not a no-op). Cost: on CPU at paper size (B = 32) the loss's fwd+bwd is
-  ~11 s, ~2/3 of it the full-resolution LayerNorms and prediction, ~1/3 the L1 + edge terms;
-  the ridge solve itself is ~0.3 % (bench: python /work/bench_parts/incontext.py).
-- The masked means are normalised by the mask sums over the whole batch (0 if the mask is empty).
-- ERM ablation (`ERMHead`, `erm_loss`): no in-context step, a learned 1x1 conv predicts the
-  cues of each frame (both frames) with the same L1 + edge terms.
+- ERM ablation (`ERMHead`, `erm_loss`), the paper's baseline without the in-context step: a
+  learned 1x1 conv predicts the cues of each frame (both frames) with the same loss. The
+  official release has no code for it.
 
 Run the tests: `python -m pytest -q tests/test_incontext.py`.
 Use in train.py (the ERM flag; the head's parameters must join the optimizer):
@@ -51,8 +53,8 @@ def _fail(fn, msg):
     raise ValueError(f"incontext.py: {fn}: {msg}")
 
 
-def _check_maps(fn, feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx, conf_q, n_masked):
-    """Shapes: feat (B, D, H, W), cue (B, K, H, W), conf (B, Cc, H, W) or None, per view."""
+def _check_maps(fn, feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx, conf_q):
+    """Shapes: feat (B, D, H, W), cue (B, K, H, W), conf (B, Cm, H, W) with Cm <= K or None."""
     named = dict(feat_ctx=feat_ctx, feat_q=feat_q, cue_ctx=cue_ctx, cue_q=cue_q,
                  conf_ctx=conf_ctx, conf_q=conf_q)
     for name, t in named.items():
@@ -68,10 +70,9 @@ def _check_maps(fn, feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx, conf_q, n_masked
     for view, feat, cue, conf in (("ctx", feat_ctx, cue_ctx, conf_ctx), ("q", feat_q, cue_q, conf_q)):
         if cue.shape[-2:] != feat.shape[-2:]:
             _fail(fn, f"cue_{view} {tuple(cue.shape)} and feat_{view} {tuple(feat.shape)} differ in H, W")
-        if conf is not None and (conf.shape[0] != B or conf.shape[-2:] != feat.shape[-2:]):
-            _fail(fn, f"conf_{view} {tuple(conf.shape)} must be (B={B}, Cc, H, W) like feat_{view}")
-    if not 0 <= n_masked <= K:
-        _fail(fn, f"n_masked={n_masked} must lie in [0, K={K}]")
+        if conf is not None and (conf.shape[0] != B or conf.shape[1] > K or conf.shape[-2:] != feat.shape[-2:]):
+            _fail(fn, f"conf_{view} {tuple(conf.shape)} must be (B={B}, Cm <= K={K}, H, W) like feat_{view}: "
+                      "one confidence channel per masked cue channel")
 
 
 # --- method ---
@@ -97,7 +98,7 @@ def ridge_solve(X, Y, w, lam=0.1, solver="cholesky", jitter=1e-5, retries=3):
     # Precision. Under autocast the products below would run in fp16/bf16: a Gram entry is a
     # sum of N = 1024 products, fp16 overflows at 65504 and bf16 keeps 8 mantissa bits, so
     # the round-off (~N * 4e-3 relative) can exceed lam and make the matrix indefinite. So we
-    # leave autocast and work in float32 (eps 6e-8). For the loss's LayerNorm'd features
+    # leave autocast and work in float32 (eps 6e-8). For LayerNormed features (unit gain)
     # ||x_n||^2 = D + 1, the eigenvalues of A lie in [lam, lam + D + 1], a condition number
     # <= 1 + (D + 1) / lam ~ 1.3e3: float32 then loses < 1e-4 relative and is plenty.
     # float64 is needed only when the condition number nears 1 / eps32 ~ 1e7, e.g. raw
@@ -139,28 +140,22 @@ def ridge_solve(X, Y, w, lam=0.1, solver="cholesky", jitter=1e-5, retries=3):
         return torch.cholesky_solve(b, L)                                # (B, P, K)
 
 
-def layer_norm_channels(feat):
-    """Per-pixel LayerNorm over channels, no affine (the paper's LayerNorm'd features).
-    feat (B, D, H, W) -> (B, D, H, W)."""
-    return F.layer_norm(feat.movedim(1, -1), feat.shape[1:2]).movedim(-1, 1)
+def ridge_weight(conf, size, lstsq_cutoff=0.5):
+    """Per-sample ridge weight c_n: the product of the confidence channels, average-pooled to
+    `size`, zeroed below `lstsq_cutoff` (official configs/train_ytvos.yaml: lstsq_cutoff 0.5;
+    dpt_lila.py pools each channel, multiplies them, then zeroes < 0.5).
+    conf (B, Cc, H, W) or None (all confident) -> (B, N) with N = size[0] * size[1]."""
+    B = conf.shape[0]
+    c = F.adaptive_avg_pool2d(conf, size).prod(1).flatten(1)            # (B, N)
+    return c * (c >= lstsq_cutoff)
 
 
-def confidence(conf, threshold=0.5):
-    """Per-pixel confidence: product of the confidence channels, zeroed below `threshold`
-    (paper: 0.5). conf (B, Cc, H, W) or None (all confident) -> (B, 1, H, W) or None."""
-    if conf is None:
-        return None
-    c = conf.prod(dim=1, keepdim=True)                                   # (B, 1, H, W)
-    return c * (c >= threshold)                                          # (B, 1, H, W)
-
-
-def _masked_mean(x, m):
-    """Sum(m * x) / sum(m) over everything (0 if the mask is empty); m None means all ones.
-    x (B, C, H, W), m (B, 1, H, W) or None."""
-    if m is None:
-        return x.mean()
-    den = m.sum() * x.shape[1]
-    return (m * x).sum() / torch.where(den > 0, den, torch.ones_like(den))
+def _valid(mask, K, conf_cutoff):
+    """Per-channel validity (B, K, H, W) bool: the first Cm channels where their confidence
+    (B, Cm, H, W) exceeds conf_cutoff, the other K - Cm channels (SD) everywhere."""
+    B, Cm, H, W = mask.shape
+    ok = mask > conf_cutoff                                              # (B, Cm, H, W)
+    return torch.cat([ok, ok.new_ones(B, K - Cm, H, W)], 1)             # (B, K, H, W)
 
 
 def _abs_grads(x):
@@ -168,80 +163,90 @@ def _abs_grads(x):
     return (x[..., :, 1:] - x[..., :, :-1]).abs(), (x[..., 1:, :] - x[..., :-1, :]).abs()
 
 
-def cue_loss(pred, target, mask=None, n_masked=3, gamma=1.0, sigma=0.1, edge=True):
-    """L = masked L1(pred, target) + gamma * edge loss, per channel, averaged over channels.
+def _mean_over(x, valid):
+    """Mean of x over the valid elements (0 if there are none). x (B, K, H, W), valid bool."""
+    n = valid.sum()
+    return (x * valid).sum() / n.clamp(min=1)
 
-    pred, target (B, K, H, W); mask (B, 1, H, W) confidence of the target view (or None).
-    The first `n_masked` channels (flow 2 + depth 1) use the mask; the rest (SD) do not.
-    edge = | |grad pred| - |grad target| | * (1 - exp(-|grad target| / sigma)) over x and y
-    differences (a difference is masked unless both its pixels are confident).
-    Paper defaults: gamma = 1, sigma = 0.1. Returns (loss, parts of detached tensors).
+
+def cue_loss(pred, target, mask=None, gamma=1.0, sigma=0.1, edge=True, conf_cutoff=0.0):
+    """L = L1 + gamma * (L_x + L_y), the official loss (dpt_lila.py forward_cross and
+    flow_boundary_loss), over the valid elements of every cue channel:
+
+        L1  = mean over valid (k, p) of |pred_k(p) - target_k(p)|
+        L_x = mean over valid x-differences of (1 - exp(-|dx target| / sigma)) * | |dx pred| - |dx target| |
+        L_y   the same in y;  a difference is valid where both of its pixels are.
+
+    pred, target (B, K, H, W). mask (B, Cm, H, W): the confidence of the first Cm cue channels,
+    each channel its own (flow-x and flow-y: the forward-backward check, depth: its validity);
+    a channel element is valid where its confidence > conf_cutoff (official conf_cutoff 0.0:
+    any confidence at all, e.g. half-confident pixels that bilinear warping creates). The other
+    K - Cm channels (SD) are valid everywhere. mask None: all valid.
+    Paper / official defaults: gamma (w_edge) 1, sigma (sigma_edge) 0.1.
+    Returns (loss, parts): "l1", "edge" scalars and "l1_channels" (K,), the L1 of each channel
+    over its valid pixels, all detached (for the log: a cue that does not learn shows there).
     """
-    K = pred.shape[1]
-    groups = [(slice(0, n_masked), mask), (slice(n_masked, K), None)]   # (flow+depth, SD)
-    l1, edge_term, parts = 0.0, 0.0, {}
-    for (sl, m), name in zip(groups, ("l1_flow_depth", "l1_sd")):
-        p, t = pred[:, sl], target[:, sl]                                # (B, k, H, W)
-        share = p.shape[1] / K                                           # channels of this group
-        if share == 0:
-            parts[name] = pred.new_zeros(()).detach()
-            continue
-        g = _masked_mean((p - t).abs(), m)
-        parts[name] = g.detach()
-        l1 = l1 + share * g
-        if edge:
-            mx = my = None
-            if m is not None:
-                mx, my = m[..., :, 1:] * m[..., :, :-1], m[..., 1:, :] * m[..., :-1, :]
-            for dp, dt, md in zip(_abs_grads(p), _abs_grads(t), (mx, my)):
-                weight = 1 - torch.exp(-dt / sigma)                      # ~1 on target edges
-                edge_term = edge_term + share / 2 * _masked_mean(weight * (dp - dt).abs(), md)
+    B, K, H, W = pred.shape
+    if mask is None:
+        mask = pred.new_ones(B, 0, H, W)
+    valid = _valid(mask, K, conf_cutoff)                                 # (B, K, H, W)
+    err = (pred - target).abs()                                          # (B, K, H, W)
+    l1 = _mean_over(err, valid)
+    with torch.no_grad():
+        n_k = valid.sum((0, 2, 3)).clamp(min=1)                          # (K,)
+        per_channel = (err * valid).sum((0, 2, 3)) / n_k                 # (K,)
+    edge_term = pred.new_zeros(())
+    if edge:
+        vx = valid[..., :, 1:] & valid[..., :, :-1]                     # (B, K, H, W-1)
+        vy = valid[..., 1:, :] & valid[..., :-1, :]                     # (B, K, H-1, W)
+        for dp, dt, v in zip(_abs_grads(pred), _abs_grads(target), (vx, vy)):
+            weight = 1 - torch.exp(-dt / sigma)                          # ~1 on target edges
+            edge_term = edge_term + _mean_over(weight * (dp - dt).abs(), v)   # L_x + L_y
     loss = l1 + gamma * edge_term if edge else l1
-    parts["l1"] = l1.detach()
-    parts["edge"] = torch.as_tensor(edge_term).detach()
-    return loss, parts
+    return loss, {"l1": l1.detach(), "edge": edge_term.detach(), "l1_channels": per_channel}
 
 
-def incontext_loss(feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx=None, conf_q=None, n_masked=3,
-                   pool=32, lam=0.1, gamma=1.0, sigma=0.1, edge=True, threshold=0.5,
+def incontext_loss(feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx=None, conf_q=None, pool=32,
+                   lam=0.1, gamma=1.0, sigma=0.1, edge=True, lstsq_cutoff=0.5, conf_cutoff=0.0,
                    solver="cholesky"):
-    """The linear in-context loss (DESIGN.md "Linear in-context loss").
+    """The linear in-context loss (paper section 3; official dpt_lila.py forward_cross).
 
     feat_ctx, feat_q (B, D, H, W) decoder features of the context / query view;
-    cue_ctx, cue_q (B, K, H, W) their cues, the first `n_masked` (flow 2 + depth 1) masked
-    by confidence, the rest (SD) not; conf_ctx, conf_q (B, Cc, H, W) confidence channels
-    (product, thresholded at `threshold`), or None. Paper defaults: pool 32 (N = 1024),
-    lam 0.1, gamma 1, sigma 0.1, threshold 0.5.
-    Returns (loss scalar, parts): "l1", "edge", "l1_flow_depth", "l1_sd" as detached tensors.
+    cue_ctx, cue_q (B, K, H, W) their cues; conf_ctx, conf_q (B, Cm, H, W) the confidence of
+    the first Cm cue channels, one channel each (e.g. [flow, flow, depth-valid]), the other
+    K - Cm channels (SD) need none; or None (all confident).
+    Context: the ridge map W* is fitted on pool x pool averages (N = 1024 samples) with weights
+    c_n = product of the pooled confidence channels, zeroed < lstsq_cutoff.
+    Query: g_hat = X_q W* at full resolution, then `cue_loss` (L1 + gamma * edge, each channel
+    masked by its own confidence > conf_cutoff).
+    Paper / official defaults: pool 32, lam 0.1, gamma 1, sigma 0.1, lstsq_cutoff 0.5,
+    conf_cutoff 0.0. Returns (loss scalar, parts) as cue_loss.
     """
-    _check_maps("incontext_loss", feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx, conf_q, n_masked)
+    _check_maps("incontext_loss", feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx, conf_q)
     B, D, Hc, Wc = feat_ctx.shape
     size = (min(pool, Hc), min(pool, Wc))                                # pool x pool, N = 1024
-    # Context: X_c = [LayerNorm(f), 1] pooled; pooling after the LayerNorm is linear, so a cue
-    # that is a linear function of the per-pixel features stays one after pooling.
-    xc = F.adaptive_avg_pool2d(layer_norm_channels(feat_ctx), size)      # (B, D, 32, 32)
+    # Context: X_c = [f, 1] pooled (the decoder's features are LayerNormed already); pooling is
+    # linear, so a cue that is a linear function of the per-pixel features stays one after it.
+    xc = F.adaptive_avg_pool2d(feat_ctx, size)                          # (B, D, 32, 32)
     xc = xc.flatten(2).transpose(1, 2)                                   # (B, N, D)
     xc = torch.cat([xc, torch.ones_like(xc[..., :1])], -1)               # (B, N, P)  bias column
     yc = F.adaptive_avg_pool2d(cue_ctx, size).flatten(2).transpose(1, 2)  # (B, N, K)
-    if conf_ctx is None:
+    if conf_ctx is None or conf_ctx.shape[1] == 0:
         c = xc.new_ones(B, xc.shape[1])                                  # (B, N)
     else:
-        c = F.adaptive_avg_pool2d(conf_ctx.prod(1, keepdim=True).to(xc.dtype), size)  # (B, 1, 32, 32)
-        c = (c * (c >= threshold)).flatten(1)                            # (B, N)  zeroed < 0.5
+        c = ridge_weight(conf_ctx.to(xc.dtype), size, lstsq_cutoff)      # (B, N)  zeroed < 0.5
     W = ridge_solve(xc, yc, c, lam=lam, solver=solver)                   # (B, P, K)  W*
     # Query: g_hat = X_q W* at full resolution; the bias row added separately, so the
     # (B, P, H, W) matrix with its column of ones is never built.
-    xq = layer_norm_channels(feat_q)                                     # (B, D, H, W)
-    xq = xq.to(torch.promote_types(xq.dtype, W.dtype))
+    xq = feat_q.to(torch.promote_types(feat_q.dtype, W.dtype))           # (B, D, H, W)
     pred = torch.einsum("bdhw,bdk->bkhw", xq, W[:, :D]) + W[:, D, :, None, None]  # (B, K, H, W)
-    mask = confidence(conf_q, threshold)                                 # (B, 1, H, W)
-    return cue_loss(pred, cue_q, mask, n_masked, gamma, sigma, edge)
+    return cue_loss(pred, cue_q, conf_q, gamma, sigma, edge, conf_cutoff)
 
 
 # --- ablation: ERM (no in-context step) ---
 
 class ERMHead(nn.Module):
-    """A learned linear map (1x1 conv, D -> K) from LayerNorm'd features to cues, shared
+    """A learned linear map (1x1 conv, D -> K) from the decoder's features to cues, shared
     across all videos: the paper's "ERM" baseline (DAVIS LP/kNN 63.2/61.1 vs 68.6/73.9).
     feat (B, D, H, W) -> (B, K, H, W)."""
 
@@ -250,18 +255,18 @@ class ERMHead(nn.Module):
         self.proj = nn.Conv2d(dim, n_cues, kernel_size=1)                # W and bias, learned
 
     def forward(self, feat):
-        return self.proj(layer_norm_channels(feat))                      # (B, K, H, W)
+        return self.proj(feat)                                           # (B, K, H, W)
 
 
-def erm_loss(head, feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx=None, conf_q=None, n_masked=3,
-             pool=None, lam=None, gamma=1.0, sigma=0.1, edge=True, threshold=0.5, solver=None):
-    """ERM ablation: predict each frame's cues with `head` and apply the same masked L1 +
-    gamma * edge loss to both frames (each with its own confidence); the mean of the two.
-    Same shapes, keywords and defaults as `incontext_loss`, so the flag only swaps the
-    function; `pool`, `lam`, `solver` belong to the ridge step and are ignored here.
+def erm_loss(head, feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx=None, conf_q=None, gamma=1.0,
+             sigma=0.1, edge=True, conf_cutoff=0.0, **ridge_kw):
+    """ERM ablation: predict each frame's cues with `head` and apply the same L1 + gamma * edge
+    loss (`cue_loss`) to both frames, each with its own confidence; the mean of the two.
+    Same shapes and keywords as `incontext_loss`, so the flag only swaps the function; the
+    ridge step's keywords (pool, lam, lstsq_cutoff, solver) are accepted and unused.
     Returns (loss, parts)."""
-    _check_maps("erm_loss", feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx, conf_q, n_masked)
-    losses = [cue_loss(head(f), g, confidence(m, threshold), n_masked, gamma, sigma, edge)
+    _check_maps("erm_loss", feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx, conf_q)
+    losses = [cue_loss(head(f), g, m, gamma, sigma, edge, conf_cutoff)
               for f, g, m in ((feat_ctx, cue_ctx, conf_ctx), (feat_q, cue_q, conf_q))]
     loss = (losses[0][0] + losses[1][0]) / 2
     parts = {k: (losses[0][1][k] + losses[1][1][k]) / 2 for k in losses[0][1]}

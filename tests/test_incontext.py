@@ -67,20 +67,20 @@ def test_incontext_loss_gradcheck_float64():
     fc = torch.randn(B, D, H, H, generator=g, dtype=torch.float64, requires_grad=True)
     fq = torch.randn(B, D, H, H, generator=g, dtype=torch.float64, requires_grad=True)
     cc, cq = torch.randn(2, B, K, H, H, generator=g, dtype=torch.float64)
-    conf = (torch.rand(B, 1, H, H, generator=g) > 0.3).double()
-    fn = lambda a, b: ic.incontext_loss(a, b, cc, cq, conf, conf, n_masked=2, pool=4)[0]
+    conf = (torch.rand(B, 2, H, H, generator=g) > 0.3).double()
+    fn = lambda a, b: ic.incontext_loss(a, b, cc, cq, conf, conf, pool=4)[0]
     assert torch.autograd.gradcheck(fn, (fc, fq))
 
 
 def _linear_scene(B=2, D=16, K=5, H=32, seed=0, cell=4):
-    """Features of two views and cues that are exactly one linear map of the LayerNorm'd
-    features (plus bias), shared by both views. Features are smooth (constant on cell x cell
+    """Features of two views and cues that are exactly one linear map of the features (plus
+    bias), shared by both views. Features are smooth (constant on cell x cell
     blocks) like a decoder's, so pooling keeps their variance and lam = 0.1 shrinks little."""
     g = torch.Generator().manual_seed(seed)
     fc, fq = torch.randn(2, B, D, H // cell, H // cell, generator=g).repeat_interleave(
         cell, -1).repeat_interleave(cell, -2)
     Wt, bt = torch.randn(D, K, generator=g), torch.randn(K, generator=g)
-    cue = lambda f: torch.einsum("bdhw,dk->bkhw", ic.layer_norm_channels(f), Wt) + bt[:, None, None]
+    cue = lambda f: torch.einsum("bdhw,dk->bkhw", f, Wt) + bt[:, None, None]
     return fc, fq, cue(fc), cue(fq), Wt, bt
 
 
@@ -95,51 +95,52 @@ def test_exact_linear_cues_are_recovered():
     assert loss_lam.item() < 0.3 * loss_rand.item()
 
 
-def _slow_cue_loss(pred, target, mask, n_masked, gamma, sigma):
-    """Per-channel, per-pixel loops of the masked L1 and edge loss (DESIGN.md)."""
+def _slow_cue_loss(pred, target, mask, gamma, sigma, cutoff=0.0):
+    """Loops over every element: the L1 over the valid (channel, pixel) elements plus gamma
+    times the edge terms L_x + L_y, each the mean over its valid differences (official
+    dpt_lila.py flow_loss[full_conf > 0].mean() and flow_boundary_loss). Channel k < Cm is
+    valid where mask[:, k] > cutoff, the others everywhere."""
     B, K, H, W = pred.shape
-    l1s, edges = [], []
-    for k in range(K):
-        m = mask if k < n_masked else torch.ones_like(mask)
-        num = den = 0.0
-        ex = ey = dx_den = dy_den = 0.0
-        for b in range(B):
+    valid = lambda b, k, i, j: k >= mask.shape[1] or mask[b, k, i, j] > cutoff  # noqa: E731
+    num = den = 0.0
+    sums = {(0, 1): [0.0, 0], (1, 0): [0.0, 0]}
+    for b in range(B):
+        for k in range(K):
             for i in range(H):
                 for j in range(W):
-                    num += m[b, 0, i, j] * abs(pred[b, k, i, j] - target[b, k, i, j])
-                    den += m[b, 0, i, j]
-                    for di, dj in ((0, 1), (1, 0)):
-                        if i + di >= H or j + dj >= W:
+                    if valid(b, k, i, j):
+                        num, den = num + abs(pred[b, k, i, j] - target[b, k, i, j]), den + 1
+                    for di, dj in sums:
+                        if i + di >= H or j + dj >= W or not (valid(b, k, i, j) and valid(b, k, i + di, j + dj)):
                             continue
-                        mm = m[b, 0, i, j] * m[b, 0, i + di, j + dj]
                         gp = abs(pred[b, k, i + di, j + dj] - pred[b, k, i, j])
                         gt = abs(target[b, k, i + di, j + dj] - target[b, k, i, j])
-                        e = mm * (1 - torch.exp(-gt / sigma)) * abs(gp - gt)
-                        if dj:
-                            ex, dx_den = ex + e, dx_den + mm
-                        else:
-                            ey, dy_den = ey + e, dy_den + mm
-        l1s.append(num / den if den > 0 else 0.0)
-        edges.append(0.5 * ((ex / dx_den if dx_den > 0 else 0.0) + (ey / dy_den if dy_den > 0 else 0.0)))
-    l1, edge = sum(l1s) / K, sum(edges) / K
+                        sums[(di, dj)][0] += (1 - torch.exp(-gt / sigma)) * abs(gp - gt)
+                        sums[(di, dj)][1] += 1
+    l1 = num / den
+    edge = sum(e / n for e, n in sums.values())
     return l1 + gamma * edge, l1, edge
 
 
 def test_cue_loss_matches_slow_loops():
     g = torch.Generator().manual_seed(2)
     pred, target = torch.randn(2, 2, 4, 5, 5, generator=g, dtype=torch.float64)
-    mask = (torch.rand(2, 1, 5, 5, generator=g) > 0.4).double()
-    loss, parts = ic.cue_loss(pred, target, mask, n_masked=2, gamma=0.7, sigma=0.3)
-    ref_loss, ref_l1, ref_edge = _slow_cue_loss(pred, target, mask, 2, 0.7, 0.3)
+    mask = torch.rand(2, 2, 5, 5, generator=g, dtype=torch.float64) * (torch.rand(2, 2, 5, 5, generator=g) > 0.4)
+    loss, parts = ic.cue_loss(pred, target, mask, gamma=0.7, sigma=0.3)
+    ref_loss, ref_l1, ref_edge = _slow_cue_loss(pred, target, mask, 0.7, 0.3)
     assert abs(loss.item() - float(ref_loss)) < 1e-10
     assert abs(parts["l1"].item() - float(ref_l1)) < 1e-10
     assert abs(parts["edge"].item() - float(ref_edge)) < 1e-10
+    # each channel's L1 over its own valid pixels
+    m0 = mask[:, 0] > 0
+    assert abs(parts["l1_channels"][0].item() - (pred - target)[:, 0][m0].abs().mean().item()) < 1e-10
+    assert abs(parts["l1_channels"][3].item() - (pred - target)[:, 3].abs().mean().item()) < 1e-10
 
 
 def test_edge_loss_zero_when_equal_and_positive_otherwise():
     g = torch.Generator().manual_seed(3)
     target = torch.randn(2, 4, 16, 16, generator=g)
-    _, parts = ic.cue_loss(target.clone(), target, None, n_masked=0)
+    _, parts = ic.cue_loss(target.clone(), target, None)
     assert parts["edge"].item() == 0 and parts["l1"].item() == 0
     _, parts = ic.cue_loss(target + 0.1 * torch.randn(target.shape, generator=g), target, None)
     assert parts["edge"].item() > 0
@@ -150,40 +151,51 @@ def test_edge_loss_zero_when_equal_and_positive_otherwise():
 
 
 def _masked_scene(seed=4, B=2, D=8, K=6, H=32, pool=8):
+    """Two views with K = 6 cue channels; the first 3 (flow-x, flow-y, depth) have their own
+    confidence channel each: flow with pixel-level holes (shared by both flow channels), depth
+    with other holes; the context confidence is constant on pooled cells."""
     g = torch.Generator().manual_seed(seed)
     fc, fq = torch.randn(2, B, D, H, H, generator=g)
     cc, cq = torch.randn(2, B, K, H, H, generator=g)
-    conf_q = (torch.rand(B, 2, H, H, generator=g) > 0.2).float()       # pixel-level holes
-    cells = (torch.rand(B, 2, pool, pool, generator=g) > 0.2).float()  # whole pooled cells
-    conf_c = F.interpolate(cells, size=(H, H), mode="nearest")
+    flow, dep = (torch.rand(2, B, 1, H, H, generator=g) > 0.2).float()  # pixel-level holes
+    conf_q = torch.cat([flow, flow, dep], 1)                             # (B, 3, H, W)
+    cells = (torch.rand(B, 2, pool, pool, generator=g) > 0.2).float()    # whole pooled cells
+    cells = F.interpolate(cells, size=(H, H), mode="nearest")
+    conf_c = torch.cat([cells[:, :1], cells[:, :1], cells[:, 1:]], 1)
     return fc, fq, cc, cq, conf_c, conf_q
 
 
-def test_confidence_mask_removes_masked_pixels():
+def test_each_cue_channel_is_masked_by_its_own_confidence():
     fc, fq, cc, cq, conf_c, conf_q = _masked_scene()
-    kw = dict(n_masked=3, pool=8)
-    base, _ = ic.incontext_loss(fc, fq, cc, cq, conf_c, conf_q, **kw)
-    bad_q = (conf_q.prod(1, keepdim=True) == 0).expand(-1, 3, -1, -1)
+    base, parts = ic.incontext_loss(fc, fq, cc, cq, conf_c, conf_q, pool=8)
     cq2 = cq.clone()
-    cq2[:, :3][bad_q] = 1e3                              # flow/depth garbage where not confident
+    cq2[:, :3][conf_q == 0] = 1e3                        # flow/depth garbage where not confident
     bad_c = (conf_c.prod(1, keepdim=True) == 0).expand_as(cc)
     cc2 = cc.masked_fill(bad_c, -1e3)                    # context garbage, all channels
-    loss, _ = ic.incontext_loss(fc, fq, cc2, cq2, conf_c, conf_q, **kw)
+    loss, parts2 = ic.incontext_loss(fc, fq, cc2, cq2, conf_c, conf_q, pool=8)
     assert abs(loss.item() - base.item()) < 1e-5 * base.item()
+    # Depth is NOT masked by the flow check (and flow not by depth validity): garbage in depth
+    # where only the flow is unconfident changes the loss, and only the depth channel's L1.
+    cq3 = cq.clone()
+    cq3[:, 2:3][(conf_q[:, :1] == 0) & (conf_q[:, 2:3] > 0)] = 1e3
+    loss3, parts3 = ic.incontext_loss(fc, fq, cc, cq3, conf_c, conf_q, pool=8)
+    assert loss3.item() > 10 * base.item()
+    torch.testing.assert_close(parts3["l1_channels"][:2], parts["l1_channels"][:2])
+    assert parts3["l1_channels"][2] > 100 * parts["l1_channels"][2]
     # The same corruption with confidence ignored changes the loss a lot.
-    loss_nomask, _ = ic.incontext_loss(fc, fq, cc2, cq2, None, None, **kw)
+    loss_nomask, _ = ic.incontext_loss(fc, fq, cc2, cq2, None, None, pool=8)
     assert loss_nomask.item() > 10 * base.item()
 
 
 def test_sd_channels_are_not_masked():
     fc, fq, cc, cq, conf_c, conf_q = _masked_scene()
-    base, parts = ic.incontext_loss(fc, fq, cc, cq, conf_c, conf_q, n_masked=3, pool=8)
+    base, parts = ic.incontext_loss(fc, fq, cc, cq, conf_c, conf_q, pool=8)
     bad_q = (conf_q.prod(1, keepdim=True) == 0).expand(-1, 3, -1, -1)
     cq2 = cq.clone()
     cq2[:, 3:][bad_q] = 1e3                              # SD channels (3..5) corrupted
-    loss, parts2 = ic.incontext_loss(fc, fq, cc, cq2, conf_c, conf_q, n_masked=3, pool=8)
+    loss, parts2 = ic.incontext_loss(fc, fq, cc, cq2, conf_c, conf_q, pool=8)
     assert loss.item() > 10 * base.item()
-    assert parts2["l1_flow_depth"].item() == pytest.approx(parts["l1_flow_depth"].item(), rel=1e-6)
+    torch.testing.assert_close(parts2["l1_channels"][:3], parts["l1_channels"][:3])
 
 
 def _finite_grads(loss, *tensors):
@@ -250,7 +262,7 @@ def test_erm_head_with_true_map_has_zero_loss_and_trains():
     loss, parts = ic.erm_loss(head, fc, fq, cc, cq, conf, conf)
     assert loss.item() < 1e-5 < loss0.item() and set(parts) >= {"l1", "edge"}
     # One flag away: the ERM loss takes every keyword of incontext_loss.
-    kw = dict(n_masked=2, pool=8, lam=0.1, gamma=0.0, sigma=0.1, edge=True, threshold=0.5,
+    kw = dict(pool=8, lam=0.1, gamma=0.0, sigma=0.1, edge=True, lstsq_cutoff=0.5, conf_cutoff=0.0,
               solver="cholesky")
     assert torch.isfinite(ic.erm_loss(head, fc, fq, cc, cq, conf, conf, **kw)[0])
     assert torch.isfinite(ic.incontext_loss(fc, fq, cc, cq, conf, conf, **kw)[0])
@@ -260,24 +272,30 @@ def test_bad_shapes_raise_clear_errors():
     f, g, c = torch.randn(2, 8, 16, 16), torch.randn(2, 5, 16, 16), torch.ones(2, 1, 16, 16)
     with pytest.raises(ValueError, match="incontext.py: incontext_loss: cue_q"):
         ic.incontext_loss(f, f, g, g[:, :, :8], c, c)
-    with pytest.raises(ValueError, match="incontext.py: incontext_loss: n_masked"):
-        ic.incontext_loss(f, f, g, g, c, c, n_masked=6)
+    with pytest.raises(ValueError, match="incontext.py: incontext_loss: conf_q"):
+        ic.incontext_loss(f, f, g, g, c, torch.ones(2, 6, 16, 16))
     with pytest.raises(ValueError, match="incontext.py: ridge_solve"):
         ic.ridge_solve(torch.randn(2, 10, 3), torch.randn(2, 9, 1), torch.ones(2, 10))
     with pytest.raises(ValueError, match="lam must be > 0"):
         ic.ridge_solve(torch.randn(2, 10, 3), torch.randn(2, 10, 1), torch.ones(2, 10), lam=0)
 
 
-def test_confidence_is_the_product_of_channels_zeroed_below_threshold():
+def test_ridge_weight_is_the_pooled_product_zeroed_below_half_and_the_query_mask_any_confidence():
     # Two channels of 0.7 are each confident, but their product 0.49 < 0.5 is not.
     conf = torch.tensor([0.7, 0.7, 1.0, 0.6]).view(1, 4, 1, 1).expand(1, 4, 2, 2)
-    assert ic.confidence(conf[:, :2]).max() == 0
-    assert ic.confidence(conf[:, 2:]).allclose(torch.full((1, 1, 2, 2), 0.6))
+    assert ic.ridge_weight(conf[:, :2], (1, 1)).max() == 0
+    assert ic.ridge_weight(conf[:, 2:], (2, 2)).allclose(torch.full((1, 4), 0.6))
+    # pooled first, multiplied second: (mean 0.5) * (mean 1) = 0.5 -> kept
+    half = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).view(1, 1, 2, 2)
+    assert ic.ridge_weight(torch.cat([half, torch.ones_like(half)], 1), (1, 1)).item() == 0.5
+    # In the query, any positive confidence counts (official conf_cutoff 0): a pixel at 0.1
+    # confidence is in the loss, a pixel at 0 is not.
     fc, fq, cc, cq, conf_c, conf_q = _masked_scene(seed=8)
-    soft_q = conf_q.clone()
-    soft_q[:, :, :, :16] *= 0.7                          # left half: product 0.49 -> masked
+    soft_q = conf_q * 0.1
     base, _ = ic.incontext_loss(fc, fq, cc, cq, conf_c, soft_q, pool=8)
     cq2 = cq.clone()
-    cq2[:, :3, :, :16] = 1e3
-    loss, _ = ic.incontext_loss(fc, fq, cc, cq2, conf_c, soft_q, pool=8)
-    assert abs(loss.item() - base.item()) < 1e-5 * base.item()
+    cq2[:, :3][conf_q > 0] += 1.0
+    assert ic.incontext_loss(fc, fq, cc, cq2, conf_c, soft_q, pool=8)[0] > base + 0.01
+    cq3 = cq.clone()
+    cq3[:, :3][conf_q == 0] = 1e3
+    assert abs(ic.incontext_loss(fc, fq, cc, cq3, conf_c, soft_q, pool=8)[0].item() - base.item()) < 1e-5
