@@ -216,33 +216,33 @@ class StepSampler(torch.utils.data.Sampler):
 # -----------------------------------------------------------------------------------------
 # --- method --- from a batch of base-frame pairs to the LILA loss.
 
-def zscore(a, b, wa, wb, eps=1e-6):
-    """Z-score two cue maps (B, C, S, S) with ONE scalar mean/std over the batch, both views
-    and all channels, weighted by confidence (B, 1, S, S): the same affine map for context and
-    query, so a linear map fitted on one still reads the other."""
-    wa, wb = wa.expand_as(a), wb.expand_as(b)
-    wsum = wa.sum() + wb.sum() + eps
-    mean = ((a * wa).sum() + (b * wb).sum()) / wsum
-    var = (((a - mean) ** 2 * wa).sum() + ((b - mean) ** 2 * wb).sum()) / wsum
-    std = var.clamp_min(eps).sqrt()
-    return (a - mean) / std, (b - mean) / std
+def zscore(a, b, eps=1e-3):
+    """Z-score two cue maps (B, C, S, S) of the context and the query with ONE scalar mean and
+    std over the batch, both views and all channels (official dpt_lila.py RFFEncoder.seed /
+    renorm: (x - mean) / (eps + std), eps 1e-3): the same affine map for both views, so a
+    linear map fitted on one still reads the other."""
+    both = torch.cat([a, b])
+    std, mean = torch.std_mean(both)
+    return (a - mean) / (eps + std), (b - mean) / (eps + std)
 
 
 def views_and_cues(batch, lila, args, flow_cue=None, depth_cue=None, sd_gen=None):
-    """Base frames + grids -> the two views' images, features and cue maps.
+    """A batch of pairs -> the two views' features, cue maps and confidences.
 
-    batch["frames"] (B, 2, 3, Hb, Wb): frame t (query) and t+Δ (context).
-    Returns a dict with feats_q/feats_c (B, D, S, S), cue_q/cue_c (B, K, S, S),
-    conf_q/conf_c (B, Cc, S, S) and n_masked (leading cue channels masked by confidence).
+    batch (data.PairDataset): views (B, 2, 3, S, S) query view of frame t and context view of
+    frame t+Δ; frames (B, 2, 3, Hb, Wb) the base frames at the cue resolution; grid_q/grid_c.
+    Returns a dict with feats_q/feats_c (B, D, S, S), cue_q/cue_c (B, K, S, S), conf_q/conf_c
+    (B, Cm, S, S) the confidence of each masked cue channel ([flow, flow, depth-valid]; SD
+    channels need none), the views, and the names of the K cue channels.
     """
-    frames = batch["frames"]                                            # (B, 2, 3, Hb, Wb)
-    f_t, f_t2 = frames[:, 0], frames[:, 1]                              # (B, 3, Hb, Wb)
-    gq, gc, fq, fc = batch["grid_q"], batch["grid_c"], batch["flip_q"], batch["flip_c"]
-    img_q = data.warp(f_t, gq, fq)                                      # (B, 3, S, S)
-    img_c = data.warp(f_t2, gc, fc)                                     # (B, 3, S, S)
+    img_q, img_c = batch["views"][:, 0], batch["views"][:, 1]          # (B, 3, S, S)
+    f_t, f_t2 = batch["frames"][:, 0], batch["frames"][:, 1]            # (B, 3, Hb, Wb)
+    gq, gc = batch["grid_q"], batch["grid_c"]                           # (B, S, S, 2)
 
-    # Flow and depth on the BASE frames (never on the crops), then warped into each view.
-    with torch.no_grad():
+    # Flow and depth on the BASE frames (never on the crops), then warped into each view. The
+    # cue networks run in float32 even inside the step's autocast, so on-the-fly cues equal
+    # the cached ones (cues.py).
+    with torch.no_grad(), torch.autocast(img_q.device.type, enabled=False):
         if args.cues == "hub":
             flow_fwd, flow_bwd = flow_cue(f_t, f_t2)                   # (B, 2, Hb, Wb) each
             disp = depth_cue(torch.cat([f_t, f_t2]))                   # (2B, 1, Hb, Wb)
@@ -255,52 +255,66 @@ def views_and_cues(batch, lila, args, flow_cue=None, depth_cue=None, sd_gen=None
         depth, valid = cuelib.disparity_to_depth(torch.cat([disp_t, disp_t2]))
         depth_t, depth_t2 = depth.chunk(2)                              # (B, 1, Hb, Wb)
         valid_t, valid_t2 = valid.chunk(2)
+        # --- method ---
         # Query = frame t with the forward flow; context = frame t+Δ with the NEGATED
-        # backward flow: both then say "where this pixel is heading", one map reads both.
-        flow_q = data.warp(flow_fwd, gq, fq, is_flow=True)              # (B, 2, S, S)
-        flow_c = data.warp(-flow_bwd, gc, fc, is_flow=True)
-        depth_q, depth_c = data.warp(depth_t, gq, fq), data.warp(depth_t2, gc, fc)
-        fconf_q, fconf_c = data.warp(conf_t, gq, fq), data.warp(conf_t2, gc, fc)
-        dval_q, dval_c = data.warp(valid_t, gq, fq), data.warp(valid_t2, gc, fc)
+        # backward flow: both then say "where this point is heading", one map reads both.
+        # Warping copies values: a view's own flip or zoom never changes them (data.warp).
+        flow_q, flow_c = data.warp(flow_fwd, gq), data.warp(-flow_bwd, gc)  # (B, 2, S, S)
+        depth_q, depth_c = data.warp(depth_t, gq), data.warp(depth_t2, gc)  # (B, 1, S, S)
+        fconf_q, fconf_c = data.warp(conf_t, gq), data.warp(conf_t2, gc)
+        dval_q, dval_c = data.warp(valid_t, gq), data.warp(valid_t2, gc)
 
     # Features of both views in one pass (the encoder is frozen, the decoder trains).
     enc, feats = lila(torch.cat([img_q, img_c]))                       # (2B,E,h,w) (2B,D,S,S)
     feats_q, feats_c = feats.float().chunk(2)
 
-    cq, cc, kq, kc = [], [], [], []       # cue and confidence channels, masked ones first
+    cq, cc, kq, kc, names = [], [], [], [], []   # cues and confidences, masked channels first
     with torch.no_grad():
         if not args.no_flow:
-            a, b = zscore(flow_q, flow_c, fconf_q, fconf_c)
-            cq.append(a), cc.append(b), kq.append(fconf_q), kc.append(fconf_c)
+            a, b = zscore(flow_c, flow_q)
+            cc.append(a), cq.append(b), names.extend(["flow_x", "flow_y"])
+            kc.extend([fconf_c, fconf_c]), kq.extend([fconf_q, fconf_q])  # one per flow channel
         if not args.no_depth:
-            a, b = zscore(depth_q, depth_c, dval_q, dval_c)
-            cq.append(a), cc.append(b), kq.append(dval_q), kc.append(dval_c)
-        n_masked = sum(x.shape[1] for x in cq)
+            a, b = zscore(depth_c, depth_q)
+            cc.append(a), cq.append(b), names.append("depth")
+            kc.append(dval_c), kq.append(dval_q)
         if not args.no_sd:
-            # One random channel subset per step, shared by both views of every pair.
-            E = enc.shape[1]
-            ch = torch.randperm(E, generator=sd_gen)[:args.sd_channels].to(enc.device)
-            sd = cuelib.sd_cue(enc.float(), torch.cat([img_q, img_c]), channels=ch,
-                               use_pamr=not args.no_pamr)               # (2B, 32, S, S)
+            # A random subset of the encoder's channels PER PAIR (official random_subset), the
+            # same subset for both views of the pair, upsampled by PAMR, L2-normalised.
+            E, B = enc.shape[1], img_q.shape[0]
+            ch = cuelib.sd_channels(E, args.sd_channels, sd_gen, batch=B).to(enc.device)  # (B, C)
+            sd = cuelib.sd_cue(enc.float(), torch.cat([img_q, img_c]), channels=torch.cat([ch, ch]),
+                               use_pamr=not args.no_pamr)               # (2B, C, S, S)
             a, b = sd.chunk(2)
-            cq.append(a), cc.append(b)
-        ones = torch.ones_like(img_q[:, :1])
-        out = dict(feats_q=feats_q, feats_c=feats_c, img_q=img_q, img_c=img_c,
+            cq.append(a), cc.append(b), names.extend(["sd"] * args.sd_channels)
+        empty = img_q.new_zeros(img_q.shape[0], 0, *img_q.shape[-2:])
+        # The share of query pixels each masked cue may teach from (for the log).
+        shares = {n: float((k > 0).float().mean()) for n, k in
+                  (("flow", fconf_q), ("depth", dval_q)) if not getattr(args, f"no_{n}")}
+        out = dict(shares=shares, feats_q=feats_q, feats_c=feats_c, img_q=img_q, img_c=img_c,
                    cue_q=torch.cat(cq, 1), cue_c=torch.cat(cc, 1),      # (B, K, S, S)
-                   conf_q=torch.cat(kq or [ones], 1), conf_c=torch.cat(kc or [ones], 1),
-                   n_masked=n_masked)
+                   conf_q=torch.cat(kq, 1) if kq else empty,            # (B, Cm, S, S)
+                   conf_c=torch.cat(kc, 1) if kc else empty, names=names)
     return out
 
 
 def lila_loss(v, args, erm_head=None):
-    """The in-context loss (or, with --erm, the ablation without the in-context step)."""
-    kw = dict(n_masked=v["n_masked"], lam=args.lam, gamma=args.gamma,
+    """The in-context loss (or, with --erm, the ablation without the in-context step).
+    Returns (loss, parts): parts holds scalar tensors "l1", "edge", and the L1 of each cue
+    ("l1_flow_x", "l1_flow_y", "l1_depth", "l1_sd": the mean over the SD channels)."""
+    kw = dict(lam=args.lam, gamma=args.gamma,
               edge=not args.no_edge)     # --no-edge skips the edge terms, not just their weight
     if args.erm:
-        return incontext.erm_loss(erm_head, v["feats_c"], v["feats_q"], v["cue_c"],
-                                  v["cue_q"], v["conf_c"], v["conf_q"], **kw)
-    return incontext.incontext_loss(v["feats_c"], v["feats_q"], v["cue_c"], v["cue_q"],
-                                    v["conf_c"], v["conf_q"], **kw)
+        loss, parts = incontext.erm_loss(erm_head, v["feats_c"], v["feats_q"], v["cue_c"],
+                                         v["cue_q"], v["conf_c"], v["conf_q"], **kw)
+    else:
+        loss, parts = incontext.incontext_loss(v["feats_c"], v["feats_q"], v["cue_c"], v["cue_q"],
+                                               v["conf_c"], v["conf_q"], **kw)
+    per_channel = parts.pop("l1_channels")                              # (K,)
+    for name in dict.fromkeys(v["names"]):
+        idx = [i for i, n in enumerate(v["names"]) if n == name]
+        parts[f"l1_{name}"] = per_channel[idx].mean()
+    return loss, parts
 
 
 # -----------------------------------------------------------------------------------------
@@ -454,7 +468,8 @@ def main(argv=None, cue_nets=None):
             if step % args.log_every == 0 or step == args.steps:
                 dt = time.time() - t0
                 row = {"step": step, "loss": float(loss),
-                       **{k: float(x) for k, x in parts.items()}, "lr": lr,
+                       **{k: float(x) for k, x in parts.items()},
+                       **{f"conf_{k}": x for k, x in v["shares"].items()}, "lr": lr,
                        "seconds": round(dt, 3),
                        "pairs_per_s": round((step - last_log) * args.batch / max(dt, 1e-9), 2)}
                 log.write(json.dumps(row) + "\n")
