@@ -59,8 +59,12 @@ Deviations from the official code (google-research lila/; read, nothing copied):
   maps are base-aligned. A video with an unreadable frame is logged, counted and skipped.
 
 Run: python cues.py --data ytvos/   (tests: python -m pytest -q tests/test_cues.py)
+What the user can cause (a missing, empty or wrongly laid-out folder, a Cues/ that cannot be
+written, a full disk, a network that cannot be loaded offline) ends as one line
+"cues.py: error: ..." with exit status 2; anything else is a bug and keeps its traceback.
 """
 import argparse
+import errno
 import importlib
 import math
 import os
@@ -71,10 +75,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-from data import base_frame  # the cache's frames are PairDataset's base frames, by construction
+# the real reader of every supported layout, and PairDataset's base frames (the cache's frames)
+from data import VideoFolder, base_frame
 from pamr import pamr_cascade
 
 FLOW_NETS = ("raft_small", "raft_large")  # torchvision hubconf.py entry points
@@ -373,11 +377,68 @@ def sd_cue(enc_grid, image, n_channels=32, generator=None, channels=None, use_pa
 
 # --- the cue cache (plumbing) ---
 
+class CacheWriteError(RuntimeError):
+    """The cue cache cannot be written (no permission, disk full, ...); names the file."""
+
+
+def _write_problem(path, err):
+    """A one-line reason for an OSError `err` raised while writing `path`."""
+    why = err.strerror or str(err)
+    if err.errno == errno.ENOSPC:
+        return (f"cues.py: disk full while writing {path} ({why}); the partial file was "
+                f"removed. Free some space and run again: finished files are kept and skipped")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cues.py: cannot write {path} ({why}): the Cues/ folder must be writable"
+    return f"cues.py: cannot write {path} ({why})"
+
+
+def _write_npz(f, arrays):
+    """The writer of one cue file (an open binary file); a seam the tests replace."""
+    np.savez(f, **arrays)
+
+
 def _save_atomic(path, arrays):
-    tmp = path + ".tmp"  # a leftover from an interrupted run is simply overwritten
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    """Write `path` through `path`.tmp + os.replace, so a file that exists is complete. On any
+    failure (disk full, Ctrl-C) the .tmp file is removed; an OSError becomes a CacheWriteError."""
+    tmp = path + ".tmp"  # a leftover from a killed run is simply overwritten
+    try:
+        with open(tmp, "wb") as f:
+            _write_npz(f, arrays)
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass                                   # never created, or already gone
+        if isinstance(err, OSError):
+            raise CacheWriteError(_write_problem(tmp, err)) from err
+        raise
+
+
+def check_cache_writable(cues_dir):
+    """Fail fast, before any network runs: create `cues_dir` and write a probe file in it."""
+    if os.path.exists(cues_dir) and not os.path.isdir(cues_dir):
+        raise CacheWriteError(f"cues.py: {cues_dir} exists but is not a folder; move it away "
+                              f"(the cue cache is written to ROOT/Cues/<video>/<frame>.npz)")
+    probe = os.path.join(cues_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(cues_dir, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as err:
+        raise CacheWriteError(_write_problem(cues_dir, err)) from err
+
+
+def open_videos(root):
+    """data.py's VideoFolder of `root`, or a cues.py error saying what is wrong with it."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"cues.py: the dataset folder {root!r} "
+                                f"{'is not a folder' if os.path.exists(root) else 'does not exist'}")
+    try:
+        return VideoFolder(root)
+    except FileNotFoundError as err:   # empty or wrongly laid out: data.py names the layouts
+        raise FileNotFoundError(f"cues.py: {err}") from err
 
 
 def _write_video(folder, paths, outs, todo, flow_cue, depth_cue, size, batch, device, bar, stats):
@@ -413,7 +474,8 @@ def _write_video(folder, paths, outs, todo, flow_cue, depth_cue, size, batch, de
         frames = {j: v for j, v in frames.items() if j >= keep}
 
 
-def write_cue_cache(root, flow_cue, depth_cue, size=224, batch=8, device="cpu", progress=True):
+def write_cue_cache(root, flow_cue, depth_cue, size=224, batch=8, device="cpu", progress=True,
+                    folder=None):
     """Write ROOT/Cues/<video>/<frame-stem>.npz for every frame of every video in ROOT.
 
     Per file: `disparity` (size x size float16, raw depth-net output), `flow_next` /
@@ -421,9 +483,11 @@ def write_cue_cache(root, flow_cue, depth_cue, size=224, batch=8, device="cpu", 
     the ends). Frames first go to the base frame (`base_frame`). Existing .npz files are
     complete (written atomically) and skipped; a video with an unreadable frame is logged,
     counted and left for later. Returns dict(written, skipped, failed_videos).
+    folder: `open_videos(root)` if already opened (the CLI opens it first, to fail fast).
+    A folder that cannot be written (permissions, disk full) raises CacheWriteError.
     """
-    from data import VideoFolder  # the real reader of every supported layout
-    folder = VideoFolder(root)
+    folder = open_videos(root) if folder is None else folder
+    check_cache_writable(os.path.join(root, "Cues"))
     jobs, stats = [], {"written": 0, "skipped": 0, "failed_videos": 0}
     for video in folder.videos:
         paths = list(folder.frames(video))
@@ -434,22 +498,27 @@ def write_cue_cache(root, flow_cue, depth_cue, size=224, batch=8, device="cpu", 
         if todo:
             jobs.append((video, paths, outs, todo))
     bar = tqdm(total=sum(len(j[3]) for j in jobs), desc="cues", unit="frame", disable=not progress)
-    for video, paths, outs, todo in jobs:
-        os.makedirs(os.path.join(root, "Cues", video), exist_ok=True)
-        try:
-            _write_video(folder, paths, outs, todo, flow_cue, depth_cue, size, batch, device,
-                         bar, stats)
-        except ValueError as err:  # data.py: "cannot read image <path>: ..."
-            stats["failed_videos"] += 1
-            tqdm.write(f"cues.py: skipping the rest of video {video} "
-                       f"({stats['failed_videos']} so far): {err}")
-    bar.close()
+    with bar:                      # closed on an error too, so the error message gets its own line
+        for video, paths, outs, todo in jobs:
+            try:
+                os.makedirs(os.path.join(root, "Cues", video), exist_ok=True)
+            except OSError as err:
+                raise CacheWriteError(_write_problem(os.path.join(root, "Cues", video), err)) from err
+            try:
+                _write_video(folder, paths, outs, todo, flow_cue, depth_cue, size, batch, device,
+                             bar, stats)
+            except ValueError as err:  # data.py: "cannot read image <path>: ..."
+                stats["failed_videos"] += 1
+                tqdm.write(f"cues.py: skipping the rest of video {video} "
+                           f"({stats['failed_videos']} so far): {err}")
     return stats
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Precompute the LILA cue cache ROOT/Cues/<video>/<frame>.npz "
-                                "(RAFT flow both ways, MiDaS disparity) on the base frames.")
+    """The CLI. Returns the exit status (1 if some video had an unreadable frame)."""
+    p = argparse.ArgumentParser(prog="cues.py", description="Precompute the LILA cue cache "
+                                "ROOT/Cues/<video>/<frame>.npz (RAFT flow both ways, MiDaS "
+                                "disparity) on the base frames.")
     p.add_argument("--data", required=True, help="dataset root (YouTube-VOS or DAVIS layout, see data.py)")
     p.add_argument("--flow", default="raft_small", choices=FLOW_NETS,
                    help="torchvision RAFT variant (default raft_small)")
@@ -459,32 +528,54 @@ def main(argv=None):
                    help="offline: a directory holding local clones DIR/vision (pytorch/vision) and "
                         "DIR/MiDaS (isl-org/MiDaS); default: download through torch.hub (TORCH_HOME)")
     p.add_argument("--size", type=int, default=224,
-                   help="base-frame side in pixels: short side resized, centre square crop (default 224)")
+                   help="base-frame side in pixels: short side resized, centre square crop (default "
+                        "224; at least 64: RAFT works at 1/8 resolution and its correlation "
+                        "pyramid halves that three more times)")
     p.add_argument("--batch", type=int, default=8, help="frames per network call (default 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default cuda if available)")
     args = p.parse_args(argv)
+    if args.size < 64:
+        p.error(f"--size must be at least 64 pixels, got {args.size}")
+    if args.batch < 1:
+        p.error(f"--batch must be at least 1, got {args.batch}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        p.error(f"--device {args.device!r} is not a torch device ({err})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     print("config:", vars(args))
-    if not os.path.isdir(args.data):
-        sys.exit(f"cues.py: --data {args.data!r} is not a directory")
+
+    # Cheap checks first: a wrong folder fails before any network is downloaded or run.
+    folder = open_videos(args.data)
+    check_cache_writable(os.path.join(args.data, "Cues"))
     source = "local" if args.hub_dir else "github"
     hub = (lambda clone: os.path.join(args.hub_dir, clone)) if args.hub_dir else (lambda clone: None)
-    try:
-        flow = FlowCue(args.flow, source, hub("vision")).to(args.device)
-        depth = DepthCue(args.depth, source, hub("MiDaS")).to(args.device)
-    except CueLoadError as err:
-        sys.exit(str(err))
-    try:
-        stats = write_cue_cache(args.data, flow, depth, size=args.size, batch=args.batch,
-                                device=args.device)
-    except FileNotFoundError as err:  # data.py's messages name the folder
-        sys.exit(f"cues.py: {err}")
+    flow = FlowCue(args.flow, source, hub("vision")).to(device)
+    depth = DepthCue(args.depth, source, hub("MiDaS")).to(device)
+    stats = write_cue_cache(args.data, flow, depth, size=args.size, batch=args.batch,
+                            device=device, folder=folder)
     print(f"cues: wrote {stats['written']} files, skipped {stats['skipped']} complete ones, "
           f"{stats['failed_videos']} videos with unreadable frames, in "
           f"{os.path.join(args.data, 'Cues')}")
-    if stats["failed_videos"]:
-        sys.exit(1)
+    return 1 if stats["failed_videos"] else 0
+
+
+def cli(argv=None):
+    """main() with this repo's error convention: what the user can cause (a wrong folder, an
+    unwritable or full disk, a network that cannot be loaded) raises an error whose message
+    starts with "cues.py: "; it is printed as "cues.py: error: ..." with exit status 2.
+    Anything else is a bug and keeps its traceback."""
+    try:
+        return main(argv)
+    except (OSError, ValueError, RuntimeError) as err:
+        prefix = "cues.py: "
+        if not str(err).startswith(prefix):
+            raise
+        print(f"cues.py: error: {str(err)[len(prefix):]}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

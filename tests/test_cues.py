@@ -2,6 +2,7 @@
 depth conversion, flow confidence on exact synthetic flows, the SD cue, the cue cache.
 Run: python -m pytest -q tests/test_cues.py
 """
+import errno
 import os
 import shutil
 import subprocess
@@ -441,13 +442,160 @@ def test_missing_packages_say_pip_install(monkeypatch):
 
 
 def test_cli_without_torchvision_prints_a_message_not_a_traceback(tmp_path):
+    root = _synthetic_root(tmp_path, "d")      # a valid folder: the network check comes next
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "th"))
     # a fake package dir that hides torchvision even where it is installed
     fake = tmp_path / "fake"
     (fake / "torchvision").mkdir(parents=True)
     (fake / "torchvision" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
     env["PYTHONPATH"] = os.pathsep.join([str(fake), REPO])
-    r = subprocess.run([sys.executable, os.path.join(REPO, "cues.py"), "--data", str(tmp_path),
+    r = subprocess.run([sys.executable, os.path.join(REPO, "cues.py"), "--data", root,
                         "--device", "cpu"], capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert "Traceback" not in r.stderr and "torchvision" in r.stderr, r.stderr
+    assert r.stderr.startswith("cues.py: error: ")
+    # and a folder that does not exist, through the real entry point
+    r = subprocess.run([sys.executable, os.path.join(REPO, "cues.py"), "--data",
+                        str(tmp_path / "nope"), "--device", "cpu"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"cues.py: error: the dataset folder "
+                                             f"{str(tmp_path / 'nope')!r} does not exist"]
+
+
+# --- the CLI in-process: user errors end as "cues.py: error: ...", bugs keep a traceback ---
+
+@pytest.fixture
+def stand_in_hub(monkeypatch):
+    """The CLI's real loading path with stand-in networks instead of a download."""
+    loaded = []
+
+    def hub_load(kind, name, source, hub_dir, needs, **kwargs):
+        loaded.append(kind)
+        return StandInRAFT() if kind == "flow" else StandInMiDaS()
+    monkeypatch.setattr(cues, "_hub_load", hub_load)
+    return loaded
+
+
+def _run_cli(capsys, *argv):
+    status = cues.cli(["--device", "cpu", "--size", "64", "--batch", "2", *argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return status, err
+
+
+def test_cli_writes_the_cache_with_stand_in_networks(tmp_path, capsys, stand_in_hub):
+    root = _synthetic_root(tmp_path, "ok")
+    status, err = _run_cli(capsys, "--data", root)
+    assert status == 0 and "error" not in err and stand_in_hub == ["flow", "depth"]
+    assert len(_read_cache(root)) == 10
+    assert not [f for _, _, fs in os.walk(os.path.join(root, "Cues")) for f in fs
+                if not f.endswith(".npz")]                               # no probe, no .tmp left
+
+
+@pytest.mark.parametrize("layout, expect", [
+    ("missing", "does not exist"),
+    ("file", "is not a folder"),
+    ("empty", "no video folders under"),
+    ("flat", "no videos with >= 2 frames"),                              # frames, no video folders
+    ("one_frame", "no videos with >= 2 frames"),
+])
+def test_cli_bad_dataset_folder_is_one_error_line(tmp_path, capsys, stand_in_hub, layout, expect):
+    root = tmp_path / "root"
+    if layout == "file":
+        root.write_text("not a folder")
+    elif layout != "missing":
+        root.mkdir()
+        if layout in ("flat", "one_frame"):
+            d = root / "JPEGImages" / ("v" if layout == "one_frame" else "")
+            d.mkdir(parents=True, exist_ok=True)
+            for t in range(2 if layout == "flat" else 1):
+                (d / f"{t:05d}.jpg").write_bytes(b"x")
+    status, err = _run_cli(capsys, "--data", str(root))
+    assert status == 2 and stand_in_hub == []                           # failed before loading
+    assert err.startswith("cues.py: error: ") and expect in err and len(err.splitlines()) == 1
+
+
+def test_cli_cues_path_that_is_a_file_or_not_writable(tmp_path, capsys, stand_in_hub, monkeypatch):
+    root = _synthetic_root(tmp_path, "w")
+    cues_dir = os.path.join(root, "Cues")
+    open(cues_dir, "w").write("a file where the folder should be")
+    status, err = _run_cli(capsys, "--data", root)
+    assert status == 2 and "is not a folder" in err and stand_in_hub == []
+    os.remove(cues_dir)
+
+    # a folder without write permission (simulated: tests may run as root, who may write anyway)
+    def no_permission(path, *args, **kwargs):
+        if str(path).startswith(cues_dir):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+    monkeypatch.setattr(cues, "open", no_permission, raising=False)
+    status, err = _run_cli(capsys, "--data", root)
+    assert status == 2 and stand_in_hub == []
+    assert err.startswith("cues.py: error: cannot write ") and "Permission denied" in err
+    assert "must be writable" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root may write into a read-only folder")
+def test_cli_read_only_cues_folder_for_real(tmp_path, capsys, stand_in_hub):
+    root = _synthetic_root(tmp_path, "ro")
+    os.makedirs(os.path.join(root, "Cues"))
+    os.chmod(os.path.join(root, "Cues"), 0o500)
+    try:
+        status, err = _run_cli(capsys, "--data", root)
+    finally:
+        os.chmod(os.path.join(root, "Cues"), 0o700)
+    assert status == 2 and "must be writable" in err
+
+
+def test_cli_disk_full_removes_the_partial_file_and_keeps_finished_ones(tmp_path, capsys,
+                                                                         stand_in_hub, monkeypatch):
+    root = _synthetic_root(tmp_path, "full")
+    real, calls = cues._write_npz, []
+
+    def fills_up(f, arrays):
+        calls.append(1)
+        if len(calls) <= 3:
+            return real(f, arrays)
+        f.write(b"half a file")                                         # what a full disk leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cues, "_write_npz", fills_up)
+    status, err = _run_cli(capsys, "--data", root)
+    last = err.strip().splitlines()[-1]                                 # after the progress bar
+    assert status == 2 and err.count("cues.py: error") == 1
+    assert last.startswith("cues.py: error: disk full while writing ") and ".npz.tmp" in last
+    files = [f for _, _, fs in os.walk(os.path.join(root, "Cues")) for f in fs]
+    assert sorted(files) == ["00000.npz", "00001.npz", "00002.npz"]     # no .tmp, 3 complete
+    monkeypatch.setattr(cues, "_write_npz", real)                       # space freed: resume
+    status, err = _run_cli(capsys, "--data", root)
+    assert status == 0 and len(_read_cache(root)) == 10
+
+
+def test_cli_network_that_cannot_be_loaded_offline(tmp_path, capsys, monkeypatch):
+    root = _synthetic_root(tmp_path, "off")
+    monkeypatch.setattr(cues, "_import_problem", lambda name: None)
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "load", offline)
+    status, err = _run_cli(capsys, "--data", root)
+    assert status == 2 and err.startswith("cues.py: error: could not load flow network")
+    assert "TORCH_HOME" in err
+
+
+def test_cli_bad_flag_values_and_real_bugs(tmp_path, capsys, stand_in_hub, monkeypatch):
+    root = _synthetic_root(tmp_path, "bug")
+    for argv, expect in ((["--batch", "0"], "--batch"), (["--size", "16"], "--size"),
+                         (["--device", "nonsense"], "--device")):
+        with pytest.raises(SystemExit) as ex:
+            _run_cli(capsys, "--data", root, *argv)
+        assert ex.value.code == 2 and expect in capsys.readouterr().err
+    # a bug (or an error that does not come from this repo) keeps its traceback
+    for bug in (TypeError("a bug"), RuntimeError("CUDA error: an illegal memory access"),
+                OSError("not ours")):
+        def broken(*args, _bug=bug, **kwargs):
+            raise _bug
+        monkeypatch.setattr(cues, "write_cue_cache", broken)
+        with pytest.raises(type(bug)):
+            cues.cli(["--data", root, "--device", "cpu"])
