@@ -266,11 +266,18 @@ def _read_state_dict(path):
         raise FileNotFoundError(
             f"model.py load_dinov2: weights file '{path}' does not exist. Pass weights='hub' for "
             f"the official checkpoint, a path to a *_pretrain.pth file, or 'none' (random).")
+    if os.path.getsize(path) == 0:
+        raise RuntimeError(f"model.py load_dinov2: weights file '{path}' is empty (0 bytes)")
     try:  # weights_only: a plain tensor pickle, no code runs while reading it
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise RuntimeError(f"model.py load_dinov2: could not read '{path}' as a torch state dict "
-                           f"({type(e).__name__}: {e})") from e
+                           f"({_first_sentence(e)})") from None
+
+
+def _first_sentence(e):
+    """'Type: first sentence' of an exception, so that an error stays one line."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0].split('. ')[0]}"
 
 
 def _fetch_hub(name):
@@ -290,12 +297,12 @@ def _fetch_hub(name):
     except Exception as e:
         if was_cached:
             raise RuntimeError(f"model.py load_dinov2: the cached checkpoint '{cached}' could not be "
-                               f"read ({type(e).__name__}: {e}); delete it to download it again") from e
+                               f"read ({_first_sentence(e)}); delete it to download it again") from None
         raise RuntimeError(
-            f"model.py load_dinov2: could not download {url} ({type(e).__name__}: {e}).\n"
-            f"Offline? Fetch the file on a connected machine and either place it at\n  {cached}\n"
-            f"(torch.hub's cache, $TORCH_HOME/hub/checkpoints/) or pass its path as the weights "
-            f"argument (e.g. --weights /path/{os.path.basename(url)}).") from e
+            f"model.py load_dinov2: could not download {url} ({_first_sentence(e)}); offline? "
+            f"fetch the file on a connected machine and either place it at {cached} (torch.hub's "
+            f"cache, $TORCH_HOME/hub/checkpoints/) or pass its path as the weights argument "
+            f"(e.g. --weights /path/{os.path.basename(url)})") from None
     return state, cached
 
 
@@ -322,9 +329,9 @@ def _load_strict(model, state, source, name):
     if wrong:
         hints.append("shapes differ: is it the checkpoint of another size (S/B/L)?")
     show = lambda ks: f"{len(ks)} {ks[:8]}" + (" ..." if len(ks) > 8 else "")
-    raise RuntimeError(f"model.py load_dinov2: '{source}' does not match {name} (strict loading).\n"
-                       f"  missing keys: {show(missing)}\n  unexpected keys: {show(unexpected)}\n"
-                       f"  shape mismatches: {show(wrong)}\n  hint: {'; '.join(hints) or '-'}")
+    raise RuntimeError(f"model.py load_dinov2: '{source}' does not match {name} (strict loading): "
+                       f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}; "
+                       f"shape mismatches: {show(wrong)}; hint: {', '.join(hints) or '-'}")
 
 
 def _sha256(path, chunk=1 << 20):
@@ -359,16 +366,17 @@ def load_dinov2(name, weights="hub", seed=0, sha256=None):
     if name not in BACKBONES:
         raise ValueError(f"model.py load_dinov2: unknown backbone '{name}', choose from {list(BACKBONES)}")
     spec = BACKBONES[name]
+    if weights != "none":  # read (and check) the file first: a bad one fails before the build
+        state, source = _fetch_hub(name) if weights == "hub" else (_read_state_dict(weights), weights)
+        if sha256 is not None and _sha256(source) != sha256.lower():
+            raise RuntimeError(f"model.py load_dinov2: SHA-256 of '{source}' is {_sha256(source)}, "
+                               f"expected {sha256}")
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = ViT(spec.embed_dim, spec.depth, spec.heads)
     if weights == "none":
         _announce_random_weights(name, seed)
     else:
-        state, source = _fetch_hub(name) if weights == "hub" else (_read_state_dict(weights), weights)
-        if sha256 is not None and _sha256(source) != sha256.lower():
-            raise RuntimeError(f"model.py load_dinov2: SHA-256 of '{source}' is {_sha256(source)}, "
-                               f"expected {sha256}")
         _load_strict(model, state, source, name)
         print(f"model.py: loaded {name} from {source}", file=sys.stderr, flush=True)
     return model.requires_grad_(False).eval()

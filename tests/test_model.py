@@ -247,6 +247,7 @@ def test_hub_download_failure_says_how_to_provide_the_file(tmp_path, monkeypatch
     msg = str(err.value)
     assert os.path.join(str(tmp_path), "hub", "checkpoints", "dinov2_vits14_pretrain.pth") in msg
     assert "dinov2_vits14/dinov2_vits14_pretrain.pth" in msg and "weights" in msg
+    assert "\n" not in msg
 
 
 def test_wrong_keys_and_shapes_give_a_helpful_error(official_file, tmp_path):
@@ -261,6 +262,20 @@ def test_wrong_keys_and_shapes_give_a_helpful_error(official_file, tmp_path):
     msg = str(err.value)
     for needle in (str(path), "blocks.0.ls1.gamma", "blocks.0.ls1.scale", "norm.weight: file (10,)"):
         assert needle in msg, (needle, msg)
+    assert "\n" not in msg
+
+
+def test_unreadable_weights_files_are_one_line_naming_the_file(official_file, tmp_path):
+    data = official_file[0].read_bytes()
+    for name, content in {"empty.pth": b"", "text.pth": b"Not Found\n",
+                          "cut.pth": data[:len(data) // 3]}.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(RuntimeError) as err:
+            model.load_dinov2("dinov2_vits14", str(tmp_path / name))
+        msg = str(err.value)
+        assert msg.startswith("model.py load_dinov2: ") and str(tmp_path / name) in msg
+        assert "\n" not in msg, msg
+        assert err.value.__context__ is None or err.value.__suppress_context__  # no torch.load trace
 
 
 def test_missing_file_and_unknown_names_are_clear_errors(tmp_path):
