@@ -145,7 +145,6 @@ def ridge_weight(conf, size, lstsq_cutoff=0.5):
     `size`, zeroed below `lstsq_cutoff` (official configs/train_ytvos.yaml: lstsq_cutoff 0.5;
     dpt_lila.py pools each channel, multiplies them, then zeroes < 0.5).
     conf (B, Cc, H, W) or None (all confident) -> (B, N) with N = size[0] * size[1]."""
-    B = conf.shape[0]
     c = F.adaptive_avg_pool2d(conf, size).prod(1).flatten(1)            # (B, N)
     return c * (c >= lstsq_cutoff)
 

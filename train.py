@@ -1,13 +1,14 @@
 """Train LILA: the training loop, written out top to bottom.
 
 Paper: "Featurising Pixels from Dynamic 3D Scenes with Linear In-Context Learners"
-(Araslanov et al., CVPR 2026), section 3 (method) and the training details of section 4.
+(Araslanov et al., CVPR 2026), section 3 (method) and the training details of section 4;
+official code: lila/train_lila.py, lila/lila/dpt_lila.py (TrainLILA), lila/dataload.py.
 
 One step, for a batch of B frame pairs (t, t+Δ) of the same video:
-  1. two views per pair: the *query* view is a random crop of frame t, the *context* view a
-     crop of frame t+Δ (data.py gives the base frames and the crop grids);
-  2. cues on the base frames (RAFT flow + MiDaS depth on the fly, the cue cache, or the
-     exact cues of the synthetic scenes), warped into each view with its grid;
+  1. two views per pair (data.py): the *query* view is a random crop of frame t, the *context*
+     view a crop of frame t+Δ, both cut sharp from the 480 px base frames, with their grids;
+  2. cues on the base frames at the cue resolution (RAFT flow + MiDaS depth on the fly, the cue
+     cache, or the exact cues of the synthetic scenes), warped into each view with its grid;
   3. the frozen DINOv2 encoder and the trainable DPT decoder give pixel features of both views
      (model.py); the self-distillation cue is made from the encoder grid (cues.py, PAMR);
   4. the linear in-context loss (incontext.py): a ridge map fitted on the context view's
@@ -17,38 +18,51 @@ One step, for a batch of B frame pairs (t, t+Δ) of the same video:
 Shapes: B pairs, S view side (224 paper, 112 tiny), Hb base-frame side, E encoder width,
 D pixel-feature width, K cue channels (2 flow + 1 depth + 32 SD = 35).
 
-Differences from the official code: a horizontal flip negates flow-x (the official code
-forgets it); the ridge system is solved by Cholesky instead of LU; flow and depth are
-z-scored with confidence-weighted batch statistics.
+Differences from the official code (README "Differences" lists them all): the ridge system is
+solved by Cholesky instead of LU; the learning rate is constant (official: x0.99 every 10
+epochs of 2000 steps, 5 % over the whole run); frame t is drawn from 0..T-2, so t+Δ is always
+another frame (official: 0..T-1, clamped, so the last frame pairs with itself).
 
 Run:
-  python train.py --preset tiny --weights none        # CPU, synthetic scenes, minutes
+  python train.py --preset tiny --weights none        # CPU, synthetic scenes, ~5 min
   python train.py --data ytvos/                       # one GPU, YouTube-VOS, RAFT + MiDaS
   torchrun --nproc_per_node 4 train.py --data ytvos/  # several GPUs (gradients all-reduced)
+Ctrl-C (or SIGTERM) saves a checkpoint at the current step; add --resume to continue.
 """
 import argparse
 import json
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import data
 import model
 import cues as cuelib
 import incontext
+from runs import (FeaturePicture, RunFolder, StopOnSignal, UserError, atomic_save, rng_state,
+                  set_rng_state, user_message)
 
 
 # -----------------------------------------------------------------------------------------
 # Config: one argparse surface, grouped, paper defaults.
+
+# Per preset: the view side, pairs per step, and a run length that fits the machine it is for.
+# paper: the paper's 100k steps of 32 pairs at 224² (one GPU, about a day); tiny: a CPU run
+# that finishes by itself in a few minutes and checkpoints every ~30 s, so a stop loses little.
+PRESET_RUN = {
+    "paper": dict(size=224, batch=32, steps=100_000, save_every=1000),
+    "tiny": dict(size=112, batch=8, steps=300, save_every=25),
+}
+
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -65,22 +79,23 @@ def get_args(argv=None):
     g.add_argument("--synthetic-seed", type=int, default=0, help="first synthetic video seed")
     g.add_argument("--synthetic-frames", type=int, default=12, help="frames per synthetic video")
     g.add_argument("--cue-noise", type=float, default=0.0,
-                   help="corrupt synthetic cues like real networks err (0 = exact)")
+                   help="corrupt synthetic cues like real networks err (0 = exact, 1 = strong)")
     g.add_argument("--gap", type=int, default=5, help="max frame gap Δ (paper: 5)")
     g.add_argument("--size", type=int, default=None, help="view side in px, multiple of 14 "
                    "(paper preset 224, tiny 112)")
-    g.add_argument("--base", type=int, default=None, help="base-frame side in px on which cues "
-                   "are computed (paper 224, tiny 112)")
+    g.add_argument("--base", type=int, default=None, help="side in px of the base frames the "
+                   "cues are computed on (paper 224, tiny: the view side)")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="DataLoader worker processes")
+                   help="DataLoader worker processes (0: load in the main process)")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="dinov2_vits14", choices=list(model.BACKBONES),
                    help="frozen DINOv2 encoder (paper: ViT-S/14)")
     g.add_argument("--weights", default="hub", help="encoder weights: hub (torch.hub cache in "
                    "TORCH_HOME), a local .pth path, or none (seeded random init, offline)")
     g.add_argument("--preset", default="paper", choices=list(model.PRESETS),
-                   help="decoder widths and default sizes: paper (F=256, D=128, 224²) or "
-                   "tiny (small decoder, 112², for CPUs)")
+                   help="decoder widths, view size and run length: paper (the paper's decoder, "
+                   "224², 32 pairs, 100k steps) or tiny (small decoder, 112², 8 pairs, 300 "
+                   "steps: a few minutes on a CPU)")
     g.add_argument("--flow-net", default="raft_small", help="RAFT variant for --cues hub")
     g.add_argument("--depth-net", default="MiDaS_small", help="MiDaS variant for --cues hub")
     g.add_argument("--hub-dir", default=None, help="local torch.hub repo dirs for --cues hub "
@@ -100,68 +115,83 @@ def get_args(argv=None):
     g.add_argument("--no-flow", action="store_true", help="ablation: drop the flow cue")
     g.add_argument("--no-sd", action="store_true", help="ablation: drop the SD cue")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=100_000, help="training steps (paper 100k)")
+    g.add_argument("--steps", type=int, default=None, help="training steps (paper preset "
+                   "100k as the paper, tiny 300)")
     g.add_argument("--batch", type=int, default=None, help="frame pairs per step, all "
                    "processes together (paper preset 32, tiny 8)")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper 1e-4)")
     g.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay (paper 1e-4)")
     g.add_argument("--warmup", type=int, default=0, help="linear LR warm-up steps")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/lila", help="output dir: ckpt.pt, config.json, "
-                   "log.jsonl, feature pictures")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--out", default="runs/lila", help="output folder, owned by this run: "
+                   "ckpt.pt, config.json, log.jsonl, feature pictures")
+    g.add_argument("--resume", action="store_true", help="continue the run in OUT")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, crops, SD channels "
                    "and of the random encoder when --weights none")
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints "
-                   "and feature pictures")
+    g.add_argument("--save-every", type=int, default=None, help="steps between checkpoints "
+                   "and feature pictures (paper preset 1000, tiny 25)")
     args = p.parse_args(argv)
-
-    tiny = args.preset == "tiny"  # CPU preset: small decoder, 112² views, 8 pairs a step
-    args.size = args.size or (112 if tiny else 224)
-    args.batch = args.batch or (8 if tiny else 32)
-    if args.base is None:   # cues are computed on base frames (DESIGN: 224²); tiny: view size
-        args.base = args.size if tiny else 224
-    if args.size % 14:
-        p.error(f"--size {args.size} must be a multiple of 14 (ViT patch size)")
+    for k, v in PRESET_RUN[args.preset].items():       # preset defaults for what was not given
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.base is None:   # cues on base frames: 224² (paper), the view side (tiny)
+        args.base = args.size if args.preset == "tiny" else 224
     if args.cues == "auto":
         args.cues = ("synthetic" if args.data is None else
                      "files" if os.path.isdir(os.path.join(args.data, "Cues")) else "hub")
-    if args.cues == "synthetic" and args.data is not None:
-        p.error("--cues synthetic renders its own scenes; drop --data or pick --cues files/hub")
-    if args.cues in ("files", "hub") and args.data is None:
-        p.error(f"--cues {args.cues} needs --data ROOT")
-    if args.no_flow and args.no_depth and args.no_sd:
-        p.error("--no-flow --no-depth --no-sd leaves no cue to learn from")
+    check_args(p, args)
     return args
 
 
+def check_args(p, args):
+    """Every flag's range, before anything runs: one line (argparse's p.error) per problem."""
+    finite = lambda x: math.isfinite(x)  # noqa: E731
+    rules = [
+        (args.size > 0 and args.size % 14 == 0, f"--size {args.size} must be a positive multiple of 14 (ViT patch size)"),
+        (args.base >= 8, f"--base {args.base} must be at least 8 px"),
+        (args.batch >= 1, f"--batch {args.batch} must be >= 1"),
+        (args.steps >= 1, f"--steps {args.steps} must be >= 1"),
+        (finite(args.lr) and args.lr > 0, f"--lr {args.lr} must be a finite number > 0"),
+        (finite(args.wd) and args.wd >= 0, f"--wd {args.wd} must be a finite number >= 0"),
+        (args.warmup >= 0, f"--warmup {args.warmup} must be >= 0"),
+        (finite(args.lam) and args.lam > 0, f"--lam {args.lam} must be a finite number > 0"),
+        (finite(args.gamma) and args.gamma >= 0, f"--gamma {args.gamma} must be a finite number >= 0"),
+        (finite(args.cue_noise) and args.cue_noise >= 0, f"--cue-noise {args.cue_noise} must be >= 0"),
+        (args.gap >= 1, f"--gap {args.gap} must be >= 1 (frames between the two of a pair)"),
+        (args.log_every >= 1, f"--log-every {args.log_every} must be >= 1"),
+        (args.save_every >= 1, f"--save-every {args.save_every} must be >= 1"),
+        (args.workers >= 0, f"--workers {args.workers} must be >= 0"),
+        (args.synthetic_videos >= 1, f"--synthetic-videos {args.synthetic_videos} must be >= 1"),
+        (args.synthetic_frames >= 2, f"--synthetic-frames {args.synthetic_frames} must be >= 2"),
+        (1 <= args.sd_channels <= model.BACKBONES[args.backbone].embed_dim,
+         f"--sd-channels {args.sd_channels} must lie in 1..{model.BACKBONES[args.backbone].embed_dim} "
+         f"(the width of {args.backbone})"),
+        (not (args.no_flow and args.no_depth and args.no_sd), "--no-flow --no-depth --no-sd leaves no cue to learn from"),
+        (not (args.cues == "synthetic" and args.data is not None),
+         "--cues synthetic renders its own scenes; drop --data or pick --cues files/hub"),
+        (not (args.cues in ("files", "hub") and args.data is None), f"--cues {args.cues} needs --data ROOT"),
+        (not (args.cues == "files" and args.data and not os.path.isdir(os.path.join(args.data, "Cues"))),
+         f"--cues files: there is no cue cache {os.path.join(args.data or '', 'Cues')}; write it with "
+         f"`python cues.py --data {args.data}` or use --cues hub"),
+        (not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder"),
+    ]
+    for ok, msg in rules:
+        if not ok:
+            p.error(msg)
+    if args.device != "auto":
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError as e:
+            p.error(f"--device {args.device}: {e}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
+
+
 # -----------------------------------------------------------------------------------------
-# Plumbing: files written atomically, RNG state, distributed set-up, a feature picture.
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a kill at any moment leaves
-    either the old or the new file, never a half-written one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-            "python": random.getstate()[1]}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.seed(0)
-    np.random.set_state(("MT19937", np.array(s["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(s["python"]), None))
-
+# Plumbing: distributed set-up, the step sampler (the run folder, checkpoints, signals and
+# pictures are in runs.py).
 
 def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is rank 0 of 1."""
@@ -176,18 +206,6 @@ def pick_device(name, rank):
     if name == "auto":
         name = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
-
-
-def pca_rgb(feats):
-    """(D, H, W) features -> (H, W, 3) uint8 picture of their first 3 principal components."""
-    D, H, W = feats.shape
-    x = feats.reshape(D, -1).T.float()                                  # (HW, D)
-    x = x - x.mean(0)
-    _, _, V = torch.pca_lowrank(x, q=3, center=False)
-    y = x @ V[:, :3]                                                    # (HW, 3)
-    lo, hi = y.quantile(0.01, dim=0), y.quantile(0.99, dim=0)
-    y = ((y - lo) / (hi - lo + 1e-8)).clamp(0, 1)
-    return (y.reshape(H, W, 3) * 255).byte().numpy()
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -206,7 +224,7 @@ class StepSampler(torch.utils.data.Sampler):
                 epoch = k // self.n
                 g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
                 perm = torch.randperm(self.n, generator=g)
-            if k % self.world == self.rank:  # epoch * n + i: new crops for pair i each epoch
+            if k % self.world == self.rank:  # epoch * n + i: new frames and crops each epoch
                 yield epoch * self.n + int(perm[k % self.n])
 
     def __len__(self):
@@ -336,59 +354,44 @@ def make_dataset(args):
     return data.PairDataset(folder, with_cues=args.cues == "files", **common)
 
 
-def feature_picture(lila, pair, path, device):
-    """Frames t, t+Δ of a fixed pair beside their features (one PCA for both: shared colours)."""
-    frames = pair["frames"].to(device)                                  # (2, 3, Hb, Wb)
-    S = pair["grid_q"].shape[0]
-    x = F.interpolate(frames, size=(S, S), mode="bilinear", align_corners=False)
-    with torch.no_grad():
-        _, feats = lila(x)                                              # (2, D, S, S)
-    rgb = pca_rgb(torch.cat(list(feats.float().cpu()), dim=2))          # (S, 2S, 3)
-    img = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)  # (2, S, S, 3)
-    row = np.concatenate([img[0], img[1], rgb], axis=1)                 # (S, 4S, 3)
-    Image.fromarray(row).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
-
-
 def main(argv=None, cue_nets=None):
     """cue_nets: optional (flow_net, depth_net) stand-ins for --cues hub (tests inject them
     so the real pre- and post-processing of cues.py runs without downloads)."""
-    args = get_args(argv)
+    cli = sys.argv[1:] if argv is None else list(argv)
+    args = get_args(cli)
     rank, world = setup_distributed()
+    if args.batch % world:
+        raise UserError(f"--batch {args.batch} must be divisible by the {world} processes")
+    run = RunFolder(args.out)
+    if rank == 0:
+        run.acquire()                   # one run per folder; released on exit (and on kill)
+    try:
+        return train(args, run, rank, world, cli, cue_nets)
+    finally:
+        if rank == 0:
+            run.release()
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, run, rank, world, cli, cue_nets=None):
+    """The run itself: set-up, the loop, checkpoints. cli: the command-line arguments (for the
+    line that says how to resume)."""
     device = pick_device(args.device, rank)
     cuda = device.type == "cuda"
-    if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} must be divisible by the {world} processes")
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
     config = dict(vars(args))
-    if rank == 0:
-        print(f"device {device}, precision {'bf16 autocast' if cuda else 'fp32'}, "
-              f"{world} process(es)")
-        print("config " + json.dumps(config, indent=1))
-
-    # Resume: the checkpoint decides the step, the weights, the optimizer and the RNG.
-    ckpt = None
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        diff = {k: (ckpt["config"].get(k), v) for k, v in config.items()
-                if k not in RESUMABLE and ckpt["config"].get(k) != v}
-        if diff:
-            raise SystemExit(f"--resume: {ckpt_path} was written with other settings "
-                             f"(checkpoint, now): {diff}")
-    elif os.path.isfile(ckpt_path):
-        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
-    torch.manual_seed(args.seed), np.random.seed(args.seed), random.seed(args.seed)
+    ckpt = run.check(args, config, RESUMABLE)  # the checkpoint decides step, weights, optimizer, RNG
     start = ckpt["step"] if ckpt else 0
+    ckpt_path = run.file("ckpt.pt")
+    torch.manual_seed(args.seed), np.random.seed(args.seed), random.seed(args.seed)
 
     # Data: a deterministic sampler, so the data order is a function of (seed, step).
     dataset = make_dataset(args)
     sampler = StepSampler(len(dataset), args.batch, start, args.steps, args.seed, rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch // world,
                                          sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=False)
+                                         pin_memory=cuda, drop_last=True,
+                                         worker_init_fn=StopOnSignal.ignore_in_worker)
     flow_cue = depth_cue = None
     if args.cues == "hub":
         nets = cue_nets or (None, None)
@@ -410,31 +413,47 @@ def main(argv=None, cue_nets=None):
             erm_head.load_state_dict(ckpt["erm_head"])
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
+
+    # Everything is checked and built: only now the config (the one used) and the run files.
     if rank == 0:
-        n_train = sum(p.numel() for p in params)
-        print(f"{len(dataset)} pairs per epoch, {n_train / 1e6:.2f}M trainable parameters, "
-              f"steps {start} -> {args.steps}")
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "config.json"), "w") as f:
+        print(f"device {device}, precision {'bf16 autocast' if cuda else 'fp32'}, "
+              f"{world} process(es)")
+        print("config " + json.dumps(config))
+        print(f"{len(dataset)} videos per epoch, {sum(p.numel() for p in params) / 1e6:.2f}M "
+              f"trainable parameters, steps {start} -> {args.steps}")
+        if run.rewind_log(start):
+            print(f"{run.file('log.jsonl')}: dropped a damaged line (a run killed mid-write)")
+        with open(run.file("config.json") + ".tmp", "w") as f:
             json.dump(config, f, indent=1)
-        log_path = os.path.join(args.out, "log.jsonl")
-        if os.path.exists(log_path):  # keep only the steps the checkpoint has seen
-            keep = [l for l in open(log_path) if l.strip() and json.loads(l)["step"] <= start]
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(log_path + ".tmp", log_path)
-        log = open(log_path, "a")
-        val_pair = dataset[0]
+        os.replace(run.file("config.json") + ".tmp", run.file("config.json"))
+        log = open(run.file("log.jsonl"), "a")
+        picture = FeaturePicture(dataset[0], ckpt.get("picture") if ckpt else None)
 
     def save(step):
         atomic_save({"decoder": lila.decoder.state_dict(), "optimizer": opt.state_dict(),
                      "erm_head": erm_head.state_dict() if erm_head is not None else {},
-                     "step": step, "rng": rng_state(), "config": config}, ckpt_path)
+                     "step": step, "rng": rng_state(), "config": config,
+                     "picture": picture.state}, ckpt_path)
+
+    stop = StopOnSignal()
+
+    def stopping():             # every process must agree, or the next all_reduce would hang
+        flag = torch.tensor(float(stop.name is not None), device=device)
+        if world > 1:
+            dist.all_reduce(flag)
+        return bool(flag > 0)
 
     lila.train()  # the decoder trains; LILA keeps its frozen encoder in eval mode
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    t0, step, last_log, loss = time.time(), start, start, torch.tensor(float("nan"))
-    for batch in loader:
+    t0, step, last_log, loss, shares = time.time(), start, start, torch.tensor(float("nan")), []
+    batches = iter(loader)
+    while step < args.steps and not stopping():
+        try:
+            batch = next(batches)
+        except Exception:       # a worker died because of the signal: stop as asked
+            if stop.name is None:
+                raise
+            break
         # Everything random in a step is a function of (seed, step): exact resumes.
         sd_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
@@ -449,8 +468,9 @@ def main(argv=None, cue_nets=None):
         bad = [k for k, x in {"loss": loss.detach(), **parts}.items()
                if not math.isfinite(float(x))]
         if bad:
-            raise SystemExit(f"step {step}: non-finite {', '.join(bad)} "
-                             f"(loss {float(loss.detach())}); stopping. Last checkpoint: {ckpt_path}")
+            raise UserError(f"step {step}: non-finite {', '.join(bad)} (loss "
+                            f"{float(loss.detach())}); stopping, nothing saved. Last checkpoint: "
+                            f"{ckpt_path}. A smaller --lr (or a --warmup) usually helps")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:  # average gradients over processes (what DDP does, spelled out)
@@ -459,40 +479,54 @@ def main(argv=None, cue_nets=None):
                     dist.all_reduce(p.grad)
                     p.grad /= world
         opt.step()
+        if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+            raise UserError(f"step {step}: the update made the weights non-finite (--lr "
+                            f"{args.lr}); stopping, nothing saved. Last checkpoint: {ckpt_path}")
         step += 1
         loss = loss.detach()
+        shares.append(v["shares"])
 
         if rank == 0:
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss):.4f}")
             if step % args.log_every == 0 or step == args.steps:
                 dt = time.time() - t0
-                row = {"step": step, "loss": float(loss),
-                       **{k: float(x) for k, x in parts.items()},
-                       **{f"conf_{k}": x for k, x in v["shares"].items()}, "lr": lr,
-                       "seconds": round(dt, 3),
+                conf = {f"conf_{k}": float(np.mean([s[k] for s in shares])) for k in shares[-1]}
+                row = {"step": step, "loss": float(loss), **{k: float(x) for k, x in parts.items()},
+                       **conf, "lr": lr, "seconds": round(dt, 3),
                        "pairs_per_s": round((step - last_log) * args.batch / max(dt, 1e-9), 2)}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                t0, last_log = time.time(), step
+                for k, x in conf.items():   # e.g. a broken cue cache: the cue teaches nothing
+                    if x < 0.01:
+                        tqdm.write(f"train.py: warning: steps {last_log + 1}-{step}: only "
+                                   f"{100 * x:.2f} % of the query pixels have a confident "
+                                   f"{k[5:]} cue; check the cues (python data.py --preview)")
+                t0, last_log, shares = time.time(), step, []
             if step % args.save_every == 0 or step == args.steps:
                 save(step)
-                feature_picture(lila, val_pair, os.path.join(args.out, f"feats_{step:07d}.png"),
-                                device)
+                picture.save(lila, run.file(f"feats_{step:07d}.png"), step, device)
     bar.close()
+    if stop.name is not None:
+        if rank == 0:
+            save(step)
+            again = shlex.join(["python", "train.py"] + [a for a in cli if a != "--resume"]
+                               + ["--resume"])
+            print(f"train.py: stopped by {stop.name} at step {step}; checkpoint {ckpt_path}. "
+                  f"Continue with: {again}", file=sys.stderr)
+        raise SystemExit(128 + getattr(signal, stop.name))
     if rank == 0:
         print(f"done: step {step}, loss {float(loss):.4f}, checkpoint {ckpt_path}")
-    if world > 1:
-        dist.destroy_process_group()
+    return step
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        # Bad input (a wrong path, missing weights offline, an unreadable file) already has a
-        # message naming what is wrong: print it without the traceback. Anything else is a bug
-        # and keeps its traceback.
-        if isinstance(e, FileNotFoundError) or str(e).split(":")[0].split()[0].endswith(".py"):
-            sys.exit(f"train.py: {e}")
-        raise
+    except KeyboardInterrupt:   # a second Ctrl-C: quit now, the last checkpoint stays
+        sys.exit("train.py: interrupted; the last checkpoint is kept (add --resume to continue)")
+    except Exception as e:      # noqa: BLE001 - the user's errors in one line, bugs in full
+        msg = user_message(e)
+        if msg is None:
+            raise
+        sys.exit(f"train.py: error: {msg}")

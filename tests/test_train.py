@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -60,7 +61,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
     # Other method settings cannot be resumed into an existing run.
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(train.UserError, match="other settings"):
         train.main(TINY + ["--steps", "6", "--out", b, "--resume", "--lr", "1e-3"])
 
 
@@ -119,8 +120,9 @@ def test_non_finite_loss_stops_with_step_and_part(tmp_path, monkeypatch):
         bad = v["feats_q"].sum() * float("nan")
         return bad, {"l1": bad.detach(), "edge": torch.tensor(0.0)}
     monkeypatch.setattr(train, "lila_loss", nan_loss)
-    with pytest.raises(SystemExit, match=r"step 0: non-finite loss, l1"):
+    with pytest.raises(train.UserError, match=r"step 0: non-finite loss, l1"):
         train.main(TINY + ["--steps", "2", "--out", str(tmp_path / "nan")])
+    assert not os.path.exists(tmp_path / "nan" / "ckpt.pt")
 
 
 class ShiftFlow(nn.Module):
@@ -220,3 +222,128 @@ def test_no_edge_drops_the_edge_terms_and_keeps_the_l1():
             assert float(parts["edge"]) > 0 and float(parts_b["edge"]) == 0
             assert torch.allclose(plain, parts["l1"], atol=1e-6)
             assert torch.allclose(full, parts["l1"] + a.gamma * parts["edge"], atol=1e-6)
+
+
+def test_ctrl_c_saves_the_current_step_and_resume_continues_the_log(tmp_path):
+    out = str(tmp_path / "c")
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *TINY, "--workers", "1",
+                          "--steps", "500", "--save-every", "1000", "--out", out], env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 3):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)                       # no checkpoint yet: --save-every 1000
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "--resume" in err.strip().splitlines()[-1]
+    step = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
+    assert step >= 3 and os.path.isfile(os.path.join(out, "config.json"))
+    r = run(TINY + ["--steps", str(step + 2), "--save-every", "1000", "--out", out, "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(losses(out)) == list(range(1, step + 3))  # continuous, no step twice
+    assert not os.path.exists(os.path.join(out, ".lock"))  # released on exit
+
+
+def test_a_run_owns_its_folder(tmp_path):
+    import runs
+    busy = runs.RunFolder(str(tmp_path / "busy"))
+    busy.acquire()                                       # another run holds the folder
+    with pytest.raises(train.UserError, match="in use by another train.py run"):
+        train.main(TINY + ["--steps", "1", "--out", busy.path])
+    busy.release()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    (other / "log.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(train.UserError, match="not empty"):
+        train.main(TINY + ["--steps", "1", "--out", str(other)])
+    assert (other / "log.jsonl").read_text() == '{"step": 1}\n'   # nothing of it touched
+    assert not (other / "config.json").exists()
+    with pytest.raises(train.UserError, match="no train.py run"):
+        train.main(TINY + ["--steps", "1", "--out", str(other), "--resume"])
+
+
+def test_damaged_run_files_are_named_or_recovered(tmp_path):
+    out = str(tmp_path / "d")
+    train.main(TINY + ["--steps", "2", "--save-every", "1", "--out", out])
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write('{"step": 3, "lo')                       # a line cut off by a kill
+    train.main(TINY + ["--steps", "3", "--save-every", "1", "--out", out, "--resume"])
+    assert sorted(losses(out)) == [1, 2, 3]
+    ckpt = os.path.join(out, "ckpt.pt")
+    for junk in (b"", b"not a checkpoint", open(ckpt, "rb").read()[:100]):
+        open(ckpt, "wb").write(junk)
+        with pytest.raises(train.UserError, match="ckpt.pt is damaged"):
+            train.main(TINY + ["--steps", "5", "--out", out, "--resume"])
+
+
+def test_a_full_disk_keeps_the_old_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+    import runs
+    out = str(tmp_path / "f")
+    train.main(TINY + ["--steps", "1", "--out", out])
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(runs.torch, "save", full)
+    with pytest.raises(train.UserError, match="No space left on device"):
+        train.main(TINY + ["--steps", "2", "--out", out, "--resume"])
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    step = torch.optim.AdamW.step
+
+    def poison(self, *a, **k):
+        out = step(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", poison)
+    with pytest.raises(train.UserError, match="step 0: the update made the weights non-finite"):
+        train.main(TINY + ["--steps", "2", "--save-every", "1", "--out", str(tmp_path / "w")])
+    assert not os.path.exists(tmp_path / "w" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
+    (["--warmup", "-5"], "--warmup"), (["--steps", "0"], "--steps"), (["--size", "0"], "--size"),
+    (["--size", "-14"], "--size"), (["--size", "50"], "multiple of 14"), (["--batch", "0"], "--batch"),
+    (["--log-every", "0"], "--log-every"), (["--save-every", "0"], "--save-every"),
+    (["--gap", "0"], "--gap"), (["--sd-channels", "999"], "1..384"), (["--device", "cuda"], "no CUDA"),
+    (["--data", "/nonexistent", "--cues", "files"], "no cue cache"), (["--cue-noise", "-1"], "--cue-noise"),
+])
+def test_every_numeric_flag_is_range_checked_up_front(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.get_args(TINY + flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_and_a_broken_cue_cache_are_one_line(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = run(TINY + ["--steps", "1", "--out", str(f)])
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
+    root = tmp_path / "vids"
+    data.write_synthetic(str(root), videos=1, frames=3, size=56, seed=3)
+    for p in (root / "Cues").rglob("*.npz"):             # NaN disparity everywhere
+        np.savez(p, disparity=np.full((56, 56), np.nan, np.float16), flow_next=np.zeros((56, 56, 2)),
+                 flow_prev=np.zeros((56, 56, 2)))
+    r = run(TINY + ["--data", str(root), "--steps", "1", "--workers", "1", "--out", str(tmp_path / "o")])
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert last.startswith("train.py: error: data.py: 11 pairs in a row failed") and "NaN" in last
+
+
+def test_feature_pictures_keep_one_pca_basis(tmp_path):
+    out = str(tmp_path / "p")
+    train.main(TINY + ["--steps", "2", "--save-every", "1", "--out", out])
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["picture"]
+    assert state["step"] == 1                            # fitted at the first picture, then kept
+    from PIL import Image
+    a, b = (Image.open(os.path.join(out, f"feats_000000{s}.png")) for s in (1, 2))
+    assert a.size == b.size and a.size[0] == 4 * 56

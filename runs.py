@@ -1,0 +1,229 @@
+"""The run folder of train.py: one owner, atomic checkpoints, a resumable log, a clean stop.
+
+Nothing here is LILA; it is what makes a long training run safe to start, stop and resume:
+- `RunFolder`: --out belongs to one run at a time (a lock the kernel releases even on kill -9);
+  a fresh run needs an empty folder, --resume needs the same config; log.jsonl is rewound to
+  the checkpoint's step and a line cut off by a kill is dropped.
+- `atomic_save`: a checkpoint is written to a temporary file, synced, then renamed, so a kill
+  at any moment leaves the old or the new file, never a half-written one; a full disk leaves
+  the old one and says so.
+- `StopOnSignal`: Ctrl-C (SIGINT) or SIGTERM lets the current step finish, then train.py saves
+  a checkpoint and prints how to resume.
+- `FeaturePicture`: the picture of a fixed pair's features written at every checkpoint, with
+  one PCA basis fitted at the first picture, so colours are comparable over training.
+- `UserError`, `user_message`: the errors a user can fix end as one line, never a traceback.
+
+Used by train.py only; tests: tests/test_train.py (kill, resume, bad folders, signals).
+"""
+import fcntl
+import json
+import os
+import random
+import re
+import signal
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+
+class UserError(Exception):
+    """Something the user can fix (a path, a file, a flag): printed as one line, no traceback."""
+
+
+def user_message(e):
+    """The one-line message of an error the user caused, or None for a real bug. Library code
+    in this repo starts such messages with its file name ("data.py: ..."); an error raised in a
+    DataLoader worker arrives wrapped, its original message on the last line."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, (OSError, ValueError, RuntimeError)):
+        for line in [str(e).split("\n")[0]] + str(e).strip().split("\n")[-1:]:
+            m = re.match(r"^(?:\w+Error: )?(\w+\.py[: ].*)$", line.strip())
+            if m:
+                return m.group(1)
+    return None
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, fsync, then rename: a kill at any moment leaves either
+    the old or the new file, never a half-written one. A full disk leaves the old file and no
+    temporary one, and is reported as such."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path} ({e.strerror or e}); the previous checkpoint, if "
+                        f"any, is intact. Free some space and resume with --resume") from None
+
+
+class RunFolder:
+    """The --out folder, owned by one run at a time.
+
+    A lock (fcntl.flock on OUT/.lock, released by the kernel when the process ends, even on
+    kill -9) stops a second run from writing into the same folder. A fresh run needs an empty
+    (or new) folder; --resume needs this run's config.json, and continues from ckpt.pt (or
+    from step 0 if the run stopped before its first checkpoint). log.jsonl is rewound to the
+    checkpoint's step; a line cut off by a kill is dropped."""
+
+    FILES = ("ckpt.pt", "config.json", "log.jsonl")
+
+    def __init__(self, path):
+        self.path, self.lock = path, None
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def acquire(self):
+        os.makedirs(self.path, exist_ok=True)
+        self.lock = open(self.file(".lock"), "w")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"{self.path} is in use by another train.py run (it holds "
+                            f"{self.file('.lock')}); wait for it, or pass another --out") from None
+        self.lock.write(str(os.getpid()))
+        self.lock.flush()
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.close()
+            os.remove(self.file(".lock"))
+            self.lock = None
+
+    def check(self, args, config, resumable):
+        """-> the checkpoint dict to resume from, or None to start at step 0. Flags not in
+        `resumable` must equal the saved run's."""
+        others = sorted(set(os.listdir(self.path)) - {".lock"}) if os.path.isdir(self.path) else []
+        ckpt_path = self.file("ckpt.pt")
+        if not args.resume:
+            if os.path.isfile(ckpt_path):
+                raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or "
+                                f"another --out")
+            if others:
+                raise UserError(f"--out {self.path} is not empty ({', '.join(others[:4])}"
+                                f"{' ...' if len(others) > 4 else ''}) and holds no run to "
+                                f"resume; pass a new or empty folder")
+            return None
+        if not os.path.isfile(self.file("config.json")):
+            raise UserError(f"--resume: {self.path} holds no train.py run (no config.json)")
+        try:
+            saved = json.load(open(self.file("config.json")))
+        except (OSError, ValueError) as e:
+            raise UserError(f"--resume: cannot read {self.file('config.json')} ({e})") from None
+        ckpt = None
+        if os.path.isfile(ckpt_path):
+            try:
+                ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+                saved, step = ckpt["config"], int(ckpt["step"])
+            except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+                raise UserError(f"--resume: {ckpt_path} is damaged or not a train.py checkpoint "
+                                f"({type(e).__name__}: {str(e)[:120]}); restore it, or delete "
+                                f"it to restart the run from step 0") from None
+            if step >= args.steps:
+                raise UserError(f"--resume: {ckpt_path} is at step {step}, the run is done "
+                                f"(--steps {args.steps}); pass a larger --steps to go on")
+        diff = {k: (saved.get(k), v) for k, v in config.items()
+                if k not in resumable and saved.get(k) != v}
+        if diff:
+            raise UserError(f"--resume: {self.path} was written with other settings "
+                            f"(saved, now): {diff}")
+        return ckpt
+
+    def rewind_log(self, step):
+        """Keep the log lines of steps <= step (what the checkpoint has seen); drop any line a
+        kill cut off. Returns the number of dropped damaged lines."""
+        path, keep, bad = self.file("log.jsonl"), [], 0
+        if not os.path.exists(path):
+            return 0
+        for line in open(path):
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+        return bad
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+            "python": random.getstate()[1]}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.seed(0)
+    np.random.set_state(("MT19937", np.array(s["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(s["python"]), None))
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and save; a
+    second Ctrl-C quits at once (the last checkpoint stays). DataLoader workers ignore both
+    (`ignore_in_worker`), so only the main process decides when to stop."""
+
+    def __init__(self):
+        self.name = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self)
+
+    def __call__(self, signum, frame):
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        print(f"\n{self.name}: stopping after this step and saving a checkpoint "
+              f"(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def ignore_in_worker(_):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class FeaturePicture:
+    """Frames t and t+Δ of a fixed pair beside their features, mapped to RGB by a PCA whose
+    basis (and colour range) is fitted once, at the first picture, and kept (also across
+    --resume, in the checkpoint): the colours of feats_*.png are comparable over training."""
+
+    def __init__(self, pair, state=None):
+        self.frames = pair["frames"]                                    # (2, 3, Hb, Wb)
+        self.size = pair["views"].shape[-1]
+        self.state = state                                              # mean, basis, lo, hi
+
+    def save(self, lila, path, step, device):
+        S = self.size
+        x = F.interpolate(self.frames.to(device), size=(S, S), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            _, feats = lila(x)                                          # (2, D, S, S)
+        f = feats.float().cpu().permute(0, 2, 3, 1).reshape(-1, feats.shape[1])  # (2 S², D)
+        if self.state is None:
+            mean = f.mean(0)
+            _, _, V = torch.pca_lowrank(f - mean, q=3, center=False)   # (D, 3)
+            y = (f - mean) @ V[:, :3]
+            self.state = dict(mean=mean, basis=V[:, :3], lo=y.quantile(0.01, 0), hi=y.quantile(0.99, 0),
+                              step=step)
+        st = self.state
+        y = (((f - st["mean"]) @ st["basis"] - st["lo"]) / (st["hi"] - st["lo"] + 1e-8)).clamp(0, 1)
+        rgb = (y.reshape(2, S, S, 3) * 255).byte().numpy()
+        img = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)  # (2, S, S, 3)
+        row = np.concatenate([img[0], img[1], rgb[0], rgb[1]], axis=1)       # (S, 4S, 3)
+        canvas = Image.new("RGB", (4 * S, S + 14), "white")
+        canvas.paste(Image.fromarray(row), (0, 14))
+        draw = ImageDraw.Draw(canvas)
+        for i, text in enumerate(["frame t", "frame t+Δ", f"features t (step {step})", "features t+Δ"]):
+            draw.text((i * S + 2, 1), text, fill=(0, 0, 0))
+        canvas.save(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
+
+
