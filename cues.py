@@ -38,7 +38,7 @@ Deviations from the official code (google-research lila/; read, nothing copied):
   `depthcore`: scale 1.0, scale_disp 0.01, eps 0.1, depth_tol 0.9), on the raw DA-V2
   disparity, no per-image normalisation:
       depth = log(1 + scale / (scale_disp * disp + eps)) / log(1 + scale / eps)   in (0, 1]
-      valid = depth < depth_tol                  (= disp > ~3.07 in DA-V2 units)
+      valid = depth < depth_tol                  (= disp > ~3.06 in DA-V2 units)
   Its constants are tied to DA-V2's output units. MiDaS' scale differs per variant and per
   image, so `disparity_to_depth` first divides by a per-image quantile (see its docstring).
 - Flow confidence: the same test as official func_utils.py compute_confidence (see
