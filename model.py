@@ -223,12 +223,12 @@ class ViT(nn.Module):
     def prepare_tokens(self, x):
         """ImageNet-normalised (B, 3, H, W) -> tokens (B, 1 + h*w, E) with positions added."""
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"model.py ViT: expected images (B, 3, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"model.py: ViT: expected images (B, 3, H, W), got {tuple(x.shape)}")
         H, W = x.shape[-2:]
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(
-                f"model.py ViT: input size {H}x{W} (HxW) is not a multiple of the patch size {p}; "
+                f"model.py: ViT: input size {H}x{W} (HxW) is not a multiple of the patch size {p}; "
                 f"resize or crop it, e.g. to {max(p, H // p * p)}x{max(p, W // p * p)}")
         tokens = self.patch_embed(x)                                  # (B, h*w, E)
         cls = self.cls_token.expand(x.shape[0], -1, -1)               # (B, 1, E)
@@ -240,7 +240,7 @@ class ViT(nn.Module):
         the final LayerNorm, class token dropped (official norm=True, reshape=True)."""
         indices = [int(i) for i in indices]
         if not indices or any(not 0 <= i < len(self.blocks) for i in indices):
-            raise ValueError(f"model.py ViT: block indices {indices} must lie in "
+            raise ValueError(f"model.py: ViT: block indices {indices} must lie in "
                              f"0..{len(self.blocks) - 1}")
         B, _, H, W = x.shape
         h, w = H // self.patch_size, W // self.patch_size
@@ -264,14 +264,14 @@ class ViT(nn.Module):
 def _read_state_dict(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"model.py load_dinov2: weights file '{path}' does not exist. Pass weights='hub' for "
+            f"model.py: load_dinov2: weights file '{path}' does not exist. Pass weights='hub' for "
             f"the official checkpoint, a path to a *_pretrain.pth file, or 'none' (random).")
     if os.path.getsize(path) == 0:
-        raise RuntimeError(f"model.py load_dinov2: weights file '{path}' is empty (0 bytes)")
+        raise RuntimeError(f"model.py: load_dinov2: weights file '{path}' is empty (0 bytes)")
     try:  # weights_only: a plain tensor pickle, no code runs while reading it
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise RuntimeError(f"model.py load_dinov2: could not read '{path}' as a torch state dict "
+        raise RuntimeError(f"model.py: load_dinov2: could not read '{path}' as a torch state dict "
                            f"({_first_sentence(e)})") from None
 
 
@@ -296,10 +296,10 @@ def _fetch_hub(name):
                                                    weights_only=True)
     except Exception as e:
         if was_cached:
-            raise RuntimeError(f"model.py load_dinov2: the cached checkpoint '{cached}' could not be "
+            raise RuntimeError(f"model.py: load_dinov2: the cached checkpoint '{cached}' could not be "
                                f"read ({_first_sentence(e)}); delete it to download it again") from None
         raise RuntimeError(
-            f"model.py load_dinov2: could not download {url} ({_first_sentence(e)}); offline? "
+            f"model.py: load_dinov2: could not download {url} ({_first_sentence(e)}); offline? "
             f"fetch the file on a connected machine and either place it at {cached} (torch.hub's "
             f"cache, $TORCH_HOME/hub/checkpoints/) or pass its path as the weights argument "
             f"(e.g. --weights /path/{os.path.basename(url)})") from None
@@ -310,7 +310,7 @@ def _load_strict(model, state, source, name):
     """load_state_dict(strict=True), with an error that lists what differs and guesses why."""
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         keys = list(state)[:5] if isinstance(state, dict) else []
-        raise RuntimeError(f"model.py load_dinov2: '{source}' is not a plain state dict "
+        raise RuntimeError(f"model.py: load_dinov2: '{source}' is not a plain state dict "
                            f"(name -> tensor) like the official {name}_pretrain.pth; got "
                            f"{type(state).__name__} with keys {keys}")
     expected = model.state_dict()
@@ -329,7 +329,7 @@ def _load_strict(model, state, source, name):
     if wrong:
         hints.append("shapes differ: is it the checkpoint of another size (S/B/L)?")
     show = lambda ks: f"{len(ks)} {ks[:8]}" + (" ..." if len(ks) > 8 else "")
-    raise RuntimeError(f"model.py load_dinov2: '{source}' does not match {name} (strict loading): "
+    raise RuntimeError(f"model.py: load_dinov2: '{source}' does not match {name} (strict loading): "
                        f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}; "
                        f"shape mismatches: {show(wrong)}; hint: {', '.join(hints) or '-'}")
 
@@ -364,12 +364,12 @@ def load_dinov2(name, weights="hub", seed=0, sha256=None):
     torch.hub's cache in $TORCH_HOME), a path to a state-dict file, or "none" (random init
     seeded by `seed`, announced loudly). `sha256` (optional) must equal the file's digest."""
     if name not in BACKBONES:
-        raise ValueError(f"model.py load_dinov2: unknown backbone '{name}', choose from {list(BACKBONES)}")
+        raise ValueError(f"model.py: load_dinov2: unknown backbone '{name}', choose from {list(BACKBONES)}")
     spec = BACKBONES[name]
     if weights != "none":  # read (and check) the file first: a bad one fails before the build
         state, source = _fetch_hub(name) if weights == "hub" else (_read_state_dict(weights), weights)
         if sha256 is not None and _sha256(source) != sha256.lower():
-            raise RuntimeError(f"model.py load_dinov2: SHA-256 of '{source}' is {_sha256(source)}, "
+            raise RuntimeError(f"model.py: load_dinov2: SHA-256 of '{source}' is {_sha256(source)}, "
                                f"expected {sha256}")
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
         torch.manual_seed(seed)
@@ -404,7 +404,7 @@ class Reassemble(nn.Module):
         elif factor == 0.5:
             self.resample = conv3x3(width, width, stride=2)
         else:
-            raise ValueError(f"model.py Reassemble: factor {factor} not in (4, 2, 1, 0.5)")
+            raise ValueError(f"model.py: Reassemble: factor {factor} not in (4, 2, 1, 0.5)")
         self.to_features = conv3x3(width, features, bias=False)
 
     def forward(self, grid):
@@ -461,7 +461,7 @@ class DPTDecoder(nn.Module):
                  factors=(4, 2, 1, 0.5), last_upsample=2, align_corners=True, ln_eps=1e-5):
         super().__init__()
         if len(widths) != len(factors):
-            raise ValueError(f"model.py DPTDecoder: {len(widths)} widths for {len(factors)} levels")
+            raise ValueError(f"model.py: DPTDecoder: {len(widths)} widths for {len(factors)} levels")
         hidden = features // 2  # official head_features_2 = features // 2
         self.out_dim, self.last_upsample = out_dim, last_upsample
         self.align_corners = align_corners
@@ -482,7 +482,7 @@ class DPTDecoder(nn.Module):
 
     def forward(self, grids, size):
         if len(grids) != len(self.reassemble):
-            raise ValueError(f"model.py DPTDecoder: got {len(grids)} grids, expected "
+            raise ValueError(f"model.py: DPTDecoder: got {len(grids)} grids, expected "
                              f"{len(self.reassemble)} (one per tapped block)")
         levels = [r(g) for r, g in zip(self.reassemble, grids)]      # (B, F, 4h, 4w) ... (B, F, h/2, w/2)
         x = None
@@ -519,15 +519,17 @@ class LILA(nn.Module):
     def encode(self, img, taps=None):
         """List of (B, E, h, w) tapped grids of the frozen encoder, without gradient."""
         if not torch.is_floating_point(img) or img.ndim != 4 or img.shape[1] != 3:
-            raise ValueError(f"model.py LILA: expected float images (B, 3, H, W) in [0, 1], got "
+            raise ValueError(f"model.py: LILA: expected float images (B, 3, H, W) in [0, 1], got "
                              f"{img.dtype} {tuple(img.shape)}")
         with torch.no_grad():
             if float(img.max()) > 2.0:
-                raise ValueError("model.py LILA: image values exceed 2; pass images in [0, 1], not 0..255")
+                raise ValueError("model.py: LILA: image values exceed 2; pass images in [0, 1], not 0..255")
             x = (img - self.mean) / self.std                           # (B, 3, H, W)
             return self.encoder.get_intermediate_layers(x, taps or self.taps)
 
     def forward(self, img):
+        """(B, 3, H, W) float in [0, 1], sides multiples of 14 -> (last tapped grid (B, E, h, w),
+        pixel features (B, D, H, W)), as the official LILA.forward (enc_grid, dec_features)."""
         grids = self.encode(img)                                     # 4 x (B, E, h, w)
         feats = self.decoder(grids, size=img.shape[-2:])             # (B, D, H, W)
         return grids[-1], feats

@@ -273,7 +273,7 @@ def test_unreadable_weights_files_are_one_line_naming_the_file(official_file, tm
         with pytest.raises(RuntimeError) as err:
             model.load_dinov2("dinov2_vits14", str(tmp_path / name))
         msg = str(err.value)
-        assert msg.startswith("model.py load_dinov2: ") and str(tmp_path / name) in msg
+        assert msg.startswith("model.py: load_dinov2: ") and str(tmp_path / name) in msg
         assert "\n" not in msg, msg
         assert err.value.__context__ is None or err.value.__suppress_context__  # no torch.load trace
 
