@@ -1,4 +1,8 @@
-"""hubconf.py: torch.hub.load(source="local") gives the trained LILA of a train.py checkpoint."""
+"""hubconf.py: torch.hub.load(source="local") gives the trained LILA of a train.py checkpoint;
+every entry builds the official decoder widths; every bad checkpoint or offline URL is one line.
+Offline: the URL test uses the discard port on 127.0.0.1, refused at once.
+Run: python -m pytest -q tests/test_hubconf.py
+"""
 import argparse
 import os
 import pathlib

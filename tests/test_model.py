@@ -1,8 +1,12 @@
-"""Tests for model.py: DINOv2-compatible ViT, weight loading, DPT decoder, LILA wrapper.
+"""Tests for model.py: DINOv2-compatible ViT, weight loading, DPT decoder, LILA wrapper,
+the images LILA.features takes and refuses.
 
 The slow references below restate the official DINOv2 formulas (facebookresearch/dinov2,
-models/vision_transformer.py and layers/*.py) with explicit loops and matmuls, and torch's
-bicubic kernel (Keys, a = -0.75) as an explicit matrix. CPU, offline, a few seconds.
+models/vision_transformer.py and layers/*.py) with explicit loops and matmuls, torch's
+bicubic kernel (Keys, a = -0.75) as an explicit matrix, and the official LILA decoder
+(google-research lila/lila/dpt_lila.py SmallDPTHead + LILA.norm_feats, util/blocks.py,
+config.py) as explicit convs with align_corners=True resizes as explicit matrices and its
+parameter shapes per backbone. CPU, offline, about ten seconds.
 Run: python -m pytest -q tests/test_model.py
 """
 import hashlib
