@@ -62,21 +62,23 @@ def _read_checkpoint(path):
         head = f.read(512)
     # torch.save writes a zip archive ("PK\x03\x04"); the legacy format starts as a pickle.
     if not head.startswith((b"PK\x03\x04", b"\x80")):
-        try:
-            text = head.decode("utf-8")
-            kind = f"a text file (it begins {text.strip()[:40]!r})"
-        except UnicodeDecodeError:
-            kind = "neither a zip archive nor a pickle"
-        raise _bad(path, f"is not a torch checkpoint: {kind}") from None
+        text = head.decode("utf-8", errors="replace").strip()
+        kind = (f"a text file (it begins {text[:40]!r})" if b"\0" not in head and "\ufffd" not in text
+                else "neither a zip archive nor a pickle")
+        raise _bad(path, f"is not a torch checkpoint: {kind}")
     try:  # weights_only: tensors and plain data only, no code runs while reading
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise _bad(path, f"is not a readable torch checkpoint ({_first_line(e)})") from None
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise _bad(path, f"holds a Python object{what} that safe loading (weights_only=True) "
-                         f"refuses; a train.py checkpoint holds only tensors and plain data") from None
+        if not found:  # a broken stream rather than a foreign object
+            detail = re.search(r"WeightsUnpickler error:\s*([^.\n]+)", str(e))
+            raise _bad(path, f"is not a readable torch checkpoint (corrupt? the unpickler "
+                             f"stopped: {detail.group(1) if detail else '-'})") from None
+        raise _bad(path, f"holds a Python object ({found.group(1)}) that safe loading "
+                         f"(weights_only=True) refuses; a train.py checkpoint holds only tensors "
+                         f"and plain data") from None
     except Exception as e:  # noqa: BLE001 - the zip or pickle stream itself is broken
         raise _bad(path, f"is truncated or corrupt ({size} bytes; {_first_line(e)})") from None
     if not isinstance(state, dict):

@@ -119,6 +119,9 @@ def test_unreadable_files_name_the_file_and_the_problem(ckpt, tmp_path):
     noise = tmp_path / "noise.pt"
     noise.write_bytes(bytes(range(256)) * 4)
     one_line_error(ValueError, str(noise), str(noise), "not a torch checkpoint")
+    garbage = tmp_path / "garbage.pt"  # starts like a pickle, then noise
+    garbage.write_bytes(b"\x80\x02" + bytes(range(255, 0, -1)))
+    one_line_error(ValueError, str(garbage), str(garbage), "not a readable torch checkpoint")
     one_line_error(FileNotFoundError, str(tmp_path), "is a directory", "ckpt.pt")
     one_line_error(FileNotFoundError, str(tmp_path / "nope.pt"), "nope.pt", "not found")
 
