@@ -279,7 +279,8 @@ def test_unreadable_weights_files_are_one_line_naming_the_file(official_file, tm
         msg = str(err.value)
         assert msg.startswith("model.py: load_dinov2: ") and str(tmp_path / name) in msg
         assert "\n" not in msg, msg
-        assert err.value.__context__ is None or err.value.__suppress_context__  # no torch.load trace
+        assert err.value.__cause__ is None  # no chained traceback from inside torch.load
+        assert err.value.__context__ is None or err.value.__suppress_context__
 
 
 def test_missing_file_and_unknown_names_are_clear_errors(tmp_path):
