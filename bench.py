@@ -216,7 +216,7 @@ def bench_incontext(batch=32, size=224, dim=128, n_cues=35, pool=32, repeats=2, 
 # -----------------------------------------------------------------------------------------
 # pamr.py
 
-# LILA's 224^2 stage (DESIGN section 2): dilations {1,3,5}, sigma 0.05, 5 iterations.
+# LILA's 224^2 stage (official lila/dpt_lila.py TrainLILA): dilations {1,3,5}, sigma 0.05, 5 iterations.
 DILATIONS, SIGMA, ITERS_224 = (1, 3, 5), 0.05, 5
 PATCH_GRID = 16                         # 224 / 14: the ViT-S/14 grid the SD cue starts from
 
@@ -380,32 +380,31 @@ def step_parts(lila, opt, dataset, idx, args, sd_gen):
     with sec("data"):
         batch = torch.utils.data.default_collate([dataset[i] for i in idx])
     with sec("cues"), torch.no_grad():
-        f_t, f_t2 = batch["frames"][:, 0], batch["frames"][:, 1]           # (B, 3, Hb, Wb)
-        gq, gc, fq, fc = batch["grid_q"], batch["grid_c"], batch["flip_q"], batch["flip_c"]
-        img = torch.cat([data.warp(f_t, gq, fq), data.warp(f_t2, gc, fc)])  # (2B, 3, S, S)
+        img = torch.cat([batch["views"][:, 0], batch["views"][:, 1]])      # (2B, 3, S, S)
+        gq, gc = batch["grid_q"], batch["grid_c"]                          # (B, S, S, 2)
         ffw, fbw = batch["flow_fwd"], batch["flow_bwd"]
         conf_t, conf_t2 = cues.flow_confidence(ffw, fbw), cues.flow_confidence(fbw, ffw)
         depth, valid = cues.disparity_to_depth(batch["disparity"].transpose(0, 1).flatten(0, 1))
         (d_t, d_t2), (v_t, v_t2) = depth.chunk(2), valid.chunk(2)           # (B, 1, Hb, Wb)
-        flow = train.zscore(data.warp(ffw, gq, fq, True), data.warp(-fbw, gc, fc, True),
-                            data.warp(conf_t, gq, fq), data.warp(conf_t2, gc, fc))
-        dep = train.zscore(data.warp(d_t, gq, fq), data.warp(d_t2, gc, fc),
-                           data.warp(v_t, gq, fq), data.warp(v_t2, gc, fc))
-        conf = [torch.cat([data.warp(conf_t, gq, fq), data.warp(v_t, gq, fq)], 1),
-                torch.cat([data.warp(conf_t2, gc, fc), data.warp(v_t2, gc, fc)], 1)]
+        flow_c, flow_q = train.zscore(data.warp(-fbw, gc), data.warp(ffw, gq))
+        dep_c, dep_q = train.zscore(data.warp(d_t2, gc), data.warp(d_t, gq))
+        fq, fc = data.warp(conf_t, gq), data.warp(conf_t2, gc)
+        conf_q = torch.cat([fq, fq, data.warp(v_t, gq)], 1)                # (B, 3, S, S)
+        conf_c = torch.cat([fc, fc, data.warp(v_t2, gc)], 1)
     with sec("encoder"):
         grids = lila.encode(img)                                           # 4 x (2B, E, h, w)
     with sec("decoder fwd"):
         feats = lila.decoder(grids, size=img.shape[-2:])                   # (2B, D, S, S)
     with sec("SD + PAMR"), torch.no_grad():
-        ch = torch.randperm(grids[-1].shape[1], generator=sd_gen)[:args.sd_channels]
-        sd_q, sd_c = cues.sd_cue(grids[-1], img, channels=ch).chunk(2)     # (B, 32, S, S)
+        B = img.shape[0] // 2
+        ch = cues.sd_channels(grids[-1].shape[1], args.sd_channels, sd_gen, batch=B)  # (B, C)
+        sd_q, sd_c = cues.sd_cue(grids[-1], img, channels=torch.cat([ch, ch])).chunk(2)  # (B, C, S, S)
     with sec("in-context loss fwd+bwd"):
         leaf = feats.detach().requires_grad_()                             # loss bwd stops here
         f_q, f_c = leaf.chunk(2)
-        loss, _ = incontext.incontext_loss(f_c, f_q, torch.cat([flow[1], dep[1], sd_c], 1),
-                                           torch.cat([flow[0], dep[0], sd_q], 1), conf[1], conf[0],
-                                           n_masked=3, lam=args.lam, gamma=args.gamma)
+        loss, _ = incontext.incontext_loss(f_c, f_q, torch.cat([flow_c, dep_c, sd_c], 1),
+                                           torch.cat([flow_q, dep_q, sd_q], 1), conf_c, conf_q,
+                                           lam=args.lam, gamma=args.gamma)
         loss.backward()
     with sec("decoder bwd"):
         feats.backward(leaf.grad)

@@ -1,9 +1,9 @@
 """The evidence table: does LILA learn what the paper claims, on synthetic dynamic scenes?
 
 Pretrained DINOv2 weights and real datasets cannot be downloaded where this repo is built and
-tested, so the proof that the method is implemented right is this experiment (issue 7): train
-on synthetic videos of one seed range, evaluate on synthetic videos of another, and compare
-LILA with its baselines and ablations, 3 seeds each, mean ± std.
+tested, so the proof that the method is implemented right is this experiment: train on
+synthetic videos of one seed range, evaluate on synthetic videos of another, and compare LILA
+with its baselines and ablations, 3 seeds each, mean ± std.
 
 Every row is one train.py run (or none) followed by three probe.py runs, all as subprocesses
 with the exact command lines printed, so each number can be rerun by hand:
@@ -22,8 +22,10 @@ Run:
   python experiments.py                      # everything: ~2 h on 2 CPU cores (see README)
   python experiments.py --rows lila erm --seeds 0 --jobs 1
   python experiments.py --table              # only print the table of what has finished
+  python experiments.py --curves runs/evidence/no-sd/seed0 OTHER_RUN --png curves.png
+                                             # per-cue L1 over training, from log.jsonl
 
-A finished run or probe (its ckpt.pt at the last step, its results.json) is never redone, and an
+A finished run or probe (its run/ckpt.pt at the last step, its results.json) is never redone, and an
 interrupted training resumes from its checkpoint, so the command can be rerun until it is done.
 """
 import argparse
@@ -34,6 +36,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image, ImageDraw
 
 import data
 
@@ -107,16 +111,17 @@ def one_run(row, seed, a):
     times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
     py = sys.executable
     if train_flags is not None:
-        ckpt = os.path.join(out, "ckpt.pt")
+        run_dir = os.path.join(out, "run")   # train.py's own folder (it must own it alone)
+        ckpt = os.path.join(run_dir, "ckpt.pt")
         done = finished_step(ckpt, a.steps)
         if done < a.steps:  # not started (fresh run) or interrupted (--resume from ckpt.pt)
             # every run of the table differs from this command only in its row's flags
             cmd = [py, os.path.join(HERE, "train.py"), "--preset", "tiny", "--weights", "none",
                    "--steps", str(a.steps), "--batch", "8", "--lr", str(a.lr), "--seed", str(seed), "--workers", "1",
                    "--synthetic-seed", "0", "--synthetic-videos", "64", "--log-every", "20",
-                   "--save-every", "50", "--out", out] + train_flags + (["--resume"] if done else [])
+                   "--save-every", "50", "--out", run_dir] + train_flags + (["--resume"] if done else [])
             times["train"] = times.get("train", 0.0) + run(cmd, log)   # summed over resumes
-        model = ["--ckpt", ckpt]    # probe.py rebuilds the seeded random encoder from its config
+        model = ["--ckpt", ckpt, "--features", "decoder"]  # the seeded encoder comes from its config
     else:                           # the baselines: same seeded encoder, decoder never trained
         model = ["--ckpt", "none", "--preset", "tiny", "--weights", "none"] + model_flags
     for name, (cmd_name, flags, _, _) in PROBES.items():
@@ -178,6 +183,45 @@ def print_table(a):
         json.dump(table, f, indent=1)
 
 
+CUES = ("flow_x", "flow_y", "depth", "sd")          # the per-cue L1s train.py logs
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def plot_curves(runs, png, labels=None, w=260, h=170, pad=34):
+    """One panel per cue: its L1 on the query (log.jsonl "l1_<cue>") over the training steps
+    of each run, drawn with PIL. runs: run folders; labels: their legend names."""
+    labels = labels or [os.path.normpath(r) for r in runs]
+    logs = [[json.loads(line) for line in open(os.path.join(r, "log.jsonl"))] for r in runs]
+    cues = [c for c in CUES if any(f"l1_{c}" in row for rows in logs for row in rows)]
+    img = Image.new("RGB", (len(cues) * (w + pad) + pad, h + 2 * pad + 14 * len(runs)), "white")
+    draw = ImageDraw.Draw(img)
+    for i, cue in enumerate(cues):
+        x0, y0 = pad + i * (w + pad), pad
+        pts = [[(r["step"], r[f"l1_{cue}"]) for r in rows if f"l1_{cue}" in r] for rows in logs]
+        steps = [s for p in pts for s, _ in p]
+        vals = [v for p in pts for _, v in p]
+        if not vals:
+            continue
+        smax, lo, hi = max(steps), min(vals), max(vals)
+        hi = hi if hi > lo else lo + 1e-6
+        draw.rectangle([x0, y0, x0 + w, y0 + h], outline=(0, 0, 0))
+        draw.text((x0 + 4, y0 - 14), f"L1 {cue.replace('_', '-')}", fill=(0, 0, 0))
+        draw.text((x0 - pad + 2, y0), f"{hi:.3g}", fill=(0, 0, 0))
+        draw.text((x0 - pad + 2, y0 + h - 10), f"{lo:.3g}", fill=(0, 0, 0))
+        draw.text((x0 + w - 30, y0 + h + 3), f"{smax}", fill=(0, 0, 0))
+        draw.text((x0 + 2, y0 + h + 3), "step", fill=(0, 0, 0))
+        for k, p in enumerate(pts):
+            xy = [(x0 + w * s / smax, y0 + h - h * (v - lo) / (hi - lo)) for s, v in p]
+            if len(xy) > 1:
+                draw.line(xy, fill=COLOURS[k % len(COLOURS)], width=2)
+    for k, label in enumerate(labels):
+        y = h + 2 * pad - 6 + 14 * k
+        draw.line([(pad, y + 6), (pad + 20, y + 6)], fill=COLOURS[k % len(COLOURS)], width=3)
+        draw.text((pad + 26, y), label, fill=(0, 0, 0))
+    img.save(png)
+    return png
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -189,7 +233,16 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="runs at once; each gets "
                    "OMP_NUM_THREADS = cores // jobs (2 OpenMP threads on a busy core collapse)")
     p.add_argument("--table", action="store_true", help="only print the table of finished runs")
+    p.add_argument("--curves", nargs="+", metavar="RUN", help="only draw the per-cue L1 curves "
+                   "of these train.py run folders (their log.jsonl) into --png")
+    p.add_argument("--labels", nargs="+", help="legend names of the --curves runs")
+    p.add_argument("--png", default="curves.png", help="output picture of --curves")
     a = p.parse_args(argv)
+    if a.curves:
+        missing = [r for r in a.curves if not os.path.isfile(os.path.join(r, "log.jsonl"))]
+        if missing:
+            p.error(f"--curves: no log.jsonl in {', '.join(missing)}")
+        return print(plot_curves(a.curves, a.png, a.labels))
     os.makedirs(a.out, exist_ok=True)
     if a.table:
         return print_table(a)

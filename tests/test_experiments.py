@@ -68,6 +68,7 @@ def test_one_run_skips_finished_work_and_resumes(tmp_path, monkeypatch):
         calls.append(cmd)
         out = cmd[cmd.index("--out") + 1]
         if os.path.basename(cmd[1]) == "train.py":
+            os.makedirs(out, exist_ok=True)
             torch.save({"step": int(cmd[cmd.index("--steps") + 1])}, os.path.join(out, "ckpt.pt"))
         else:
             os.makedirs(out, exist_ok=True)
@@ -76,15 +77,18 @@ def test_one_run_skips_finished_work_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(experiments, "run", fake_run)
     a = args_for(tmp_path)
-    run_dir = tmp_path / "no-edge" / "seed1"
+    seed_dir = tmp_path / "no-edge" / "seed1"
+    run_dir = seed_dir / "run"                                            # train.py's own folder
     run_dir.mkdir(parents=True)
     torch.save({"step": 4}, run_dir / "ckpt.pt")                          # interrupted at step 4
     experiments.one_run("no-edge", 1, a)
     assert [os.path.basename(c[1]) for c in calls] == ["train.py", "probe.py", "probe.py", "probe.py"]
     tr = calls[0]
     assert "--resume" in tr and "--no-edge" in tr and tr[tr.index("--seed") + 1] == "1"
+    assert tr[tr.index("--out") + 1] == str(run_dir)
     assert all(c[c.index("--ckpt") + 1] == str(run_dir / "ckpt.pt") for c in calls[1:])
-    assert json.load(open(run_dir / "times.json"))["train"] == 1.0
+    assert all(c[c.index("--features") + 1] == "decoder" for c in calls[1:])
+    assert json.load(open(seed_dir / "times.json"))["train"] == 1.0
     calls.clear()
     experiments.one_run("no-edge", 1, a)                                  # everything done
     assert calls == []
@@ -94,7 +98,7 @@ def test_one_run_skips_finished_work_and_resumes(tmp_path, monkeypatch):
 
 
 def test_a_run_past_the_step_budget_is_refused(tmp_path):
-    d = tmp_path / "lila" / "seed0"
+    d = tmp_path / "lila" / "seed0" / "run"
     d.mkdir(parents=True)
     torch.save({"step": 600}, d / "ckpt.pt")
     with pytest.raises(RuntimeError, match="step 600, past --steps 10"):
@@ -105,3 +109,21 @@ def test_failed_command_names_its_log(tmp_path):
     with pytest.raises(RuntimeError, match="see .*commands.log"):
         experiments.run([sys.executable, "-c", "import sys; sys.exit(3)"], str(tmp_path / "commands.log"))
     assert "sys.exit(3)" in open(tmp_path / "commands.log").read()
+
+
+def test_curves_draw_one_line_per_run_and_cue(tmp_path):
+    runs = []
+    for k, slope in enumerate((1.0, 0.5)):
+        d = tmp_path / f"r{k}"
+        d.mkdir()
+        with open(d / "log.jsonl", "w") as f:
+            for step in (10, 20, 30):
+                f.write(json.dumps({"step": step, "l1_flow_x": 1 - slope * step / 100, "l1_depth": 0.5}) + "\n")
+        runs.append(str(d))
+    png = experiments.plot_curves(runs, str(tmp_path / "c.png"), ["a", "b"])
+    from PIL import Image
+    import numpy as np
+    img = np.asarray(Image.open(png))
+    for colour in experiments.COLOURS[:2]:                # both runs drawn
+        assert (np.abs(img.astype(int) - colour).sum(-1) == 0).sum() > 100
+    assert img.shape[1] > 2 * 260                          # two cue panels (flow-x, depth)
