@@ -14,21 +14,18 @@ in the same run on the same inputs):
 - incontext  incontext.py: forward + backward of the in-context loss at the paper's sizes
              (B=32 pairs, D=128, K=35 cues, 224^2, N=32^2=1024 context samples) with the ridge
              solved by Cholesky (ours), torch.linalg.solve (LU, the official code) and
-             torch.linalg.lstsq; the ridge solve alone; the loss's share of a training step
-             (issue 4 target: under 5 % at paper size).
+             torch.linalg.lstsq; the ridge solve alone; the loss's share of a training step.
 - pamr       pamr.py: time and peak memory of one pamr call (224^2 stage: 5 iterations,
              dilations {1,3,5}, C=32) lean vs the gather-everything formulation that stacks all
              P=24 shifted copies (official code), and of pamr_cascade for the SD cue at paper
-             size (B=64 views). Issue 8 target: >= 10x faster and >= 10x less peak memory, same
-             output (a lean version reaches about 30x on 2 cores).
+             size (B=64 views); both must give the same output.
 - probe      probe.py: k-NN label propagation over local windows (probe.knn_step) vs the dense
              formulation of DINO's eval_video_segmentation.py (affinity to every position of
              every context frame, then the neighbourhood mask) on a DAVIS-size sequence (60x107
              grid, D=128, 20 frames, 3 labels): frames/s, peak memory, identical labels.
-             Issue 9 target: >= 10x faster with identical labels.
 - cues       cues.py: the per-batch cue work inside the training loop (flow confidence, depth
              conversion, SD cue with and without the PAMR cascade), B=8 pairs at 224^2.
-- step       train.py: one training step split into its parts, as shares of the step (issue 6):
+- step       train.py: one training step split into its parts, as shares of the step:
              data (PairDataset items, synthetic scenes, cached videos), cues (flow_confidence +
              disparity_to_depth + warps + z-scoring), encoder, decoder forward, SD + PAMR,
              in-context loss forward+backward, decoder backward, optimizer step; at the tiny
@@ -221,7 +218,7 @@ DILATIONS, SIGMA, ITERS_224 = (1, 3, 5), 0.05, 5
 PATCH_GRID = 16                         # 224 / 14: the ViT-S/14 grid the SD cue starts from
 
 
-def gather_pamr(image, mask, dilations, iters, sigma, eps=1e-8):
+def gather_pamr(image, mask, dilations, iters, sigma, eps=1e-5):
     """The reference: stack all P shifted copies of the mask, (B, C, P, H, W), multiply by the
     affinities and sum, every iteration (the formulation of the official code)."""
     B, K, H, W = image.shape

@@ -15,8 +15,8 @@ Flow and depth are computed on the base frames (224^2), never on the crops:
   `flow_next`, `flow_prev`, see write_cue_cache) so that training needs no cue network.
   Atomic (tmp + os.replace) and resumable.
 Both cue networks always run in float32, also when called inside an autocast region (RAFT
-keeps its correlation volume in float32 by design; a bf16 autocast moved random-weight RAFT
-flow by up to 0.5 px on a CPU), so cues computed during training equal the cached ones.
+keeps its correlation volume in float32 by design, and a bf16 network would move the flow), so
+cues computed during training equal the cached ones (the cache CLI runs in float32).
 
 Shape legend: B batch, H x W image/map, h x w encoder patch grid, E encoder width,
 C selected SD channels. Flow (B, 2, H, W): channel 0 = x (u), 1 = y (v), in normalised

@@ -53,7 +53,7 @@ ROWS = {
     "noise-1.0": (["--cue-noise", "1.0"], None),
     "depth-only": (["--no-flow", "--no-sd"], None),
     "flow-only": (["--no-depth", "--no-sd"], None),
-    "no-sd": (["--no-sd"], None),         # the calibration prototype: depth + flow only
+    "no-sd": (["--no-sd"], None),         # depth + flow only
     "no-crop": (["--no-crop"], None),     # the paper's ablation table has it too
 }
 LABELS = {
