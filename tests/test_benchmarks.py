@@ -1,0 +1,151 @@
+"""Tests of benchmarks.py: each reader on a tiny stand-in of its released layout (COCO-Stuff
+with the 27-class coarse map and the zero-shot unseen classes, ADE20K, Probe3D's NYUv2
+pickle, DAVIS-2016 0/255 masks), refused colour masks and wrong layouts, numeric frame order,
+and the official crops (flip negates normal-x, centre crops, deterministic views)."""
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import benchmarks as bm  # noqa: E402
+
+
+def save_ids(path, ids, mode="P"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    im = Image.fromarray(np.asarray(ids, np.uint8), mode=mode)
+    if mode == "P":
+        im.putpalette([v for i in range(256) for v in (i, i, i)])
+    im.save(path)
+
+
+def save_jpg(path, h, w):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+# fine COCO-Stuff ids and their COCO-Stuff-27 classes: person -> person (9), bicycle -> vehicle
+# (11), cow -> animal (7), grass -> plant (22), sky-other -> sky (23), wood -> solid (24),
+# unlabelled 255 and ids outside 0..181 -> ignore
+KNOWN = {0: 9, 1: 11, 20: 7, 123: 22, 156: 23, 181: 24, 255: 255, 200: 255}
+
+
+def test_cocostuff_reader_maps_fine_ids_to_the_27_coarse_classes(tmp_path):
+    ids = np.array([list(KNOWN)], np.uint8)              # (1, 8)
+    for split in ("train2017", "val2017"):
+        save_jpg(tmp_path / split / "000001.jpg", 1, 8)
+        save_ids(tmp_path / split / "000001.png", ids, mode="L")   # stuffthingmaps: grey ids
+    ds = bm.open_dense(str(tmp_path), "semseg", "val")
+    assert ds.num_classes == 27 and ds.layout == "COCO-Stuff-27"
+    assert ds[0][1]["labels"][0].tolist() == list(KNOWN.values())
+
+
+def test_cocostuff_zeroshot_hides_the_15_unseen_classes_in_training_only(tmp_path):
+    ids = np.array([[20, 24, 0, 255]], np.uint8)         # cow, giraffe (unseen), person, void
+    for split in ("train2017", "val2017"):
+        save_jpg(tmp_path / "images" / split / "a.jpg", 1, 4)
+        save_ids(tmp_path / "stuffthingmaps_trainval2017" / split / "a.png", ids, mode="L")
+    tr, va = (bm.open_dense(str(tmp_path), "zeroshot", s) for s in ("train", "val"))
+    assert tr[0][1]["labels"][0].tolist() == [255, 255, 0, 255]
+    assert va[0][1]["labels"][0].tolist() == [20, 24, 0, 255] and va.num_classes == 182
+    assert len(bm.COCO_UNSEEN) == 15 and [bm.COCO_NAMES[i] for i in (20, 24, 171)] == ["cow", "giraffe", "wall-concrete"]
+
+
+def test_ade20k_reader_reduces_the_zero_label(tmp_path):
+    for split in ("training", "validation"):
+        save_jpg(tmp_path / "images" / split / "ADE_1.jpg", 1, 3)
+        save_ids(tmp_path / "annotations" / split / "ADE_1.png", [[0, 1, 150]], mode="L")
+    ds = bm.open_dense(str(tmp_path), "semseg", "val")
+    assert ds.num_classes == 150 and ds[0][1]["labels"][0].tolist() == [255, 0, 149]
+
+
+def test_nyu_probe3d_pickle_reader_splits_and_masks_by_depth(tmp_path):
+    rng = np.random.default_rng(0)
+    depth = np.full((3, 4, 5), 2.0)
+    depth[0, 0, 0], depth[0, 0, 1] = 0.0, 12.0           # no depth / beyond 10 m: invalid
+    d = {"images": rng.integers(0, 255, (3, 3, 4, 5), dtype=np.uint8), "depths": depth,
+         "snorms": rng.normal(size=(3, 3, 4, 5)).astype(np.float32),
+         "train_indices": np.array([0, 1]), "test_indices": np.array([2])}
+    with open(tmp_path / "nyuv2_snorm_all.pkl", "wb") as f:
+        pickle.dump(d, f)
+    tr, va = bm.open_dense(str(tmp_path), "normals", "train"), bm.open_dense(str(tmp_path), "normals", "val")
+    assert (len(tr), len(va), tr.repeat) == (2, 1, 10)
+    img, tgt = tr[0]
+    assert img.shape == (4, 5, 3) and tgt["normals"].shape == (4, 5, 3)
+    assert tgt["valid"].sum() == 18 and not tgt["valid"][0, 0] and not tgt["valid"][0, 1]
+    assert np.array_equal(va[0][0], np.transpose(d["images"][2], (1, 2, 0)))
+
+
+def test_wrong_layout_is_one_line_naming_what_was_expected(tmp_path):
+    with pytest.raises(ValueError, match="expected NYUv2") as e:
+        bm.open_dense(str(tmp_path), "normals", "train")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="COCO-Stuff .* ADE20K"):
+        bm.open_dense(str(tmp_path), "semseg", "train")
+
+
+def test_label_pngs_indexed_binary_and_colour(tmp_path):
+    save_ids(tmp_path / "p.png", [[0, 1, 2, 255]])
+    save_ids(tmp_path / "b.png", [[0, 255, 255, 0]], mode="L")   # DAVIS-2016
+    save_ids(tmp_path / "g.png", [[0, 1, 2, 1]], mode="L")
+    Image.new("RGB", (2, 2), (128, 0, 0)).save(tmp_path / "c.png")
+    assert bm.read_label_png(tmp_path / "p.png")[:2][1] == "indexed"
+    m, kind, _ = bm.read_label_png(tmp_path / "b.png")
+    assert kind == "binary" and m.tolist() == [[0, 1, 1, 0]]
+    assert bm.read_label_png(tmp_path / "g.png")[0].tolist() == [[0, 1, 2, 1]]
+    with pytest.raises(ValueError, match="RGB colour mask"):
+        bm.read_label_png(tmp_path / "c.png")
+
+
+def test_frame_names_sort_numerically():
+    assert sorted(["10.jpg", "2.jpg", "1.jpg", "b.jpg", "a10.jpg", "a9.jpg"], key=bm.natural_key) == \
+        ["1.jpg", "2.jpg", "10.jpg", "a9.jpg", "a10.jpg", "b.jpg"]
+
+
+def test_random_resized_crop_stays_inside_and_in_range():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        top, left, h, w = bm.rrc_box(48, 64, g)
+        assert 0 <= top and top + h <= 48 and 0 <= left and left + w <= 64
+        assert 0.5 * 48 * 64 * 0.9 <= h * w <= 48 * 64 and 0.7 <= w / h <= 1.4
+
+
+def test_train_flip_negates_normal_x_with_the_mirrored_image():
+    ramp = np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))          # brighter to the right
+    img = np.stack([ramp] * 3, -1)
+    n = np.zeros((48, 64, 3), np.float32)
+    n[..., 0] = 1.0                                                     # every normal faces right
+    flips = set()
+    for seed in range(12):
+        v = bm.make_view(img, {"normals": n, "valid": np.ones((48, 64), bool)}, 28,
+                         torch.Generator().manual_seed(seed), train=True)
+        mirrored = bool(v["image"][0, 14, 0] > v["image"][0, 14, -1])
+        assert torch.allclose(v["normals"][0], torch.full((28, 28), -1.0 if mirrored else 1.0))
+        flips.add(mirrored)
+    assert flips == {True, False}
+
+
+def test_eval_views_are_centre_crops():
+    img = np.zeros((40, 60, 3), np.uint8)
+    lab = np.arange(60)[None].repeat(40, 0)                             # column index
+    v = bm.make_view(img, {"labels": lab}, 20, train=False)             # short side 20: 20 x 30
+    assert v["image"].shape == (3, 20, 20) and v["labels"][0].tolist() == [2 * c for c in range(5, 25)]
+    n = bm.make_view(img, {"normals": np.ones((40, 60, 3), np.float32), "valid": np.ones((40, 60), bool)},
+                     20, train=False, eval_scale=1.1)                   # normals: 22 x 33, crop 20
+    assert n["normals"].shape == (3, 20, 20) and bool(n["valid"].all())
+
+
+def test_views_are_deterministic_per_seed_epoch_and_position():
+    class One(bm.Dense):
+        task, items = "semseg", [("a", None)]
+
+        def __getitem__(self, i):
+            return np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8), {"labels": np.zeros((30, 40), np.int64)}
+    a = bm.Views(One(), 14, True, [0, 0], seed=3, epoch=1)
+    b = bm.Views(One(), 14, True, [0, 0], seed=3, epoch=1)
+    c = bm.Views(One(), 14, True, [0, 0], seed=3, epoch=2)
+    assert torch.equal(a[1]["image"], b[1]["image"]) and not torch.equal(a[1]["image"], c[1]["image"])
