@@ -1,35 +1,46 @@
-"""Evaluation of frozen pixel features: VOS (k-NN propagation, one-shot linear probe), surface
-normals, semantic segmentation, PCA pictures. LILA paper, section "Experiments" (DESIGN.md
-section 3); every probe reads features from a trained decoder (--ckpt PATH), an untrained
-seeded decoder (--ckpt none) or the frozen encoder alone (--features encoder).
+"""probe.py: the evaluation protocol of LILA (Araslanov et al., CVPR 2026, "Experiments"), so
+that a GPU user with the weights and datasets can reproduce the published tables.
 
-Shapes: T frames, H x W image, h x w feature grid (short side --grid), D feature dim,
-C labels (background + objects, or classes), K context frames, N pixels, s query tile side.
+Every probe reads the frozen encoder's last tapped layer (a LayerNormed h x w patch grid), the
+decoder's pixel features, or both, and sums the two predictions (official lila/eval_*.py,
+alpha_enc = alpha_dec = 1): `--features full` is the paper's "+ LILA" row (the default with a
+trained --ckpt), `--features encoder` its "DINOv2" row (the default with --ckpt none).
 
-Deviations (all documented, all flags):
-- k-NN propagation follows DINO's eval_video_segmentation.py (context = first frame +
-  7 latest soft predictions, 25x25 window, top-5, softmax(cos / 0.1), bilinear upsampling,
-  per-channel min-max "norm_mask", argmax) but computes each query only against its own
-  window, query tile by query tile; the dense all-to-all affinity is never built.
-  Soft labels are upsampled straight to the annotation size (DINO: x patch size, then nearest).
-- davis_jf reproduces davis2017-evaluation (semi-supervised). Where the official script
-  exits (a prediction without the highest object id) the missing object counts as empty.
-  The official reader turns 255 into background *before* the void test, so its void mask
-  is always empty: void="background" (default) reproduces that; void="ignore" applies the
-  void path of db_eval_iou / f_measure.
-- normals / semseg / vos-lp: a linear 1x1 probe on frozen features (no DPT probe head).
+  vos-knn   DAVIS-2017 k-NN label propagation (eval_vosknn.py): knn_step, propagate
+  vos-lp    DAVIS-2017 one-shot linear probe (eval_vos.py): lp_sequence
+  normals   NYUv2 surface normals (eval_norml.py)          \
+  semseg    COCO-Stuff-27, ADE20K (eval_seg.py)              > dense_probes.py
+  zeroshot  COCO-Stuff, 15 unseen classes (eval_openseg.py) /
+  pca       PCA pictures of the features of a folder of frames
+J, F, J&F reproduce davis2017-evaluation (semi-supervised). Dataset layouts: benchmarks.py.
 
-Commands:
-  python probe.py vos-knn --data DAVIS --ckpt runs/x/ckpt.pt --out out/knn
-  python probe.py vos-lp  --data DAVIS --features encoder --out out/lp
-  python probe.py normals --data ROOT [--train-data ROOT2] --ckpt none --out out/n
-  python probe.py semseg  --data ROOT --out out/s
+Shapes: T frames, H x W image, h x w feature grid, D feature dim, C labels (background +
+objects, or classes), K context frames, s query tile side.
+
+Deviations from the official evaluation (each with its reason in the README):
+- k-NN computes each query only against its own window, tile by tile: the labels of the
+  official unfold formulation (up to float ties), without its (h w) x K x 625 similarity array.
+- davis_jf: where the official script exits (a prediction without the highest object id) the
+  missing object counts as empty; void="ignore" applies the void path of db_eval_iou, the
+  default "background" reproduces the official reader (255 read as background).
+- DAVIS-2016 0/255 masks are read as one object (the official reader would count none).
+- vos-lp runs at short side 476 with the aspect kept (official default config: 224; its README
+  example: 476 squashed to 476 x 476); its classes are the first mask's ids (official: the
+  largest id of the whole sequence).
+- --protocol fast (not the paper's): features of whole frames once, a linear head on sampled
+  pixels; the quick check on synthetic scenes.
+
+Commands (the GPU runbook, with times and the published numbers: README):
+  python probe.py vos-knn  --data DAVIS --ckpt runs/x/ckpt.pt --out out/knn
+  python probe.py normals  --data NYU --ckpt runs/x/ckpt.pt --out out/normals
+  python probe.py zeroshot --data COCOSTUFF --text-embeddings coco_clip.npy --out out/zs
   python probe.py pca --frames DAVIS/JPEGImages/480p/bear --out out/pca
 """
 import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,13 +49,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
+
+import benchmarks
+import dense_probes
 
 VOID = 255  # DAVIS / segmentation "void" or "ignore" label
 
 
 def fail(msg):
-    """Clear error for the user, never a traceback from deep inside."""
-    sys.exit(f"probe.py: error: {msg}")
+    """Bad input the user can fix: the wrapper at the bottom prints it as one line."""
+    raise ValueError(f"probe.py: {msg}")
 
 
 # --- method: the DAVIS-2017 metric (davis2017-evaluation, davis2017/metrics.py) ---
@@ -127,27 +142,28 @@ def davis_jf(preds, gts, bound_th=0.008, void="background", chunk=16):
     return {"J": jm, "F": fm, "JF": (jm + fm) / 2}
 
 
-# --- method: k-NN label propagation over local windows ---
+
+# --- method: k-NN label propagation over local windows (official eval_vosknn.py) ---
 
 def knn_step(query, ctx, labels, radius=12, topk=5, temperature=0.1, tile=8):
     """One propagation step. query (D, h, w), ctx (K, D, h, w) L2-normalised, labels (K, C, h, w)
     -> (C, h, w). For every query pixel: cosine to every context position within +-radius rows
-    and columns in each of the K frames, the top-k over all of them, weights softmax(cos / T).
+    and columns in each of the K frames (the window replicate-padded at the borders, as the
+    official unfold), the top-k over all K (2r+1)^2 of them, weights softmax(cos / T).
     Queries go in s x s tiles; a tile's keys are the (s + 2r)^2 block around it."""
     D, h, w = query.shape
     K, C = ctx.shape[0], labels.shape[1]
     s, r, S = tile, radius, tile + 2 * radius
     nty, ntx = -(-h // s), -(-w // s)
     ph, pw = nty * s - h, ntx * s - w
-    q = F.pad(query, (0, pw, 0, ph))                                   # (D, nty*s, ntx*s)
+    q = F.pad(query, (0, pw, 0, ph))                                   # (D, nty*s, ntx*s), extra queries dropped
     pad = (r, r + pw, r, r + ph)
-    kf = F.pad(ctx, pad)                                               # (K, D, h+2r+ph, w+2r+pw)
-    kl = F.pad(labels, pad)                                            # (K, C, ...)
-    inside = F.pad(torch.ones(1, 1, h, w, device=query.device), pad)[0, 0] > 0
+    kf = F.pad(ctx, pad, mode="replicate")                             # (K, D, h+2r+ph, w+2r+pw)
+    kl = F.pad(labels, pad, mode="replicate")                          # (K, C, ...)
     # window mask inside one tile: key (ky, kx) of the block is within +-r of query (qy, qx)
     d = torch.arange(S, device=query.device)[None, :] - torch.arange(s, device=query.device)[:, None]
     win = (d >= 0) & (d <= 2 * r)                                      # (s, S)
-    win = win[:, None, :, None] & win[None, :, None, :]                # (s, s, S, S)
+    win = (win[:, None, :, None] & win[None, :, None, :]).reshape(1, s * s, 1, S * S)  # same for all K
     out = torch.empty(C, nty * s, ntx * s, device=query.device)
     for ty in range(nty):
         rows = slice(ty * s, ty * s + S)
@@ -157,11 +173,8 @@ def knn_step(query, ctx, labels, radius=12, topk=5, temperature=0.1, tile=8):
         kt = kt.permute(3, 0, 2, 4, 1).reshape(ntx, K * S * S, D)      # (ntx, K*S*S, D)
         lt = kl[:, :, rows].unfold(3, S, s)                            # (K, C, S, ntx, S)
         lt = lt.permute(3, 0, 2, 4, 1).reshape(ntx, K * S * S, C)      # (ntx, K*S*S, C)
-        ok = inside[rows].unfold(1, S, s).permute(1, 0, 2)             # (ntx, S, S)
-        ok = win[None] & ok[:, None, None]                             # (ntx, s, s, S, S)
-        ok = ok.reshape(ntx, s * s, 1, S * S)                          # same for all K frames
         sim = torch.bmm(qt, kt.transpose(1, 2)).view(ntx, s * s, K, S * S)
-        sim = sim.masked_fill(~ok, float("-inf")).view(ntx, s * s, K * S * S)
+        sim = sim.masked_fill(~win, float("-inf")).view(ntx, s * s, K * S * S)
         val, idx = sim.topk(topk, dim=-1)                              # (ntx, s*s, k)
         wgt = torch.softmax(val / temperature, dim=-1)                 # (ntx, s*s, k)
         lab = torch.gather(lt[:, None].expand(-1, s * s, -1, -1), 2,
@@ -172,19 +185,23 @@ def knn_step(query, ctx, labels, radius=12, topk=5, temperature=0.1, tile=8):
 
 
 def propagate(feats, first, n_context=7, step=knn_step, **step_kw):
-    """feats (T, D, h, w) L2-normalised, first (C, h, w) one-hot of frame 0 -> soft labels
-    (T, C, h, w). Context of frame t: frame 0 (ground truth) + the n_context latest soft
-    predictions, as DINO's queue."""
+    """feats: one (T, D, h, w) L2-normalised tensor, or a list of them (feature sources, e.g.
+    encoder and decoder; any device); first (C, h, w) soft labels of frame 0 -> (T, C, h, w).
+    Context of frame t: frame 0 + the n_context latest predictions. With several sources,
+    each propagates the shared context labels and the outputs are summed (alpha 1 each);
+    the sum is frame t's prediction and later frames' context (official _predict_with_knn)."""
+    sources = [feats] if torch.is_tensor(feats) else list(feats)
     soft = [first]
-    for t in range(1, feats.shape[0]):
+    for t in range(1, sources[0].shape[0]):
         ids = [0] + list(range(max(1, t - n_context), t))
-        soft.append(step(feats[t], feats[ids], torch.stack([soft[i] for i in ids]), **step_kw))
+        ctx = torch.stack([soft[i] for i in ids])                      # (K, C, h, w)
+        soft.append(sum(step(f[t].to(first.device), f[ids].to(first.device), ctx, **step_kw) for f in sources))
     return torch.stack(soft)
 
 
-def soft_to_labels(soft, size, norm_mask=True):
-    """soft (C, h, w) -> (H, W) int labels: bilinear upsampling, optionally DINO's norm_mask
-    (per-channel min-max to [0, 1] when the channel has positive mass), argmax."""
+def soft_to_labels(soft, size, norm_mask=False):
+    """soft (C, h, w) -> (H, W) int labels: bilinear upsampling, argmax (official). norm_mask:
+    DINO's per-channel min-max to [0, 1] first (eval_video_segmentation.py; not LILA's)."""
     up = F.interpolate(soft[None], size=size, mode="bilinear", align_corners=False)[0]  # (C, H, W)
     if norm_mask:
         lo, hi = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
@@ -192,113 +209,75 @@ def soft_to_labels(soft, size, norm_mask=True):
     return up.argmax(0)
 
 
-def fit_linear(x, y, n_out, loss_fn, steps, lr, weight_decay, batch=0, seed=0):
-    """A 1x1-conv probe = a linear layer on pixels. x (N, D), y (N, ...) -> nn.Linear, AdamW,
-    full batch (batch=0) or random mini-batches."""
-    g = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(x.shape[1], n_out).to(x.device)
-    opt = torch.optim.AdamW(lin.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in range(steps):
-        sel = torch.randint(0, x.shape[0], (batch,), generator=g).to(x.device) if 0 < batch < x.shape[0] else slice(None)
-        loss = loss_fn(lin(x[sel]), y[sel])
-        opt.zero_grad(), loss.backward(), opt.step()
-    return lin
+def grid_hw(H, W, short):
+    """Feature grid of an H x W input: short side `short`, the other int(side * short /
+    short_in) (official eval_vosknn._rescale_grid)."""
+    return (short, int(W * short / H)) if H < W else (int(H * short / W), short)
 
 
-def angular_error(pred, gt, eps=1e-6):
-    """Angle (radians) between predicted (N, 3) (normalised here) and unit gt normals (N, 3)."""
-    cos = (F.normalize(pred, dim=-1) * gt).sum(-1)
-    return torch.acos(cos.clamp(-1 + eps, 1 - eps))
+# --- plumbing: model and features ---
+
+def read_checkpoint(args):
+    """Model keyword arguments from --ckpt (its config) or from the flags, and the decoder state."""
+    if args.ckpt == "none":
+        return dict(backbone=args.backbone, weights=args.weights or "hub", preset=args.preset, seed=args.seed), None, None
+    if not os.path.isfile(args.ckpt):
+        fail(f"--ckpt {args.ckpt}: no such file (use --ckpt none for an untrained decoder)")
+    try:
+        ck = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+        cfg, state = dict(ck["config"]), ck["decoder"]
+        kw = dict(backbone=cfg["backbone"], weights=cfg["weights"], preset=cfg["preset"], seed=cfg["seed"])
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a user error
+        fail(f"--ckpt {args.ckpt}: not a LILA checkpoint ({type(e).__name__}: {e})")
+    if args.weights and args.weights != kw["weights"]:
+        print(f"note: --weights {args.weights} overrides the checkpoint's {kw['weights']}")
+        kw["weights"] = args.weights
+    return kw, cfg, state
 
 
-# --- plumbing: features ---
-
-def build_model(args):
-    """LILA from --ckpt (its config, decoder loaded strictly) or from the flags; returns (model,
-    checkpoint config or None)."""
+def build_model(kw, state, device):
     import model as lila_model
-    ck_cfg = None
-    kw = dict(backbone=args.backbone, weights=args.weights or "hub", preset=args.preset, seed=args.seed)
-    if args.ckpt != "none":
-        if not os.path.isfile(args.ckpt):
-            fail(f"--ckpt {args.ckpt}: no such file (use --ckpt none for an untrained decoder)")
-        try:
-            ck = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-            ck_cfg = dict(ck["config"])
-            state = ck["decoder"]
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a user error
-            fail(f"--ckpt {args.ckpt}: not a LILA checkpoint ({type(e).__name__}: {e})")
-        kw = dict(backbone=ck_cfg["backbone"], weights=ck_cfg["weights"], preset=ck_cfg["preset"],
-                  seed=ck_cfg["seed"])
-        if args.weights and args.weights != kw["weights"]:
-            print(f"note: --weights {args.weights} overrides the checkpoint's {kw['weights']}")
-            kw["weights"] = args.weights
-    print(f"model: {kw} features={args.features} ckpt={args.ckpt}")
     try:
         lila = lila_model.build_lila(**kw)
-        if ck_cfg is not None:
+        if state is not None:
             lila.decoder.load_state_dict(state, strict=True)
     except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
         fail(f"cannot build the model {kw}: {e}")
-    return lila.to(args.device).eval(), ck_cfg
-
-
-def load_rgb(path):
-    """(H, W, 3) uint8 RGB with data.py's reader and its errors."""
-    import data
-    try:
-        return data.VideoFolder.load(path)
-    except ValueError as e:
-        fail(str(e))
-
-
-def load_png(path):
-    try:
-        with Image.open(path) as im:
-            return np.array(im), im.getpalette()
-    except Exception as e:  # noqa: BLE001
-        fail(f"cannot read label map {path}: {e}")
-
-
-def resize_shape(hw, short, mult=14):
-    """(H, W) -> (H', W') with short side `short` and both sides multiples of `mult`."""
-    scale = short / min(hw)
-    return tuple(max(mult, int(round(v * scale / mult)) * mult) for v in hw)
+    return lila.to(device).eval()
 
 
 @torch.no_grad()
-def features(lila, rgb, args, grid=None, l2=False):
-    """(H, W, 3) uint8 -> (D, H, W) features at --size short side, or (D, h, w) area-averaged
-    to a grid with short side `grid`; L2-normalised per pixel if `l2` (k-NN)."""
-    img = torch.tensor(rgb).permute(2, 0, 1).float().div(255)[None]     # (1, 3, H, W)
-    img = F.interpolate(img, size=resize_shape(rgb.shape[:2], args.size), mode="bilinear",
-                        align_corners=False, antialias=True).to(args.device)
-    f = lila.encoder_features(img) if args.features == "encoder" else lila(img)[1]  # (1, D, H, W)
-    if grid:
-        f = F.adaptive_avg_pool2d(f, resize_shape(rgb.shape[:2], grid, mult=1))     # (1, D, h, w)
-    if l2:
-        f = F.normalize(f, dim=1)
-    return f[0].float()
+def encode(lila, img, features):
+    """img (B, 3, H, W) in [0, 1] -> (encoder grid (B, E, h, w) or None, decoder (B, D, H, W) or
+    None): the last tapped layer (LayerNormed) and the pixel features, as --features asks."""
+    if features == "encoder":
+        return lila.encode(img, taps=lila.taps[-1:])[0].float(), None
+    enc, dec = lila(img)
+    return (enc.float() if features == "full" else None), dec.float()
 
 
-def davis_sequences(root):
-    """Sequence names (ImageSets/2017/val.txt when present) and a data.VideoFolder."""
-    import data
-    try:
-        vf = data.VideoFolder(root)
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"--data {root}: {e}")
-    lst = os.path.join(root, "ImageSets", "2017", "val.txt")
-    seqs = [l.strip() for l in open(lst) if l.strip()] if os.path.isfile(lst) else vf.videos
-    missing = [q for q in seqs if q not in vf.videos]
-    if missing:
-        fail(f"{lst}: sequences without frames in {vf.image_dir}: {missing[:5]}")
-    return seqs, vf
+def load_frames(paths):
+    """(T, H, W, 3) uint8 of a sequence; frames of another size are an error naming the file."""
+    out = []
+    for p in paths:
+        out.append(benchmarks.load_image(p))
+        if out[-1].shape != out[0].shape:
+            fail(f"{p}: frame is {out[-1].shape[1]}x{out[-1].shape[0]}, but {paths[0]} is "
+                 f"{out[0].shape[1]}x{out[0].shape[0]} (frames of a sequence must share one size)")
+    return np.stack(out)
 
 
-def annotation(root, seq, frame):
-    """Path of the DAVIS annotation of a frame path."""
-    return os.path.join(root, "Annotations", "480p", seq, Path(frame).stem + ".png")
+def to_input(frames, size):
+    """(T, H, W, 3) uint8 -> (T, 3, H', W') float [0, 1] at short side `size`, patch-aligned,
+    bilinear without antialiasing (official PatchResample)."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    return F.interpolate(x, benchmarks.patch_hw(*frames.shape[1:3], size), mode="bilinear", align_corners=False)
+
+
+def batches(x, args, desc):
+    """Mini-batches of --encode-batch frames on the device, with a progress bar."""
+    for i in tqdm(range(0, x.shape[0], args.encode_batch), desc=desc, leave=False, disable=None):
+        yield x[i:i + args.encode_batch].to(args.device)
 
 
 def write_indexed(path, labels, palette):
@@ -308,249 +287,324 @@ def write_indexed(path, labels, palette):
     im.save(path)
 
 
-# --- plumbing: subcommands ---
+# --- VOS: DAVIS-2017 (and DAVIS-2016) ---
 
-def run_vos(args, lila):
-    """vos-knn / vos-lp over the DAVIS sequences; writes OUT/<seq>/<frame>.png."""
-    seqs, vf = davis_sequences(args.data)
-    preds, gts, t_prop, n_frames = {}, {}, 0.0, 0
-    for seq in seqs:  # fail before any work when a first-frame mask is missing
-        if not os.path.isfile(annotation(args.data, seq, vf.frames(seq)[0])):
-            fail(f"sequence {seq}: no first-frame mask {annotation(args.data, seq, vf.frames(seq)[0])}")
+def read_mask(path, shape=None):
+    """(H, W) int64 object ids and kind ('indexed' | 'binary' 0/255); wrong kinds or sizes fail."""
+    m, kind, pal = benchmarks.read_label_png(path)
+    if shape is not None and m.shape != shape:
+        fail(f"{path}: mask is {m.shape[1]}x{m.shape[0]}, but the sequence's first mask is {shape[1]}x{shape[0]}")
+    return m, kind, pal
+
+
+def prepare_vos(args):
+    """Sequences; every first-frame mask must exist and be readable, and one must hold an
+    object, before any work."""
+    seqs, vf = benchmarks.davis_sequences(args.data)
+    empty = 0
     for seq in seqs:
+        p = benchmarks.davis_annotation(args.data, seq, vf.frames(seq)[0])
+        if not os.path.isfile(p):
+            fail(f"sequence {seq}: no first-frame mask {p} (expected DAVIS: Annotations/480p/<seq>/<frame>.png)")
+        m = read_mask(p)[0]
+        empty += int(np.where(m == VOID, 0, m).max() == 0)
+    if empty == len(seqs):
+        fail(f"--data {args.data}: no object in any first-frame mask ({empty} sequences; objects are "
+             "ids 1..N of an indexed PNG, or 255 in a 0/255 DAVIS-2016 mask)")
+    return seqs, vf
+
+
+def knn_sequence(args, lila, x, first, n_cls):
+    """Soft labels of frames 1..T-1 propagated from the first mask -> list of (H, W) labels."""
+    gh, gw = grid_hw(*x.shape[-2:], args.grid)
+    src = {}
+    for b in batches(x, args, "features"):
+        for name, f in zip(("encoder", "decoder"), encode(lila, b, args.features)):
+            if f is not None:   # (B, D, gh, gw), kept on the CPU: a long sequence fits in memory
+                f = F.interpolate(f, (gh, gw), mode="bilinear", align_corners=False)
+                src.setdefault(name, []).append(F.normalize(f, dim=1).cpu())
+    onehot = F.one_hot(torch.from_numpy(first), n_cls).permute(2, 0, 1).float()[None]  # (1, C, H, W)
+    small = F.interpolate(onehot, (gh, gw), mode="bilinear", align_corners=False)[0]   # (C, gh, gw)
+    soft = propagate([torch.cat(v) for v in src.values()], small.to(args.device), n_context=args.context,
+                     radius=args.radius, topk=args.topk, temperature=args.temperature, tile=args.tile)
+    return [soft_to_labels(s, first.shape, args.norm_mask).cpu().numpy() for s in soft[1:]]
+
+
+def lp_sequence(args, lila, x, first, n_cls):
+    """A LinearHead (1x1 + 1x1) fitted on frame 0's mask, applied to frames 1..T-1."""
+    enc0, dec0 = encode(lila, x[:1].to(args.device), args.features)
+    torch.manual_seed(args.seed)
+    head = dense_probes.LinearHead(enc0.shape[1] if enc0 is not None else 0,
+                                   dec0.shape[1] if dec0 is not None else 0, n_cls).to(args.device)
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lp_lr, weight_decay=args.lp_weight_decay)
+    y = torch.from_numpy(first)[None].to(args.device)                  # (1, H, W)
+    for _ in range(args.lp_steps):                                     # full batch: frame 0 only
+        loss = F.cross_entropy(head(enc0, dec0, first.shape), y)
+        opt.zero_grad(), loss.backward(), opt.step()
+    out = []
+    with torch.no_grad():
+        for b in batches(x[1:], args, "predict"):
+            enc, dec = encode(lila, b, args.features)
+            out += [p.cpu().numpy() for p in head(enc, dec, first.shape).argmax(1)]
+    return out
+
+
+def run_vos(args, lila, plan):
+    """vos-knn / vos-lp over the DAVIS sequences; writes OUT/<seq>/<frame>.png; J, F, J&F."""
+    seqs, vf = plan
+    preds, gts, kinds, t_prop, n_frames = {}, {}, set(), 0.0, 0
+    skipped = {"two_frames": 0, "no_object": 0, "later_masks_missing": 0}
+    for seq in tqdm(seqs, desc=args.cmd, disable=None):
         frames = vf.frames(seq)
-        paths = [annotation(args.data, seq, fp) for fp in frames]
-        complete = all(os.path.isfile(p) for p in paths)  # DAVIS test sets: first frame only
-        gt = [load_png(p)[0].astype(np.int64) for p in (paths if complete else paths[:1])]
-        pal = load_png(paths[0])[1]
-        first = np.where(gt[0] == VOID, 0, gt[0])                      # (H, W), void -> background
-        rgb = [load_rgb(fp) for fp in frames]
-        feats = torch.stack([features(lila, x, args, args.grid, args.cmd == "vos-knn") for x in rgb])
-        h, w = feats.shape[-2:]
-        n_cls = int(first.max()) + 1
-        small = F.interpolate(torch.from_numpy(first)[None, None].float(), size=(h, w),
-                              mode="nearest-exact")[0, 0].long()        # (h, w)
+        paths = [benchmarks.davis_annotation(args.data, seq, fp) for fp in frames]
+        first, kind, pal = read_mask(paths[0])
+        kinds.add(kind)
+        first = np.where(first == VOID, 0, first)                      # (H, W), void -> background
+        rgb = load_frames(frames)                                      # (T, H, W, 3)
+        if rgb.shape[1:3] != first.shape:
+            fail(f"{paths[0]}: mask is {first.shape[1]}x{first.shape[0]} but frame {frames[0]} is {rgb.shape[2]}x{rgb.shape[1]}")
+        complete = all(os.path.isfile(p) for p in paths)               # DAVIS test sets: first frame only
+        gt = [first] + [read_mask(p, first.shape)[0] for p in paths[1:]] if complete else None
+        n_obj = int(first.max())
+        x = to_input(rgb, args.size)                                   # (T, 3, H', W')
         t0 = time.time()
-        if args.cmd == "vos-knn":
-            onehot = F.one_hot(small, n_cls).permute(2, 0, 1).float().to(feats.device)  # (C, h, w)
-            soft = propagate(feats, onehot, n_context=args.context, radius=args.radius, topk=args.topk,
-                             temperature=args.temperature, tile=args.tile)           # (T, C, h, w)
-            labels = [soft_to_labels(s, first.shape, args.norm_mask) for s in soft[1:]]
-        else:
-            x = feats[0].flatten(1).T                                   # (h*w, D)
-            lin = fit_linear(x, small.flatten().to(x.device), n_cls, F.cross_entropy, args.lp_steps,
-                             args.lp_lr, args.lp_weight_decay, seed=args.seed)
-            with torch.no_grad():
-                logits = lin(feats[1:].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)      # (T-1, C, h, w)
-                logits = F.interpolate(logits, size=first.shape, mode="bilinear", align_corners=False)
-            labels = list(logits.argmax(1))
+        run = knn_sequence if args.cmd == "vos-knn" else lp_sequence
+        pred = [first] + run(args, lila, x, first, n_obj + 1)
         t_prop += time.time() - t0
         n_frames += len(frames) - 1
-        pred = [first] + [l.cpu().numpy() for l in labels]
         for fp, p in zip(frames, pred):
             write_indexed(os.path.join(args.out, seq, Path(fp).stem + ".png"), p, pal)
-        if complete:
-            preds[seq], gts[seq] = pred, gt
+        why = ("later_masks_missing" if not complete else "two_frames" if len(frames) < 3
+               else "no_object" if n_obj == 0 else None)
+        if why:
+            skipped[why] += 1
+            print(f"{seq}: not scored ({why.replace('_', ' ')}; J&F scores frames 1..T-2 of the first mask's objects)")
         else:
-            print(f"{seq}: later annotations missing, written but not scored")
+            preds[seq], gts[seq] = pred, gt
+    if "binary" in kinds:
+        print("masks: 0/255 grayscale (DAVIS-2016): one object per sequence")
     metrics = davis_jf(preds, gts, void=args.void) if gts else {}
-    metrics.update(sequences=len(seqs), scored=len(gts), frames_per_s=n_frames / max(t_prop, 1e-9))
+    metrics.update(sequences=len(seqs), scored=len(gts), objects=sum(int(g[0].max()) for g in gts.values()),
+                   masks="binary (DAVIS-2016)" if "binary" in kinds else "indexed (DAVIS-2017)",
+                   skipped=skipped, frames_per_s=n_frames / max(t_prop, 1e-9))
     return metrics
 
 
-def dense_items(args, root, split):
-    """(image, target) path pairs of a split ('train' | 'val' | 'all') of a video-layout root:
-    JPEGImages/480p/<v>/<f>.jpg + Normals/<v>/<f>.npz or Classes/<v>/<f>.png (the synthetic layout;
-    NYUv2, COCO-Stuff, ADE20K go in the same layout with v = a split folder, see README).
-    Held out: the videos of ImageSets/2017/val.txt vs train.txt if it exists, else the last --val-videos."""
-    seqs, vf = davis_sequences(root)
-    tr = os.path.join(root, "ImageSets", "2017", "train.txt")
-    if split == "train":
-        seqs = [l.strip() for l in open(tr) if l.strip()] if os.path.isfile(tr) else vf.videos[:-args.val_videos]
-    elif split == "val" and not os.path.isfile(tr):
-        seqs = vf.videos[-args.val_videos:]
-    if any(v not in vf.videos for v in seqs):
-        fail(f"{tr}: sequences without frames: {[v for v in seqs if v not in vf.videos][:5]}")
-    sub, ext = ("Normals", ".npz") if args.cmd == "normals" else ("Classes", ".png")
-    return [(fp, os.path.join(root, sub, v, Path(fp).stem + ext)) for v in seqs for fp in vf.frames(v)]
+# --- PCA pictures ---
 
-
-def load_target(path, cmd, reduce_zero_label=False):
-    """Normals (H, W, 3) float32 unit (zero vector = invalid) or classes (H, W) int64 (255 ignore)."""
-    if not os.path.isfile(path):
-        fail(f"missing target {path}")
-    if cmd == "semseg":
-        lab = load_png(path)[0].astype(np.int64)
-        if reduce_zero_label:  # ADE20K: 0 = "other" -> ignore, 1..150 -> 0..149
-            lab = np.where(lab == 0, VOID, lab - 1)
-        return lab
-    try:
-        n = np.load(path)["normals"]
-    except Exception as e:  # noqa: BLE001
-        fail(f"cannot read normals {path}: {e}")
-    n = np.asarray(n, np.float32)
-    norm = np.linalg.norm(n, axis=-1, keepdims=True)
-    return np.where(norm > 0.5, n / np.maximum(norm, 1e-6), 0.0).astype(np.float32)
-
-
-def target_at(tgt, size, cmd):
-    """Target resized (nearest) to the feature size -> (N, 3) or (N,) torch."""
-    t = torch.from_numpy(tgt)
-    t = t.permute(2, 0, 1)[None].float() if cmd == "normals" else t[None, None].float()
-    t = F.interpolate(t, size=size, mode="nearest-exact")[0]
-    return t.flatten(1).T if cmd == "normals" else t[0].flatten().long()
-
-
-def run_dense(args, lila):
-    """normals / semseg: fit a linear probe on pixels of the train frames, score the held-out ones."""
-    train = dense_items(args, args.train_data or args.data, "all" if args.train_data else "train")
-    val = dense_items(args, args.data, "all" if args.train_data else "val")
-    if not train or not val:
-        fail(f"--data {args.data}: need train and held-out frames (got {len(train)} / {len(val)})")
-    g = torch.Generator().manual_seed(args.seed)
-    xs, ys = [], []
-    for ip, tp in train:
-        f = features(lila, load_rgb(ip), args)                          # (D, H, W)
-        y = target_at(load_target(tp, args.cmd, args.reduce_zero_label), f.shape[-2:], args.cmd)
-        x = f.flatten(1).T                                              # (H*W, D)
-        ok = (y.norm(dim=-1) > 0.5) if args.cmd == "normals" else (y != VOID)
-        x, y = x[ok], y[ok]
-        sel = torch.randperm(x.shape[0], generator=g)[:args.pixels]
-        xs.append(x[sel]), ys.append(y[sel])
-    x, y = torch.cat(xs), torch.cat(ys).to(args.device)                 # (N, D), (N, ...)
-    if args.cmd == "normals":
-        lin = fit_linear(x, y, 3, lambda p, t: angular_error(p, t).mean(), args.probe_steps,
-                         args.probe_lr, args.probe_weight_decay, args.batch, args.seed)
-    else:
-        n_cls = args.num_classes or int(y.max()) + 1
-        lin = fit_linear(x, y, n_cls, F.cross_entropy, args.probe_steps, args.probe_lr,
-                         args.probe_weight_decay, args.batch, args.seed)
-        conf = torch.zeros(n_cls, n_cls, dtype=torch.long)
-    errs = []
-    for ip, tp in val:
-        tgt = load_target(tp, args.cmd, args.reduce_zero_label)
-        with torch.no_grad():
-            f = features(lila, load_rgb(ip), args)                      # (D, H, W)
-            out = lin(f.permute(1, 2, 0)).permute(2, 0, 1)[None]        # (1, 3 or C, H, W)
-            out = F.interpolate(out, size=tgt.shape[:2], mode="bilinear", align_corners=False)[0]
-        if args.cmd == "normals":
-            t = torch.from_numpy(tgt).flatten(0, 1)                     # (N, 3)
-            ok = t.norm(dim=-1) > 0.5
-            errs.append(angular_error(out.flatten(1).T.cpu()[ok], t[ok]))
-        else:
-            t = torch.from_numpy(tgt).flatten()
-            p = out.argmax(0).flatten().cpu()
-            ok = (t != VOID) & (t < n_cls)
-            conf += torch.bincount(t[ok] * n_cls + p[ok], minlength=n_cls * n_cls).view(n_cls, n_cls)
-    m = {"train_frames": len(train), "eval_frames": len(val)}
-    if args.cmd == "normals":
-        e = torch.rad2deg(torch.cat(errs).double())
-        m.update(rmse=e.pow(2).mean().sqrt().item(), mean=e.mean().item(), median=e.median().item(),
-                 **{f"under_{t}": 100 * (e < t).double().mean().item() for t in (11.25, 22.5, 30)})
-    else:
-        tp_, union = conf.diag().double(), (conf.sum(0) + conf.sum(1) - conf.diag()).double()
-        present = union > 0
-        m.update(miou=100 * (tp_[present] / union[present]).mean().item(),
-                 pixel_acc=100 * (tp_.sum() / conf.sum().clamp(min=1)).item(), classes=int(present.sum()))
-    return m
+def prepare_pca(args):
+    if not os.path.isdir(args.frames):
+        fail(f"--frames {args.frames}: no such folder")
+    names = sorted((n for n in os.listdir(args.frames) if n.lower().endswith((".jpg", ".jpeg", ".png"))),
+                   key=benchmarks.natural_key)                      # 2.jpg before 10.jpg
+    if not names:
+        fail(f"--frames {args.frames}: no .jpg/.png frames")
+    pick = np.linspace(0, len(names) - 1, min(args.max_frames, len(names))).round().astype(int)
+    return [os.path.join(args.frames, names[i]) for i in pick]
 
 
 @torch.no_grad()
-def run_pca(args, lila):
-    """PCA of the features of a folder of frames to RGB (fitted once on all frames); one PNG with
-    the frames on top and their feature pictures below."""
-    if not os.path.isdir(args.frames):
-        fail(f"--frames {args.frames}: no such folder")
-    names = sorted(n for n in os.listdir(args.frames) if n.lower().endswith((".jpg", ".jpeg", ".png")))
-    if not names:
-        fail(f"--frames {args.frames}: no .jpg/.png frames")
-    names = [names[i] for i in np.linspace(0, len(names) - 1, min(args.max_frames, len(names))).round().astype(int)]
-    rgb = [load_rgb(os.path.join(args.frames, n)) for n in names]
-    feats = torch.stack([features(lila, x, args) for x in rgb])          # (T, D, H, W)
-    T, D, H, W = feats.shape
-    x = feats.permute(0, 2, 3, 1).reshape(-1, D)                        # (T*H*W, D)
-    sub = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(args.seed))[:args.pca_samples]]
-    mean = sub.mean(0)
-    _, s, v = torch.linalg.svd(sub - mean, full_matrices=False)        # v (D, D) rows = components
-    proj = (x - mean) @ v[:3].T                                         # (T*H*W, 3)
-    lo, hi = torch.quantile(proj[:: max(1, proj.shape[0] // 100000)], torch.tensor([0.01, 0.99]), dim=0)
-    img = ((proj - lo) / (hi - lo).clamp(min=1e-6)).clamp(0, 1).view(T, H, W, 3)
-    pics = (img * 255).byte().cpu().numpy()
-    top = np.concatenate([np.asarray(Image.fromarray(r).resize((W, H), Image.BILINEAR)) for r in rgb], 1)
+def run_pca(args, lila, paths):
+    """One PNG: the frames on top, below them one row per feature source (encoder grid,
+    decoder), each the first 3 principal components (fitted on all frames) as RGB."""
+    rgb = load_frames(paths)
+    x = to_input(rgb, args.size)                                        # (T, 3, H, W)
+    T, _, H, W = x.shape
+    src = {}
+    for b in batches(x, args, "features"):
+        for name, f in zip(("encoder", "decoder"), encode(lila, b, args.features)):
+            if f is not None:
+                src.setdefault(name, []).append(f.cpu())
+    rows, ev = [np.concatenate([np.asarray(Image.fromarray(r).resize((W, H), Image.BILINEAR)) for r in rgb], 1)], {}
+    g = torch.Generator().manual_seed(args.seed)
+    for name, f in src.items():
+        f = torch.cat(f)                                                 # (T, D, h, w)
+        _, D, h, w = f.shape
+        flat = f.permute(0, 2, 3, 1).reshape(-1, D)                      # (T*h*w, D)
+        sub = flat[torch.randperm(flat.shape[0], generator=g)[:args.pca_samples]]
+        mean = sub.mean(0)
+        _, s, v = torch.linalg.svd(sub - mean, full_matrices=False)     # v rows = components
+        proj = (flat - mean) @ v[:3].T                                   # (T*h*w, <=3)
+        proj = F.pad(proj, (0, 3 - proj.shape[1]))                       # fewer samples than 3: pad
+        lo, hi = torch.quantile(proj[:: max(1, proj.shape[0] // 100000)], torch.tensor([0.01, 0.99]), dim=0)
+        img = ((proj - lo) / (hi - lo).clamp(min=1e-6)).clamp(0, 1).view(T, h, w, 3).permute(0, 3, 1, 2)
+        img = F.interpolate(img, (H, W), mode="bilinear", align_corners=False)  # (T, 3, H, W)
+        rows.append(np.concatenate(list((img * 255).byte().permute(0, 2, 3, 1).numpy()), 1))
+        ev[name] = [round(e, 4) for e in (s[:3] ** 2 / (s ** 2).sum().clamp(min=1e-12)).tolist()]
     path = os.path.join(args.out, "pca.png")
     os.makedirs(args.out, exist_ok=True)
-    Image.fromarray(np.concatenate([top, np.concatenate(list(pics), 1)], 0)).save(path)
-    ev = (s[:3] ** 2 / (s ** 2).sum()).tolist()
-    return {"frames": T, "png": path, "explained_variance": [round(e, 4) for e in ev]}
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+    return {"frames": T, "png": path, "rows": ["frames"] + list(src), "explained_variance": ev}
+
+
+# --- command line ---
+
+DEFAULT_SIZE = {"vos-knn": 476, "vos-lp": 476, "pca": 476, "normals": 504, "semseg": 224, "zeroshot": 224}
+TRAIN_SIZE = {"normals": 448, "semseg": 224, "zeroshot": 224}       # official crops
+HEADS = {"normals": ("conv", "linear"), "semseg": ("attention", "linear"), "zeroshot": ("zeroshot",)}
+WEIGHT_DECAY = {"normals": 1e-2, "semseg": 1e-2, "zeroshot": 1e-5}   # AdamW default / eval.yaml
+
+FLAGS = [  # (group, flag, type, default, help); every paper setting is a flag with its default
+    ("features", "--ckpt", str, "none", "train.py checkpoint, or 'none' = untrained decoder seeded by --seed"),
+    ("features", "--features", str, None, "full (encoder + decoder, summed: the paper's '+ LILA' rows) | "
+     "decoder | encoder (the last tapped layer: the 'DINOv2' rows). Default: full with --ckpt, encoder with --ckpt none"),
+    ("features", "--weights", str, None, "encoder weights hub | none | PATH (default: the checkpoint's, else hub)"),
+    ("features", "--backbone", str, "dinov2_vits14", "encoder without --ckpt (paper: dinov2_vits14)"),
+    ("features", "--preset", str, "paper", "decoder preset without --ckpt (paper | tiny)"),
+    ("features", "--seed", int, 0, "seeds the untrained decoder / encoder and the probes"),
+    ("features", "--device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu | cuda"),
+    ("features", "--size", int, None, "input short side (VOS, pca) or evaluation crop (dense), px, multiple of 14; "
+     "official: VOS 476, normals 504, semseg / zeroshot 224"),
+    ("features", "--encode-batch", int, 8, "frames per forward pass of the frozen model (memory only)"),
+    ("data", "--data", str, None, "dataset root (layouts: benchmarks.py); vos-*: DAVIS-2017 / DAVIS-2016"),
+    ("data", "--frames", str, None, "pca: a folder of frames"),
+    ("data", "--out", str, "out/probe", "output folder (results.json, PNGs, probe_state.pt)"),
+    ("vos", "--grid", int, 60, "k-NN feature grid short side (paper 60)"),
+    ("vos", "--context", int, 7, "latest predictions in the k-NN context, + the first frame (paper 7)"),
+    ("vos", "--radius", int, 12, "k-NN neighbourhood radius in grid cells, 25x25 window (paper 12)"),
+    ("vos", "--topk", int, 5, "neighbours kept over all context positions (paper 5)"),
+    ("vos", "--temperature", float, 0.1, "softmax temperature on cosines (paper 0.1)"),
+    ("vos", "--tile", int, 8, "query tile side of the local-window search (speed only)"),
+    ("vos", "--norm-mask", int, 0, "1: DINO's per-channel min-max before argmax (official LILA: 0)"),
+    ("vos", "--void", str, "background", "gt 255 in J&F: background (official) | ignore"),
+    ("vos", "--lp-steps", int, 2000, "vos-lp AdamW full-batch steps on the first frame (paper 2000)"),
+    ("vos", "--lp-lr", float, 5e-4, "vos-lp learning rate (paper 5e-4)"),
+    ("vos", "--lp-weight-decay", float, 1e-4, "vos-lp weight decay (official eval.yaml 1e-4)"),
+    ("dense probes", "--protocol", str, "official", "official: the paper's training on augmented crops, best "
+     "epoch | fast: features of whole frames once, a linear head on sampled pixels (quick check)"),
+    ("dense probes", "--head", str, None, "normals conv (1x1 enc + 5x5 dec, official) | linear; semseg "
+     "attention (official) | linear; zeroshot: fixed. --protocol fast: linear"),
+    ("dense probes", "--train-data", str, None, "video layout: root of the training frames (default: a split of --data)"),
+    ("dense probes", "--val-videos", int, 1, "video layout without ImageSets/2017/train.txt: last N videos held out"),
+    ("dense probes", "--train-list", str, None, "COCO-Stuff: image ids of the training split (.txt, or .npy of file names)"),
+    ("dense probes", "--val-list", str, None, "COCO-Stuff: image ids of the evaluation split"),
+    ("dense probes", "--epochs", int, 10, "official: epochs (paper 10)"),
+    ("dense probes", "--batch", int, 96, "official: crops per AdamW step (paper 96); also the evaluation batch"),
+    ("dense probes", "--micro-batch", int, 0, "official: split a step into micro-batches (memory; same loss; "
+     "0 = whole batch; zeroshot's BatchNorm then sees micro-batch statistics)"),
+    ("dense probes", "--train-size", int, None, "official: training crop side (paper: normals 448, semseg 224; "
+     "default: --size when given)"),
+    ("dense probes", "--repeat", int, None, "official: passes over the training set per epoch (official: normals 10, else 1)"),
+    ("dense probes", "--workers", int, None, "DataLoader workers (default 4 on cuda, 0 on cpu)"),
+    ("dense probes", "--save-every", int, 200, "official: steps between resumable saves of OUT/probe_state.pt"),
+    ("dense probes", "--probe-lr", float, 1e-3, "AdamW learning rate (paper 1e-3)"),
+    ("dense probes", "--probe-weight-decay", float, None, "AdamW weight decay (official: normals / semseg 1e-2, "
+     "zeroshot 1e-5; fast: 1e-4)"),
+    ("dense probes", "--pixels", int, 4096, "fast: training pixels sampled per frame"),
+    ("dense probes", "--probe-steps", int, 1000, "fast: AdamW steps"),
+    ("dense probes", "--pixel-batch", int, 16384, "fast: pixels per step (0 = all)"),
+    ("dense probes", "--num-classes", int, 0, "semseg on the video layout: classes (0 = max label + 1)"),
+    ("dense probes", "--text-embeddings", str, None, "zeroshot: (classes, 512) CLIP text embeddings .npy / .pt "
+     "(default: computed with a CLIP package)"),
+    ("dense probes", "--unseen", str, None, "zeroshot: comma-separated unseen class ids (COCO-Stuff: the 15 of SPNet)"),
+    ("pca", "--max-frames", int, 8, "frames shown, evenly spaced"),
+    ("pca", "--pca-samples", int, 200000, "pixels used to fit the PCA"),
+]
+
+POSITIVE, NONNEG = (lambda v: v is None or v > 0, "> 0"), (lambda v: v is None or v >= 0, ">= 0")
+RANGES = {  # flag -> (ok, what it must be); None = resolved later
+    **{k: (lambda v: v is None or (v > 0 and v % 14 == 0), "a positive multiple of 14") for k in ("size", "train_size")},
+    **{k: POSITIVE for k in ("encode_batch", "grid", "topk", "temperature", "tile", "lp_steps", "lp_lr", "epochs",
+                             "batch", "repeat", "save_every", "probe_lr", "pixels", "probe_steps", "max_frames")},
+    **{k: NONNEG for k in ("context", "radius", "lp_weight_decay", "val_videos", "micro_batch", "workers",
+                           "probe_weight_decay", "pixel_batch", "num_classes")},
+    "norm_mask": (lambda v: v in (0, 1), "0 or 1"), "pca_samples": (lambda v: v >= 3, ">= 3 (three components)"),
+}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="LILA evaluation probes (DESIGN.md section 3)")
-    p.add_argument("cmd", choices=["vos-knn", "vos-lp", "normals", "semseg", "pca"])
-    flags = [  # (group, flag, type, default, help); every paper setting is a flag with its default
-        ("features", "--ckpt", str, "none", "train.py checkpoint, or 'none' = untrained decoder seeded by --seed"),
-        ("features", "--features", str, "decoder", "decoder | encoder (frozen last tap upsampled: the baseline)"),
-        ("features", "--weights", str, None, "encoder weights hub | none | PATH (default: the checkpoint's, else hub)"),
-        ("features", "--backbone", str, "dinov2_vits14", "encoder without --ckpt (paper: dinov2_vits14)"),
-        ("features", "--preset", str, "paper", "decoder preset without --ckpt (paper | tiny)"),
-        ("features", "--seed", int, 0, "seeds the untrained decoder / encoder and the probes"),
-        ("features", "--device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu | cuda"),
-        ("features", "--size", int, 476, "short side of the input frames in px, multiple of 14 (paper 476)"),
-        ("data", "--data", str, None, "DAVIS-layout root (vos-*; normals / semseg evaluation)"),
-        ("data", "--frames", str, None, "pca: a folder of frames"),
-        ("data", "--out", str, "out/probe", "output folder (results.json, PNGs)"),
-        ("vos", "--grid", int, 60, "feature grid short side (paper 60)"),
-        ("vos", "--context", int, 7, "latest soft predictions in the context, + the first frame (paper 7)"),
-        ("vos", "--radius", int, 12, "neighbourhood radius in grid cells, 25x25 window (paper 12)"),
-        ("vos", "--topk", int, 5, "neighbours kept over all context positions (paper 5)"),
-        ("vos", "--temperature", float, 0.1, "softmax temperature on cosines (paper 0.1)"),
-        ("vos", "--tile", int, 8, "query tile side of the local-window search (speed only)"),
-        ("vos", "--norm-mask", int, 1, "DINO's per-channel min-max before argmax (1 | 0)"),
-        ("vos", "--void", str, "background", "gt 255 in J&F: background (official) | ignore"),
-        ("vos", "--lp-steps", int, 2000, "vos-lp AdamW steps (paper 2000)"),
-        ("vos", "--lp-lr", float, 5e-4, "vos-lp learning rate (paper 5e-4)"),
-        ("vos", "--lp-weight-decay", float, 1e-2, "vos-lp weight decay (not stated; torch default)"),
-        ("dense probes", "--train-data", str, None, "root of the training frames (default: a split of --data)"),
-        ("dense probes", "--val-videos", int, 1, "video layout without ImageSets train.txt: last N videos held out"),
-        ("dense probes", "--pixels", int, 4096, "training pixels sampled per frame"),
-        ("dense probes", "--probe-steps", int, 1000, "AdamW steps"),
-        ("dense probes", "--probe-lr", float, 1e-3, "learning rate"),
-        ("dense probes", "--probe-weight-decay", float, 1e-4, "weight decay"),
-        ("dense probes", "--batch", int, 16384, "pixels per step (0 = all)"),
-        ("dense probes", "--num-classes", int, 0, "semseg classes (0 = max train label + 1; COCO-Stuff 27, ADE20K 150)"),
-        ("pca", "--max-frames", int, 8, "frames shown, evenly spaced"),
-        ("pca", "--pca-samples", int, 200000, "pixels used to fit the PCA"),
-    ]
+    """Flags, every numeric one range-checked and every default resolved before any work."""
+    p = argparse.ArgumentParser(prog="probe.py", description="LILA evaluation probes (the official protocol)")
+    p.add_argument("cmd", choices=["vos-knn", "vos-lp", "normals", "semseg", "zeroshot", "pca"])
     groups = {}
-    for grp, flag, typ, default, help_ in flags:
+    for grp, flag, typ, default, help_ in FLAGS:
         groups.setdefault(grp, p.add_argument_group(grp)).add_argument(flag, type=typ, default=default, help=help_)
-    groups["dense probes"].add_argument("--reduce-zero-label", action="store_true", help="ADE20K: 0 = ignore, k -> k-1")
-    args = p.parse_args(argv)
-    if args.features not in ("decoder", "encoder") or args.void not in ("background", "ignore"):
-        p.error("--features must be decoder | encoder, --void background | ignore")
-    if args.size % 14:
-        p.error(f"--size {args.size} must be a multiple of 14")
-    if args.cmd == "pca" and not args.frames:
+    groups["dense probes"].add_argument("--reduce-zero-label", action="store_true",
+                                        help="video layout: label 0 = ignore, k -> k-1 (ADE20K's convention)")
+    a = p.parse_args(argv)
+    for name, (ok, what) in RANGES.items():
+        v = getattr(a, name)
+        if (isinstance(v, float) and not math.isfinite(v)) or not ok(v):
+            p.error(f"--{name.replace('_', '-')} {v}: must be {what}")
+    if a.topk > (2 * a.radius + 1) ** 2:
+        p.error(f"--topk {a.topk}: above the {(2 * a.radius + 1) ** 2} candidates of one context frame's "
+                f"{2 * a.radius + 1}x{2 * a.radius + 1} window (--radius {a.radius})")
+    for flag, v, choices in (("--features", a.features, ("full", "decoder", "encoder", None)),
+                             ("--void", a.void, ("background", "ignore")),
+                             ("--protocol", a.protocol, ("official", "fast"))):
+        if v not in choices:
+            p.error(f"{flag} {v}: choose from {' | '.join(c for c in choices if c)}")
+    if a.device != "cpu" and not (a.device.startswith("cuda") and torch.cuda.is_available()):
+        p.error(f"--device {a.device}: " + ("no CUDA device here" if a.device.startswith("cuda") else "cpu | cuda"))
+    if a.cmd == "pca" and not a.frames:
         p.error("pca needs --frames DIR")
-    if args.cmd != "pca" and not args.data:
-        p.error(f"{args.cmd} needs --data ROOT")
-    if args.data and not os.path.isdir(args.data):
-        p.error(f"--data {args.data}: no such folder")
-    return args
+    if a.cmd != "pca" and not a.data:
+        p.error(f"{a.cmd} needs --data ROOT")
+    for flag, v in (("--data", a.data), ("--train-data", a.train_data)):
+        if v and not os.path.isdir(v):
+            p.error(f"{flag} {v}: no such folder")
+    if a.train_data and os.path.realpath(a.train_data) == os.path.realpath(a.data):
+        p.error(f"--train-data {a.train_data} is --data: the probe would be scored on its training frames")
+    try:
+        a.unseen = tuple(int(c) for c in a.unseen.split(",")) if a.unseen else None
+    except ValueError:
+        p.error(f"--unseen {a.unseen}: expected comma-separated class ids, e.g. 20,24,32")
+    # resolved defaults (the official protocol's, per command)
+    a.features = a.features or ("full" if a.ckpt != "none" else "encoder")
+    size_given = a.size is not None
+    a.size = a.size or DEFAULT_SIZE[a.cmd]
+    if a.cmd in HEADS:
+        a.train_size = a.train_size or (a.size if size_given else TRAIN_SIZE[a.cmd])
+        allowed = ("linear",) if a.protocol == "fast" else HEADS[a.cmd]
+        a.head = a.head or allowed[0]
+        if a.head not in allowed:
+            p.error(f"--head {a.head}: {a.cmd} with --protocol {a.protocol} takes {' | '.join(allowed)}")
+        if a.cmd == "zeroshot" and a.protocol == "fast":
+            p.error("zeroshot runs the official protocol only")
+        if a.probe_weight_decay is None:
+            a.probe_weight_decay = 1e-4 if a.protocol == "fast" else WEIGHT_DECAY[a.cmd]
+        if a.workers is None:
+            a.workers = 4 if a.device.startswith("cuda") else 0
+    return a
+
+
+def summary(metrics):
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                     if isinstance(v, (int, float, str)))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    kw, ck_cfg, state = read_checkpoint(args)
+    prepare = {"vos-knn": prepare_vos, "vos-lp": prepare_vos, "pca": prepare_pca}.get(args.cmd, dense_probes.prepare)
+    plan = prepare(args)                                # dataset checks before the model is built
+    groups = {"features", "data", {"vos-knn": "vos", "vos-lp": "vos", "pca": "pca"}.get(args.cmd, "dense probes")}
+    keep = {f[1][2:].replace("-", "_") for f in FLAGS if f[0] in groups} | {"cmd", "reduce_zero_label"}
+    args.backbone, args.preset, args.weights = kw["backbone"], kw["preset"], kw["weights"]  # --ckpt decides
+    config = {**{k: v for k, v in vars(args).items() if k in keep}, "model_seed": kw["seed"]}
+    print("config:", json.dumps(config))                # the configuration actually used, once
     torch.manual_seed(args.seed)
-    print("config:", json.dumps(vars(args)))
-    lila, ck_cfg = build_model(args)
-    run = {"vos-knn": run_vos, "vos-lp": run_vos, "normals": run_dense, "semseg": run_dense, "pca": run_pca}
-    metrics = run[args.cmd](args, lila)
-    print(f"{args.cmd}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    lila = build_model(kw, state, args.device)
+    if args.cmd in ("normals", "semseg", "zeroshot"):
+        metrics = dense_probes.run(args, lambda img: encode(lila, img, args.features), plan)
+    else:
+        metrics = {"vos-knn": run_vos, "vos-lp": run_vos, "pca": run_pca}[args.cmd](args, lila, plan)
+    print(f"{args.cmd}: {summary(metrics)}")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump({"metrics": metrics, "config": vars(args), "ckpt_config": ck_cfg}, fh, indent=1)
+    path = os.path.join(args.out, "results.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump({"metrics": metrics, "config": config, "ckpt_config": ck_cfg}, fh, indent=1)
+    os.replace(path + ".tmp", path)
+    return metrics
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        # Bad input already names what is wrong: one line, no traceback. Anything else is a bug.
+        msg = str(e)
+        if isinstance(e, FileNotFoundError) or msg.split(":")[0].endswith(".py"):
+            print(f"probe.py: error: {re.sub(r'^(probe|benchmarks|dense_probes)[.]py: ', '', msg)}", file=sys.stderr)
+            sys.exit(2)
+        raise

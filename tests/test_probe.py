@@ -1,10 +1,12 @@
 """Tests of probe.py: the DAVIS J&F metric against a slow literal reference of the official
 definitions (davis2017-evaluation: davis2017/metrics.py, evaluation.py, davis.py), local-window
-k-NN propagation against the dense formulation of DINO's eval_video_segmentation.py, the
-one-shot linear probe, and every subcommand end to end on a tiny synthetic set."""
+k-NN propagation against the official unfold formulation (lila/eval_vosknn.py: replicate
+padding, sources summed), every subcommand end to end on a tiny synthetic set with a tiny
+random model, and every bad input ending in one clear line (or a counted skip)."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -87,21 +90,19 @@ def ref_davis(preds, gts, bound_th=0.008, void="background"):
 
 
 def ref_knn_step(query, ctx, labels, radius, topk, temperature, tile=None):
-    """DINO's dense formulation: exp(cos / T) to every position of every context frame, times
-    the neighbourhood mask, keep values >= the k-th largest per query, normalise, mix labels."""
+    """The official formulation: pad keys and labels by replication, unfold every
+    (2r+1)^2 window, cosine of the query to all K (2r+1)^2 window entries, softmax over the
+    top-k of them / T, labels mixed with those weights (lila/eval_vosknn.py)."""
     D, h, w = query.shape
     K, C = labels.shape[:2]
-    q = query.flatten(1).T                                              # (hw, D)
-    aff = torch.exp(torch.einsum("nd,kdm->knm", q, ctx.flatten(2)) / temperature)  # (K, hw, hw)
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    yy, xx = yy.flatten(), xx.flatten()
-    mask = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)
-    aff = (aff * mask).transpose(2, 1).reshape(K * h * w, h * w)        # (K*hw keys, hw queries)
-    kth = aff.topk(topk, dim=0).values.min(0).values
-    aff[aff < kth] = 0
-    aff = aff / aff.sum(0, keepdim=True)
-    segs = labels.flatten(2).transpose(2, 1).reshape(-1, C).T           # (C, K*hw)
-    return (segs @ aff).view(C, h, w)
+    win = 2 * radius + 1
+    unf = lambda x: F.unfold(F.pad(x, (radius,) * 4, mode="replicate"), win).view(K, x.shape[1], win * win, h * w)  # noqa: E731
+    keys, labs = unf(ctx), unf(labels)                                   # (K, D | C, win^2, hw)
+    sim = torch.einsum("dn,kdjn->nkj", query.flatten(1), keys).reshape(h * w, K * win * win)
+    val, idx = sim.topk(topk, dim=1)                                     # (hw, k)
+    lab = labs.permute(3, 0, 2, 1).reshape(h * w, K * win * win, C)      # (hw, K*win^2, C)
+    lab = torch.gather(lab, 1, idx[..., None].expand(-1, -1, C))          # (hw, k, C)
+    return (torch.softmax(val / temperature, 1)[..., None] * lab).sum(1).T.reshape(C, h, w)
 
 
 def blobs(rng, t, h, w, n_obj, void=False):
@@ -183,9 +184,9 @@ def test_davis_jf_rejects_unknown_labels_and_short_sequences():
         probe.davis_jf({"a": list(g[:2])}, {"a": list(g[:2])})
 
 
-# --- k-NN propagation and the linear probe ---
+# --- k-NN propagation ---
 
-def test_local_window_propagation_equals_dense_formulation():
+def test_local_window_propagation_equals_the_official_unfold_formulation():
     g = torch.Generator().manual_seed(0)
     T, D, h, w, C = 6, 16, 13, 17, 3
     feats = F.normalize(torch.randn(T, D, h, w, generator=g), dim=1)
@@ -198,6 +199,33 @@ def test_local_window_propagation_equals_dense_formulation():
                for a, b in zip(local, dense))
 
 
+def test_window_is_replicate_padded_at_the_border():
+    # a key identical to the corner query exists only outside the image under replication:
+    # with one candidate (top-1), the corner takes the border pixel's label through padding.
+    D, h, w = 4, 6, 6
+    q = F.normalize(torch.randn(D, h, w, generator=torch.Generator().manual_seed(3)), dim=0)
+    ctx = q[None].clone()
+    lab = torch.zeros(1, 2, h, w)
+    lab[0, 1] = 1.0
+    out = probe.knn_step(q, ctx, lab, radius=2, topk=3, temperature=1e-3, tile=4)
+    ref = ref_knn_step(q, ctx, lab, 2, 3, 1e-3)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_full_propagation_sums_the_sources_and_shares_the_context():
+    g = torch.Generator().manual_seed(1)
+    T, h, w, C = 4, 9, 11, 3
+    enc = F.normalize(torch.randn(T, 8, h, w, generator=g), dim=1)
+    dec = F.normalize(torch.randn(T, 5, h, w, generator=g), dim=1)
+    first = F.one_hot(torch.randint(0, C, (h, w), generator=g), C).permute(2, 0, 1).float()
+    kw = dict(radius=2, topk=4, temperature=0.1)
+    soft = probe.propagate([enc, dec], first, n_context=7, **kw)
+    for t in range(1, T):    # frame t = sum over sources of one step on the same context labels
+        ids, ctx = list(range(t)), soft[:t]
+        want = ref_knn_step(enc[t], enc[ids], ctx, 2, 4, 0.1) + ref_knn_step(dec[t], dec[ids], ctx, 2, 4, 0.1)
+        assert torch.allclose(soft[t], want, atol=1e-5)
+
+
 def test_static_video_propagation_reproduces_first_mask():
     g = torch.Generator().manual_seed(1)
     D, h, w, C = 32, 20, 24, 4
@@ -208,23 +236,15 @@ def test_static_video_propagation_reproduces_first_mask():
         assert torch.equal(probe.soft_to_labels(s, (h, w)), labels)
 
 
-def test_linear_probe_fits_a_mask_that_is_linear_in_the_features():
-    g = torch.Generator().manual_seed(2)
-    C, D = 3, 16
-    embed = torch.randn(C, D, generator=g)                              # one direction per label
-    y = torch.randint(0, C, (2000,), generator=g)                       # (N,) mask of the first frame
-    x = embed[y] + 0.3 * torch.randn(2000, D, generator=g)              # (N, D): mask = argmax(x @ embed^T)
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny problem: threads only add overhead
-    try:
-        lin = probe.fit_linear(x, y, C, F.cross_entropy, steps=500, lr=5e-3, weight_decay=1e-2)
-    finally:
-        torch.set_num_threads(n_threads)
-    x2 = embed[y] + 0.3 * torch.randn(2000, D, generator=g)             # a "later frame", new noise
-    assert torch.equal(lin(x).argmax(1), y) and (lin(x2).argmax(1) == y).float().mean() > 0.99
+def test_davis_frames_and_grid_follow_the_official_resizing():
+    import benchmarks
+    assert benchmarks.patch_hw(480, 854, 476) == (476, 840)            # PatchResample
+    assert benchmarks.patch_hw(854, 480, 476) == (840, 476)
+    assert probe.grid_hw(476, 840, 60) == (60, 105)                    # _rescale_grid: int()
+    assert probe.grid_hw(34, 60, 60) == (60, 105)                      # the encoder grid agrees
 
 
-# --- end to end on a tiny synthetic set ---
+# --- end to end on a tiny synthetic set (in process: no interpreter start per run) ---
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
@@ -234,40 +254,209 @@ def synth(tmp_path_factory):
     return root
 
 
-COMMON = ["--preset", "tiny", "--weights", "none", "--size", "112", "--device", "cpu"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny problems on a shared 2-core machine
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A checkpoint as train.py writes it (config + decoder), of a tiny random model."""
+    import model
+    cfg = {"backbone": "dinov2_vits14", "weights": "none", "preset": "tiny", "seed": 0}
+    lila = model.build_lila(**cfg)
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+    torch.save({"decoder": lila.decoder.state_dict(), "config": cfg, "step": 1}, path)
+    return str(path)
 
 
-def run_probe(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "probe.py"), *argv, *COMMON], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT, env=ENV)
+TINY = ["--size", "112", "--device", "cpu"]
+NONE = ["--ckpt", "none", "--preset", "tiny", "--weights", "none"] + TINY
+QUICK = {"normals": ["--epochs", "1", "--batch", "4", "--repeat", "1"], "semseg": ["--epochs", "1", "--batch", "4"],
+         "fast": ["--protocol", "fast", "--probe-steps", "30", "--pixels", "256"]}
+
+
+def run(*argv):
+    """probe.main in this process -> (metrics, results.json, stdout)."""
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        m = probe.main([str(a) for a in argv])
+    out = argv[list(argv).index("--out") + 1]
+    return m, json.load(open(os.path.join(out, "results.json"))), buf.getvalue()
 
 
 @pytest.mark.parametrize("cmd,extra,keys", [
     ("vos-knn", ["--grid", "28"], ["J", "F", "JF"]),
-    ("normals", ["--probe-steps", "60", "--pixels", "512"], ["rmse", "under_11.25", "under_30"]),
-    ("semseg", ["--probe-steps", "60", "--pixels", "512"], ["miou", "pixel_acc"]),
-    ("pca", [], ["explained_variance"]),
+    ("vos-lp", ["--lp-steps", "20"], ["J", "F", "JF"]),
+    ("normals", QUICK["normals"], ["rmse", "under_11.25", "under_22.5", "under_30"]),
+    ("normals", QUICK["fast"], ["rmse", "under_30"]),
+    ("semseg", QUICK["semseg"], ["miou", "pixel_acc"]),
+    ("semseg", QUICK["fast"], ["miou", "pixel_acc"]),
 ])
-def test_subcommand_runs_end_to_end_and_writes_results(synth, tmp_path, cmd, extra, keys):
-    src = ["--frames", str(synth / "JPEGImages/480p/synth0000")] if cmd == "pca" else ["--data", str(synth)]
-    out = run_probe(cmd, *src, *extra, "--out", str(tmp_path))
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.load(open(tmp_path / "results.json"))
-    assert all(np.isfinite(res["metrics"][k]).all() for k in keys) and res["config"]["cmd"] == cmd
+def test_probe_with_a_checkpoint_reads_both_sources_and_writes_results(synth, ckpt, tmp_path, cmd, extra, keys):
+    m, res, out = run(cmd, "--data", synth, "--ckpt", ckpt, *TINY, *extra, "--out", tmp_path)
+    assert all(math.isfinite(m[k]) for k in keys) and res["metrics"][keys[0]] == m[keys[0]]
+    cfg = res["config"]
+    assert cfg["features"] == "full" and cfg["preset"] == "tiny" and cfg["weights"] == "none"
+    assert out.count("config:") == 1 and '"preset": "tiny"' in out and '"paper"' not in out
     if cmd == "vos-knn":
-        from PIL import Image
         im = Image.open(tmp_path / "synth0000" / "00003.png")
         assert im.mode == "P" and im.size == (112, 112)
-    if cmd == "pca":
-        assert (tmp_path / "pca.png").is_file()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_encoder_is_the_baseline_without_a_checkpoint(synth, tmp_path):
+    m, res, _ = run("vos-knn", "--data", synth, *NONE, "--grid", "14", "--out", tmp_path)
+    assert res["config"]["features"] == "encoder" and 0 <= m["JF"] <= 1
+
+
+def test_zeroshot_on_random_text_embeddings_reports_seen_unseen_and_harmonic(synth, tmp_path):
+    text = tmp_path / "text.npy"
+    np.save(text, np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32))
+    m, res, _ = run("zeroshot", "--data", synth, *NONE, "--features", "full", "--text-embeddings", text,
+                    "--unseen", "2", *QUICK["semseg"], "--out", tmp_path / "o")
+    s, u, hm = m["miou_seen"], m["miou_unseen"], m["miou_harmonic"]
+    assert all(math.isfinite(v) and 0 <= v <= 100 for v in (s, u, hm))
+    assert hm == pytest.approx(2 * s * u / (s + u) if s + u else 0.0)
+
+
+def test_official_protocol_resumes_from_its_state(synth, tmp_path):
+    args = ["semseg", "--data", synth, *NONE, "--head", "linear", "--batch", "4", "--out", tmp_path]
+    run(*args, "--epochs", "1")
+    m, _, out = run(*args, "--epochs", "2")
+    assert "resuming" in out and [h["epoch"] for h in m["history"]] == [1, 2]
+    with pytest.raises(ValueError, match="another probe run"):     # other settings: refused
+        run(*args, "--epochs", "3", "--probe-lr", "0.1")
+
+
+def test_pca_orders_frames_numerically_and_shows_both_sources(ckpt, tmp_path):
+    d = tmp_path / "frames"
+    d.mkdir()
+    for i in range(12):                                  # 0.jpg ... 11.jpg, frame i is grey 20 i
+        Image.fromarray(np.full((56, 56, 3), 20 * i, np.uint8)).save(d / f"{i}.jpg")
+    m, _, _ = run("pca", "--frames", d, "--ckpt", ckpt, *TINY, "--size", "56", "--max-frames", "2", "--out", tmp_path / "o")
+    png = np.asarray(Image.open(m["png"]))
+    assert png.shape[0] == 3 * 56 and m["rows"] == ["frames", "encoder", "decoder"]
+    assert abs(int(png[28, 84, 0]) - 220) <= 3           # the last frame is 11.jpg, not 9.jpg
+    assert all(np.isfinite(v).all() for v in m["explained_variance"].values())
+
+
+def davis2016(synth, root):
+    """The synthetic set as DAVIS-2016: object 1 as a 0/255 grey mask, ImageSets/480p/val.txt."""
+    shutil.copytree(synth / "JPEGImages", root / "JPEGImages")
+    lines = []
+    for seq in sorted(os.listdir(synth / "Annotations/480p")):
+        os.makedirs(root / "Annotations/480p" / seq)
+        for f in sorted(os.listdir(synth / "Annotations/480p" / seq)):
+            m = np.asarray(Image.open(synth / "Annotations/480p" / seq / f)) == 1
+            Image.fromarray((m * 255).astype(np.uint8), mode="L").save(root / "Annotations/480p" / seq / f)
+            lines.append(f"/JPEGImages/480p/{seq}/{f[:-4]}.jpg /Annotations/480p/{seq}/{f}")
+    os.makedirs(root / "ImageSets/480p")
+    (root / "ImageSets/480p/val.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_davis2016_binary_masks_are_one_object_per_sequence(synth, tmp_path):
+    davis2016(synth, tmp_path / "d16")
+    m, _, out = run("vos-knn", "--data", tmp_path / "d16", *NONE, "--grid", "14", "--out", tmp_path / "o")
+    assert m["objects"] == m["scored"] == 3 and m["masks"].startswith("binary") and "DAVIS-2016" in out
+    assert 0 <= m["JF"] <= 1
+
+
+# --- bad input: one clear line, or a counted skip ---
+
+def copy_davis(synth, root):
+    for sub in ("JPEGImages", "Annotations"):
+        shutil.copytree(synth / sub, root / sub)
+    return root
 
 
 def test_missing_first_frame_mask_is_a_clear_error(synth, tmp_path):
-    import shutil
-    root = tmp_path / "d"
-    shutil.copytree(synth / "JPEGImages", root / "JPEGImages")
-    shutil.copytree(synth / "Annotations", root / "Annotations")
+    root = copy_davis(synth, tmp_path / "d")
     os.remove(root / "Annotations/480p/synth0001/00000.png")
-    out = run_probe("vos-knn", "--data", str(root), "--grid", "14", "--out", str(tmp_path / "o"))
-    assert out.returncode != 0 and "no first-frame mask" in out.stderr and "Traceback" not in out.stderr
+    with pytest.raises(ValueError, match="no first-frame mask"):
+        run("vos-knn", "--data", root, *NONE, "--grid", "14", "--out", tmp_path / "o")
+
+
+def edit_davis(root, what):
+    seq = root / "Annotations/480p/synth0001"
+    if what == "rgb":                        # a colour-rendered mask
+        Image.open(seq / "00000.png").convert("RGB").save(seq / "00000.png")
+    elif what == "mask_size":                # a later mask of another size
+        Image.open(seq / "00002.png").resize((56, 56), Image.NEAREST).save(seq / "00002.png")
+    elif what == "frame_size":               # a later frame of another size
+        p = root / "JPEGImages/480p/synth0001/00002.jpg"
+        Image.open(p).resize((98, 98)).save(p)
+    elif what == "no_object":                # every first mask empty
+        for s in os.listdir(root / "Annotations/480p"):
+            p = root / "Annotations/480p" / s / "00000.png"
+            im = Image.open(p)
+            im2 = Image.fromarray(np.zeros_like(np.asarray(im)), mode="P")
+            im2.putpalette(im.getpalette())
+            im2.save(p)
+
+
+@pytest.mark.parametrize("what,message", [
+    ("rgb", "colour mask"), ("mask_size", "mask is 56x56"), ("frame_size", "frame is 98x98"),
+    ("no_object", "no object in any first-frame mask")])
+def test_bad_davis_input_is_one_clear_error(synth, tmp_path, what, message):
+    root = copy_davis(synth, tmp_path / "d")
+    edit_davis(root, what)
+    with pytest.raises(ValueError, match=message):
+        run("vos-knn", "--data", root, *NONE, "--grid", "14", "--out", tmp_path / "o")
+
+
+def test_two_frame_video_is_a_counted_skip(synth, tmp_path):
+    root = copy_davis(synth, tmp_path / "d")
+    for sub in ("JPEGImages", "Annotations"):
+        for f in ("00002", "00003"):
+            for p in (root / sub / "480p/synth0002").glob(f + ".*"):
+                p.unlink()
+    m, _, out = run("vos-knn", "--data", root, *NONE, "--grid", "14", "--out", tmp_path / "o")
+    assert m["skipped"]["two_frames"] == 1 and m["scored"] == 2 and "synth0002: not scored" in out
+
+
+def test_too_few_classes_for_the_labels_is_a_clear_error(synth, tmp_path):
+    with pytest.raises(ValueError, match="label 3, but there are only 2 classes"):
+        run("semseg", "--data", synth, *NONE, "--num-classes", "2", *QUICK["fast"], "--out", tmp_path)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tile", "0"], "--tile 0"), (["--topk", "0"], "--topk 0"), (["--size", "0"], "--size 0"),
+    (["--size", "100"], "--size 100: must be a positive multiple of 14"), (["--temperature", "0"], "--temperature 0.0"),
+    (["--temperature", "nan"], "--temperature nan"), (["--radius", "-1"], "--radius -1"),
+    (["--grid", "0"], "--grid 0"), (["--val-videos", "-1"], "--val-videos -1"),
+    (["--topk", "10", "--radius", "1"], "--topk 10: above the 9 candidates"), (["--epochs", "0"], "--epochs 0"),
+    (["--features", "both"], "--features both"), (["--probe-lr", "-1"], "--probe-lr -1.0"),
+])
+def test_flags_are_range_checked_up_front(synth, flags, message, capsys):
+    with pytest.raises(SystemExit):
+        probe.parse_args(["vos-knn", "--data", str(synth)] + flags)
+    assert f"probe.py: error: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-frames", "0"], "--max-frames 0"), (["--pca-samples", "1"], "--pca-samples 1"),
+    (["--pca-samples", "0"], "--pca-samples 0")])
+def test_pca_flags_are_range_checked(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        probe.parse_args(["pca", "--frames", str(tmp_path)] + flags)
+    assert f"probe.py: error: {message}" in capsys.readouterr().err
+
+
+def test_train_data_equal_to_data_is_refused(synth, capsys):
+    with pytest.raises(SystemExit):
+        probe.parse_args(["normals", "--data", str(synth), "--train-data", str(synth) + "/"])
+    assert "scored on its training frames" in capsys.readouterr().err
+
+
+def test_cli_error_is_one_line_without_traceback(synth, tmp_path):
+    root = copy_davis(synth, tmp_path / "d")
+    edit_davis(root, "rgb")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "probe.py"), "vos-knn", "--data", str(root),
+                        *NONE, "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("probe.py: error: ") and "colour mask" in r.stderr
+
+
+def test_no_file_cites_an_internal_document():
+    for f in ("probe.py", "benchmarks.py", "dense_probes.py"):
+        assert "DESIGN" not in open(os.path.join(ROOT, f)).read(), f
+    assert "DESIGN" not in probe.parse_args.__code__.co_consts.__repr__()
