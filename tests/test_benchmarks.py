@@ -149,3 +149,28 @@ def test_views_are_deterministic_per_seed_epoch_and_position():
     b = bm.Views(One(), 14, True, [0, 0], seed=3, epoch=1)
     c = bm.Views(One(), 14, True, [0, 0], seed=3, epoch=2)
     assert torch.equal(a[1]["image"], b[1]["image"]) and not torch.equal(a[1]["image"], c[1]["image"])
+
+
+def test_clip_text_embeddings_average_the_normalised_template_embeddings(monkeypatch):
+    """With a stand-in `clip` package: per class, every prompt embedded and L2-normalised,
+    the mean L2-normalised again (official lila/utils/zeroseg_init.py)."""
+    import types
+    seen = []
+
+    class Net:
+        def encode_text(self, tokens):                   # one fixed vector per prompt
+            return torch.stack([torch.tensor([float(len(p)), 1.0, 0.0]) for p in tokens])
+
+    class Tokens(list):
+        def to(self, device):
+            return self
+
+    fake = types.SimpleNamespace(load=lambda name, device: (Net(), None),
+                                 tokenize=lambda prompts: (seen.extend(prompts), Tokens(prompts))[1])
+    monkeypatch.setitem(sys.modules, "clip", fake)
+    e = bm.clip_text_embeddings(["cow", "road"], templates=["a {}.", "the big {} here."])
+    want = [torch.nn.functional.normalize(torch.nn.functional.normalize(torch.tensor(
+        [[len(f"a {c}."), 1.0, 0.0], [len(f"the big {c} here."), 1.0, 0.0]]), dim=1).mean(0), dim=0)
+        for c in ("cow", "road")]
+    assert np.allclose(e, torch.stack(want).numpy(), atol=1e-6) and seen[:2] == ["a cow.", "the big cow here."]
+    assert len(bm.CLIP_TEMPLATES) == 85 and all(t.count("{}") == 1 for t in bm.CLIP_TEMPLATES)

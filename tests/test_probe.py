@@ -456,7 +456,10 @@ def test_cli_error_is_one_line_without_traceback(synth, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("probe.py: error: ") and "colour mask" in r.stderr
 
 
-def test_no_file_cites_an_internal_document():
+def test_no_file_or_help_cites_an_internal_document(capsys):
     for f in ("probe.py", "benchmarks.py", "dense_probes.py"):
         assert "DESIGN" not in open(os.path.join(ROOT, f)).read(), f
-    assert "DESIGN" not in probe.parse_args.__code__.co_consts.__repr__()
+    with pytest.raises(SystemExit):
+        probe.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--features" in out and "DESIGN" not in out
