@@ -506,8 +506,9 @@ def run(args, encode, plan):
                    lr=args.probe_lr, wd=args.probe_weight_decay, seed=args.seed, num_classes=plan["num_classes"])
         return train_fast(task, head, encode, train, val, cfg, device)
     train.repeat = args.repeat or train.repeat
-    sig = {k: getattr(args, k) for k in ("cmd", "features", "head", "data", "train_data", "ckpt", "probe_lr",
-                                         "probe_weight_decay", "batch", "size", "train_size", "seed")}
+    sig = {k: getattr(args, k) for k in ("cmd", "features", "head", "data", "train_data", "train_list", "val_videos",
+                                         "ckpt", "probe_lr", "probe_weight_decay", "batch", "size", "train_size",
+                                         "seed", "text_embeddings", "unseen", "num_classes")}
     cfg = dict(epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.probe_lr,
                wd=args.probe_weight_decay, seed=args.seed, workers=args.workers, train_size=args.train_size,
                size=args.size, eval_scale=1.1 if task == "normals" else 1.0, num_classes=plan["num_classes"],
