@@ -19,10 +19,10 @@ in the same run on the same inputs):
              dilations {1,3,5}, C=32) lean vs the gather-everything formulation that stacks all
              P=24 shifted copies (official code), and of pamr_cascade for the SD cue at paper
              size (B=64 views); both must give the same output.
-- probe      probe.py: k-NN label propagation over local windows (probe.knn_step) vs the dense
-             formulation of DINO's eval_video_segmentation.py (affinity to every position of
-             every context frame, then the neighbourhood mask) on a DAVIS-size sequence (60x107
-             grid, D=128, 20 frames, 3 labels): frames/s, peak memory, identical labels.
+- probe      probe.py: k-NN label propagation over local windows (probe.knn_step) vs the
+             official formulation (lila/eval_vosknn.py: replicate-padded windows unfolded for
+             every query) on a 30x54 grid (D=64, 20 frames, 3 labels; the official one needs
+             ~16 GB at DAVIS's 60x107, D=128): frames/s, peak memory, identical labels.
 - cues       cues.py: the per-batch cue work inside the training loop (flow confidence, depth
              conversion, SD cue with and without the PAMR cascade), B=8 pairs at 224^2.
 - step       train.py: one training step split into its parts, as shares of the step:
@@ -41,7 +41,7 @@ Threads: torch's default (all cores) unless OMP_NUM_THREADS or --threads is set;
 average is printed, compare numbers only at a low load: on a loaded 2-core box, code made of
 many short parallel kernels (the lean PAMR, hence SD + PAMR in `step`) loses far more to
 OpenMP threads waiting for a descheduled sibling than big memory-bound ops do (the gather
-PAMR, the dense k-NN); --threads 1 gives steadier ratios there.
+PAMR, the unfolded k-NN); --threads 1 gives steadier ratios there.
 
 Shape legend: B batch (pairs or views), D pixel-feature width, K cue channels, E encoder width,
 h x w patch grid, S view side, N context samples, C mask / label channels, P PAMR neighbours.
@@ -287,22 +287,24 @@ def bench_pamr(batch=64, channels=32, size=224, gather_batch=16):
 # -----------------------------------------------------------------------------------------
 # probe.py
 
-def dense_knn_step(query, ctx, labels, radius=12, topk=5, temperature=0.1):
-    """The reference: DINO's dense formulation (as in tests/test_probe.py)."""
+def unfold_knn_step(query, ctx, labels, radius=12, topk=5, temperature=0.1):
+    """The reference: the official formulation (lila/eval_vosknn.py): keys and labels padded by
+    replication, every (2r+1)^2 window unfolded, cosine of each query to all K (2r+1)^2 window
+    entries, top-k, softmax(cos / T). Its memory grows as K D (2r+1)^2 h w."""
     D, h, w = query.shape
     K, C = labels.shape[:2]
-    aff = torch.exp(torch.einsum("nd,kdm->knm", query.flatten(1).T, ctx.flatten(2)) / temperature)
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")   # (K, hw, hw) above
-    yy, xx = yy.flatten(), xx.flatten()
-    near = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)
-    aff = (aff * near).transpose(2, 1).reshape(K * h * w, h * w)               # (K*hw, hw)
-    kth = aff.topk(topk, dim=0).values.min(0).values
-    aff[aff < kth] = 0
-    aff = aff / aff.sum(0, keepdim=True)
-    return (labels.flatten(2).transpose(2, 1).reshape(-1, C).T @ aff).view(C, h, w)
+    win = 2 * radius + 1
+
+    def unfold(x):                                                          # (K, X, win^2, hw)
+        return F.unfold(F.pad(x, (radius,) * 4, mode="replicate"), win).view(K, x.shape[1], win * win, h * w)
+    sim = torch.einsum("dn,kdjn->nkj", query.flatten(1), unfold(ctx)).reshape(h * w, -1)
+    val, idx = sim.topk(topk, dim=1)                                        # (hw, k)
+    lab = unfold(labels).permute(3, 0, 2, 1).reshape(h * w, -1, C)         # (hw, K win^2, C)
+    lab = torch.gather(lab, 1, idx[..., None].expand(-1, -1, C))            # (hw, k, C)
+    return (torch.softmax(val / temperature, 1)[..., None] * lab).sum(1).T.reshape(C, h, w)
 
 
-def probe_case(T=20, D=128, h=60, w=107, C=3, seed=0):
+def probe_case(T=20, D=64, h=30, w=54, C=3, seed=0):
     """Smooth random L2-normalised features (T, D, h, w) and a blocky one-hot first mask."""
     g = torch.Generator().manual_seed(seed)
     f = F.interpolate(torch.randn(T, D, h // 4, w // 4, generator=g), size=(h, w), mode="bilinear")
@@ -313,25 +315,25 @@ def probe_case(T=20, D=128, h=60, w=107, C=3, seed=0):
 
 def probe_worker(kind, frames):
     feats, first = probe_case(T=int(frames))
-    step = dense_knn_step if kind == "dense" else probe.knn_step
+    step = unfold_knn_step if kind == "unfold" else probe.knn_step
     return lambda: probe.propagate(feats, first, step=step)
 
 
 def bench_probe(frames=20):
-    header("probe", f"k-NN propagation, 60x107 grid, D=128, {frames} frames, context 1+7, "
-                    f"25x25 window, top-5")
+    header("probe", f"k-NN propagation, 30x54 grid, D=64, {frames} frames, context 1+7, "
+                    f"25x25 window, top-5 (the official formulation needs ~16 GB at 60x107, D=128)")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {k: os.path.join(tmp, k + ".pt") for k in ("local", "dense")}
+        paths = {k: os.path.join(tmp, k + ".pt") for k in ("local", "unfold")}
         r = {k: run_worker("probe", k, frames, out_path=p) for k, p in paths.items()}
         soft = {k: torch.load(p) for k, p in paths.items()}                 # (T, C, h, w)
     labels = {k: torch.stack([probe.soft_to_labels(s, (480, 854)) for s in v[1:]]) for k, v in soft.items()}
     fps = {k: (frames - 1) / r[k][0] for k in r}
     for k in r:
         print(f"  {k:5s}: {fps[k]:7.2f} frames/s, peak +{r[k][1] / 2**20:6.0f} MiB")
-    diff = (labels["local"] != labels["dense"]).sum().item()
-    print(f"  local is {fps['local'] / fps['dense']:.1f}x faster, {r['dense'][1] / max(r['local'][1], 1):.0f}x "
+    diff = (labels["local"] != labels["unfold"]).sum().item()
+    print(f"  local is {fps['local'] / fps['unfold']:.1f}x faster, {r['unfold'][1] / max(r['local'][1], 1):.0f}x "
           f"less peak memory; labels at 480x854 differ at {diff} of {labels['local'].numel()} pixels; "
-          f"soft max |diff| {(soft['local'] - soft['dense']).abs().max().item():.1e}")
+          f"soft max |diff| {(soft['local'] - soft['unfold']).abs().max().item():.1e}")
 
 
 # -----------------------------------------------------------------------------------------

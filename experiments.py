@@ -66,12 +66,18 @@ LABELS = {
 # probe name -> (probe.py command, its flags, metric key in results.json, column label)
 PROBES = {
     "vos": ("vos-knn", ["--grid", "28"], "JF", "J&F ↑"),
-    "normals": ("normals", ["--val-videos", "4", "--probe-lr", "1e-2"], "rmse", "normals RMSE ° ↓"),
-    "semseg": ("semseg", ["--val-videos", "4", "--probe-lr", "1e-2"], "miou", "semseg mIoU % ↑"),
+    "normals": ("normals", ["--protocol", "fast", "--val-videos", "4", "--probe-lr", "1e-2"], "rmse",
+                "normals RMSE ° ↓"),
+    "semseg": ("semseg", ["--protocol", "fast", "--val-videos", "4", "--probe-lr", "1e-2"], "miou",
+               "semseg mIoU % ↑"),
 }
-# Dense probes at lr 1e-2, not probe.py's 1e-3: with D=32 features, 1000 AdamW steps at 1e-3
-# underfit. On the pilot checkpoint, semseg mIoU 27.0 -> 30.4 and normals RMSE 27.2 -> 26.4;
-# the untrained decoder's semseg probe predicts only the background at either rate (21.9).
+# Trained rows are probed on the decoder's features (what LILA trains). These rows are also
+# probed the way the paper evaluates: encoder + decoder predictions summed (--features full),
+# shown as an extra line of the table.
+FULL = {"lila": "LILA, encoder + decoder (the paper's evaluation)"}
+# Dense probes: the fast protocol of probe.py (1x1 linear probes on sampled pixels of whole
+# frames; the official protocol trains on augmented crops for 10 epochs, 10+ min a run on a
+# CPU), at lr 1e-2, not the default 1e-3: with D=32 features, 1000 AdamW steps at 1e-3 underfit.
 EVAL_SEED, EVAL_VIDEOS, SIZE = 10000, 12, 112   # held-out seeds; training uses 0..63
 HERE = os.path.dirname(os.path.abspath(__file__))  # train.py and probe.py live beside this file
 
@@ -121,29 +127,33 @@ def one_run(row, seed, a):
                    "--synthetic-seed", "0", "--synthetic-videos", "64", "--log-every", "20",
                    "--save-every", "50", "--out", run_dir] + train_flags + (["--resume"] if done else [])
             times["train"] = times.get("train", 0.0) + run(cmd, log)   # summed over resumes
-        model = ["--ckpt", ckpt, "--features", "decoder"]  # the seeded encoder comes from its config
+        variants = {"": ["--ckpt", ckpt, "--features", "decoder"]}  # seeded encoder: from its config
+        if row in FULL:
+            variants["_full"] = ["--ckpt", ckpt, "--features", "full"]
     else:                           # the baselines: same seeded encoder, decoder never trained
-        model = ["--ckpt", "none", "--preset", "tiny", "--weights", "none"] + model_flags
-    for name, (cmd_name, flags, _, _) in PROBES.items():
-        res = os.path.join(out, f"probe_{name}", "results.json")
-        if not os.path.isfile(res):
-            cmd = [py, os.path.join(HERE, "probe.py"), cmd_name, "--data", a.eval_data,
-                   "--size", str(SIZE), "--seed", str(seed), "--out", os.path.dirname(res)] + model + flags
-            times[name] = run(cmd, log)
+        variants = {"": ["--ckpt", "none", "--preset", "tiny", "--weights", "none"] + model_flags}
+    for suffix, model in variants.items():
+        for name, (cmd_name, flags, _, _) in PROBES.items():
+            res = os.path.join(out, f"probe_{name}{suffix}", "results.json")
+            if not os.path.isfile(res):
+                cmd = [py, os.path.join(HERE, "probe.py"), cmd_name, "--data", a.eval_data, "--size",
+                       str(SIZE), "--seed", str(seed), "--out", os.path.dirname(res)] + model + flags
+                times[name + suffix] = run(cmd, log)
     with open(times_path, "w") as f:
         json.dump(times, f)
 
 
 def collect(a):
-    """{row: {probe: [values over finished seeds], "train_s": [...], "seeds": [...]}}"""
+    """{row: {probe: [values over finished seeds], "train_s": [...], "seeds": [...]}}; a row
+    of FULL also gives "<row>+full" (its probes with --features full)."""
     table = {}
-    for row in a.rows:
-        r = table.setdefault(row, {"seeds": [], "train_s": []})
+    for row, suffix in [(r, s) for r in a.rows for s in ([""] + (["_full"] if r in FULL else []))]:
+        r = table.setdefault(row + suffix.replace("_", "+"), {"seeds": [], "train_s": []})
         for seed in a.seeds:
             out = os.path.join(a.out, row, f"seed{seed}")
             vals = {}
             for name, (_, _, key, _) in PROBES.items():
-                res = os.path.join(out, f"probe_{name}", "results.json")
+                res = os.path.join(out, f"probe_{name}{suffix}", "results.json")
                 if os.path.isfile(res):
                     vals[name] = json.load(open(res))["metrics"][key]
             if len(vals) < len(PROBES):
@@ -174,7 +184,8 @@ def print_table(a):
     for row, r in table.items():
         cells = [fmt(r.get("vos", []), 3), fmt(r.get("normals", []), 1), fmt(r.get("semseg", []), 1)]
         train = f"{statistics.mean(r['train_s']) / 60:.1f}" if r["train_s"] else "—"
-        lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + f" | {len(r['seeds'])} | {train} |")
+        label = FULL[row[:-5]] if row.endswith("+full") else LABELS[row]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(r['seeds'])} | {train} |")
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(a.out, "table.md"), "w") as f:

@@ -92,6 +92,15 @@ def test_one_run_skips_finished_work_and_resumes(tmp_path, monkeypatch):
     calls.clear()
     experiments.one_run("no-edge", 1, a)                                  # everything done
     assert calls == []
+    experiments.one_run("lila", 0, a)             # also probed as the paper evaluates (full)
+    feats = [c[c.index("--features") + 1] for c in calls if os.path.basename(c[1]) == "probe.py"]
+    assert feats == ["decoder"] * 3 + ["full"] * 3
+    fake_results(tmp_path, "lila", 1, dict(vos=0.5, normals=30.0, semseg=40.0))
+    for name in experiments.PROBES:
+        os.rename(tmp_path / "lila" / "seed1" / f"probe_{name}", tmp_path / "lila" / "seed1" / f"probe_{name}_full")
+    table = experiments.collect(args_for(tmp_path, rows=["lila"], seeds=[1]))
+    assert table["lila+full"]["vos"] == [0.5] and table["lila"]["seeds"] == []
+    calls.clear()
     experiments.one_run("encoder", 0, a)                                  # no training row
     assert [os.path.basename(c[1]) for c in calls] == ["probe.py"] * 3
     assert all("--features" in c and c[c.index("--features") + 1] == "encoder" for c in calls)
