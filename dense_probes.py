@@ -27,7 +27,7 @@ N sampled pixels. Metrics (official metrics.py): normals per image (RMSE of the 
 error, % under 11.25 / 22.5 / 30 degrees; averaged over images), segmentation from one
 confusion matrix (IoU over the classes present in the ground truth).
 
-Deviations from the official loops (each kept for a reason, see README): BatchNorm of the
+Deviations from the official loops (each kept for a reason, see GUIDE.md): BatchNorm of the
 zero-shot head is in eval mode while scoring (official: train mode, batch statistics);
 images without one valid normal are skipped and counted (official: scored as 0); evaluation
 keeps the last partial batch (official normals: drop_last); an optional --micro-batch splits
@@ -42,9 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import benchmarks
+import evaldata
 
-VOID = benchmarks.VOID
+VOID = evaldata.VOID
 
 
 def up(x, size):
@@ -245,7 +245,7 @@ def evaluate(task, head, encode, ds, cfg, device):
     """Scores of `head` on the evaluation views (centre crops) of ds."""
     head.eval()
     sc = Scores(task, cfg["num_classes"], cfg.get("unseen", ()))
-    views = benchmarks.Views(ds, cfg["size"], False, range(len(ds)), eval_scale=cfg["eval_scale"])
+    views = evaldata.Views(ds, cfg["size"], False, range(len(ds)), eval_scale=cfg["eval_scale"])
     loader = torch.utils.data.DataLoader(views, batch_size=cfg["batch"], num_workers=cfg["workers"])
     for b in tqdm(loader, desc="eval", leave=False, disable=None):
         b = to_device(b, device)
@@ -293,7 +293,7 @@ def train_official(task, head, encode, train_ds, val_ds, cfg, out, device, log=p
     for epoch in range(epoch0, cfg["epochs"]):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] * 7919 + epoch)).tolist()
         steps = -(-n // B)
-        views = benchmarks.Views(train_ds, cfg["train_size"], True, perm[step0 * B:], cfg["seed"], epoch)
+        views = evaldata.Views(train_ds, cfg["train_size"], True, perm[step0 * B:], cfg["seed"], epoch)
         loader = torch.utils.data.DataLoader(views, batch_size=B, num_workers=cfg["workers"],
                                              pin_memory=device.type == "cuda")
         head.train()
@@ -346,7 +346,7 @@ def bilinear_taps(H, W, h, w, ys, xs):
 def frame_input(img, size):
     """(H, W, 3) uint8 -> (1, 3, H', W') float [0, 1], short side `size`, patch-aligned."""
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()[None] / 255
-    hw = benchmarks.patch_hw(*img.shape[:2], size)
+    hw = evaldata.patch_hw(*img.shape[:2], size)
     return F.interpolate(x, hw, mode="bilinear", align_corners=False, antialias=True)
 
 
@@ -360,7 +360,7 @@ def train_fast(task, head, encode, train_ds, val_ds, cfg, device):
     for i in tqdm(range(len(train_ds)), desc="features", leave=False, disable=None):
         img, tgt = train_ds[i]
         enc, dec = encode(frame_input(img, cfg["size"]).to(device))
-        H, W = benchmarks.patch_hw(*img.shape[:2], cfg["size"])
+        H, W = evaldata.patch_hw(*img.shape[:2], cfg["size"])
         key = "normals" if task == "normals" else "labels"
         t = torch.from_numpy(np.ascontiguousarray(tgt[key])).float()
         t = t.permute(2, 0, 1) if task == "normals" else t[None]
@@ -417,7 +417,7 @@ def fail(msg):
 def open_split(args, root, split):
     unseen = args.unseen if args.cmd == "zeroshot" else None
     lst = args.train_list if split == "train" else args.val_list
-    return benchmarks.open_dense(root, args.cmd, split, args.val_videos, args.reduce_zero_label, lst, unseen)
+    return evaldata.open_dense(root, args.cmd, split, args.val_videos, args.reduce_zero_label, lst, unseen)
 
 
 def scan_labels(ds):
@@ -448,7 +448,7 @@ def load_text_embeddings(args, names):
         return t
     if names is None:
         fail("zeroshot on this layout has no class names to embed: pass --text-embeddings FILE")
-    t = benchmarks.clip_text_embeddings(names, args.device)
+    t = evaldata.clip_text_embeddings(names, args.device)
     os.makedirs(args.out, exist_ok=True)
     np.save(os.path.join(args.out, "text_embeddings.npy"), t)
     return t
@@ -459,14 +459,14 @@ def prepare(args):
     probe.py dense command; every dataset problem is found here, before the model is built."""
     if args.train_data:
         train, val = open_split(args, args.train_data, "all"), open_split(args, args.data, "all")
-        if not isinstance(train, benchmarks.VideoDense):
-            fail("--train-data applies to the video layout only (the benchmarks bring their splits)")
+        if not isinstance(train, evaldata.VideoDense):
+            fail("--train-data applies to the video layout only (the real datasets bring their splits)")
     else:
         train, val = open_split(args, args.data, "train"), open_split(args, args.data, "val")
     if not len(train) or not len(val):
         fail(f"--data {args.data}: need training and held-out frames (got {len(train)} / {len(val)}; "
              "video layout: ImageSets/2017/train.txt, or --val-videos N below the number of videos)")
-    if isinstance(train, benchmarks.VideoDense):
+    if isinstance(train, evaldata.VideoDense):
         train.repeat = 10 if args.cmd == "normals" else 1             # an epoch as NYU's: ten passes
         train.hide = train.unseen if args.cmd == "zeroshot" else ()   # unseen: ignored in training
     text, n_cls = None, 3
@@ -483,7 +483,7 @@ def prepare(args):
         n_cls = train.num_classes
         if n_cls and args.num_classes not in (0, n_cls):
             fail(f"--num-classes {args.num_classes}: {train.layout} has {n_cls} classes")
-    if args.cmd != "normals" and isinstance(train, benchmarks.VideoDense):
+    if args.cmd != "normals" and isinstance(train, evaldata.VideoDense):
         top, where = max(scan_labels(train), scan_labels(val), key=lambda r: r[0])
         n_cls = n_cls or args.num_classes or top + 1
         if top >= n_cls:

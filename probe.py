@@ -12,12 +12,12 @@ trained --ckpt), `--features encoder` its "DINOv2" row (the default with --ckpt 
   semseg    COCO-Stuff-27, ADE20K (eval_seg.py)              > dense_probes.py
   zeroshot  COCO-Stuff, 15 unseen classes (eval_openseg.py) /
   pca       PCA pictures of the features of a folder of frames
-J, F, J&F reproduce davis2017-evaluation (semi-supervised). Dataset layouts: benchmarks.py.
+J, F, J&F reproduce davis2017-evaluation (semi-supervised). Dataset layouts: evaldata.py.
 
 Shapes: T frames, H x W image, h x w feature grid, D feature dim, C labels (background +
 objects, or classes), K context frames, s query tile side.
 
-Deviations from the official evaluation (each with its reason in the README):
+Deviations from the official evaluation (each with its reason in GUIDE.md):
 - k-NN computes each query only against its own window, tile by tile: the labels of the
   official unfold formulation (up to float ties), without its (h w) x K x 625 similarity array.
 - davis_jf: where the official script exits (a prediction without the highest object id) the
@@ -30,7 +30,7 @@ Deviations from the official evaluation (each with its reason in the README):
 - --protocol fast (not the paper's): features of whole frames once, a linear head on sampled
   pixels; the quick check on synthetic scenes.
 
-Commands (the GPU runbook, with times and the published numbers: README):
+Commands (the GPU runbook, with times and the published numbers: GUIDE.md):
   python probe.py vos-knn  --data DAVIS --ckpt runs/x/ckpt.pt --out out/knn
   python probe.py normals  --data NYU --ckpt runs/x/ckpt.pt --out out/normals
   python probe.py zeroshot --data COCOSTUFF --text-embeddings coco_clip.npy --out out/zs
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import benchmarks
+import evaldata
 import dense_probes
 
 VOID = 255  # DAVIS / segmentation "void" or "ignore" label
@@ -260,7 +260,7 @@ def load_frames(paths):
     """(T, H, W, 3) uint8 of a sequence; frames of another size are an error naming the file."""
     out = []
     for p in paths:
-        out.append(benchmarks.load_image(p))
+        out.append(evaldata.load_image(p))
         if out[-1].shape != out[0].shape:
             fail(f"{p}: frame is {out[-1].shape[1]}x{out[-1].shape[0]}, but {paths[0]} is "
                  f"{out[0].shape[1]}x{out[0].shape[0]} (frames of a sequence must share one size)")
@@ -271,7 +271,7 @@ def to_input(frames, size):
     """(T, H, W, 3) uint8 -> (T, 3, H', W') float [0, 1] at short side `size`, patch-aligned,
     bilinear without antialiasing (official PatchResample)."""
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
-    return F.interpolate(x, benchmarks.patch_hw(*frames.shape[1:3], size), mode="bilinear", align_corners=False)
+    return F.interpolate(x, evaldata.patch_hw(*frames.shape[1:3], size), mode="bilinear", align_corners=False)
 
 
 def batches(x, args, desc):
@@ -291,7 +291,7 @@ def write_indexed(path, labels, palette):
 
 def read_mask(path, shape=None):
     """(H, W) int64 object ids and kind ('indexed' | 'binary' 0/255); wrong kinds or sizes fail."""
-    m, kind, pal = benchmarks.read_label_png(path)
+    m, kind, pal = evaldata.read_label_png(path)
     if shape is not None and m.shape != shape:
         fail(f"{path}: mask is {m.shape[1]}x{m.shape[0]}, but the sequence's first mask is {shape[1]}x{shape[0]}")
     return m, kind, pal
@@ -300,10 +300,10 @@ def read_mask(path, shape=None):
 def prepare_vos(args):
     """Sequences; every first-frame mask must exist and be readable, and one must hold an
     object, before any work."""
-    seqs, vf = benchmarks.davis_sequences(args.data)
+    seqs, vf = evaldata.davis_sequences(args.data)
     empty = 0
     for seq in seqs:
-        p = benchmarks.davis_annotation(args.data, seq, vf.frames(seq)[0])
+        p = evaldata.davis_annotation(args.data, seq, vf.frames(seq)[0])
         if not os.path.isfile(p):
             fail(f"sequence {seq}: no first-frame mask {p} (expected DAVIS: Annotations/480p/<seq>/<frame>.png)")
         m = read_mask(p)[0]
@@ -356,7 +356,7 @@ def run_vos(args, lila, plan):
     skipped = {"two_frames": 0, "no_object": 0, "later_masks_missing": 0}
     for seq in tqdm(seqs, desc=args.cmd, disable=None):
         frames = vf.frames(seq)
-        paths = [benchmarks.davis_annotation(args.data, seq, fp) for fp in frames]
+        paths = [evaldata.davis_annotation(args.data, seq, fp) for fp in frames]
         first, kind, pal = read_mask(paths[0])
         kinds.add(kind)
         first = np.where(first == VOID, 0, first)                      # (H, W), void -> background
@@ -396,7 +396,7 @@ def prepare_pca(args):
     if not os.path.isdir(args.frames):
         fail(f"--frames {args.frames}: no such folder")
     names = sorted((n for n in os.listdir(args.frames) if n.lower().endswith((".jpg", ".jpeg", ".png"))),
-                   key=benchmarks.natural_key)                      # 2.jpg before 10.jpg
+                   key=evaldata.natural_key)                      # 2.jpg before 10.jpg
     if not names:
         fail(f"--frames {args.frames}: no .jpg/.png frames")
     pick = np.linspace(0, len(names) - 1, min(args.max_frames, len(names))).round().astype(int)
@@ -456,7 +456,7 @@ FLAGS = [  # (group, flag, type, default, help); every paper setting is a flag w
     ("features", "--size", int, None, "input short side (VOS, pca) or evaluation crop (dense), px, multiple of 14; "
      "official: VOS 476, normals 504, semseg / zeroshot 224"),
     ("features", "--encode-batch", int, 8, "frames per forward pass of the frozen model (memory only)"),
-    ("data", "--data", str, None, "dataset root (layouts: benchmarks.py); vos-*: DAVIS-2017 / DAVIS-2016"),
+    ("data", "--data", str, None, "dataset root (layouts: evaldata.py); vos-*: DAVIS-2017 / DAVIS-2016"),
     ("data", "--frames", str, None, "pca: a folder of frames"),
     ("data", "--out", str, "out/probe", "output folder (results.json, PNGs, probe_state.pt)"),
     ("vos", "--grid", int, 60, "k-NN feature grid short side (paper 60)"),
@@ -605,6 +605,6 @@ if __name__ == "__main__":
         # Bad input already names what is wrong: one line, no traceback. Anything else is a bug.
         msg = str(e)
         if isinstance(e, FileNotFoundError) or msg.split(":")[0].endswith(".py"):
-            print(f"probe.py: error: {re.sub(r'^(probe|benchmarks|dense_probes)[.]py: ', '', msg)}", file=sys.stderr)
+            print(f"probe.py: error: {re.sub(r'^(probe|evaldata|dense_probes)[.]py: ', '', msg)}", file=sys.stderr)
             sys.exit(2)
         raise

@@ -237,9 +237,9 @@ def test_static_video_propagation_reproduces_first_mask():
 
 
 def test_davis_frames_and_grid_follow_the_official_resizing():
-    import benchmarks
-    assert benchmarks.patch_hw(480, 854, 476) == (476, 840)            # PatchResample
-    assert benchmarks.patch_hw(854, 480, 476) == (840, 476)
+    import evaldata
+    assert evaldata.patch_hw(480, 854, 476) == (476, 840)            # PatchResample
+    assert evaldata.patch_hw(854, 480, 476) == (840, 476)
     assert probe.grid_hw(476, 840, 60) == (60, 105)                    # _rescale_grid: int()
     assert probe.grid_hw(34, 60, 60) == (60, 105)                      # the encoder grid agrees
 
@@ -457,7 +457,7 @@ def test_cli_error_is_one_line_without_traceback(synth, tmp_path):
 
 
 def test_no_file_or_help_cites_an_internal_document(capsys):
-    for f in ("probe.py", "benchmarks.py", "dense_probes.py"):
+    for f in ("probe.py", "evaldata.py", "dense_probes.py"):
         assert "DESIGN" not in open(os.path.join(ROOT, f)).read(), f
     with pytest.raises(SystemExit):
         probe.parse_args(["--help"])

@@ -1,4 +1,4 @@
-"""Tests of benchmarks.py: each reader on a tiny stand-in of its released layout (COCO-Stuff
+"""Tests of evaldata.py: each reader on a tiny stand-in of its released layout (COCO-Stuff
 with the 27-class coarse map and the zero-shot unseen classes, ADE20K, Probe3D's NYUv2
 pickle, DAVIS-2016 0/255 masks), refused colour masks and wrong layouts, numeric frame order,
 and the official crops (flip negates normal-x, centre crops, deterministic views)."""
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import benchmarks as bm  # noqa: E402
+import evaldata as bm  # noqa: E402
 
 
 def save_ids(path, ids, mode="P"):

@@ -1,4 +1,4 @@
-"""benchmarks.py: the evaluation datasets of probe.py as released, their label spaces, and the
+"""evaldata.py: the evaluation datasets of probe.py as released, their label spaces, and the
 probes' augmentations.
 
 LILA (Araslanov et al., CVPR 2026) reports its pixel features on DAVIS-2017 (VOS), NYUv2
@@ -34,7 +34,7 @@ Deviations from the official readers: the COCO-Stuff file lists default to STEGO
 lists when ROOT/curated/<split>/Coco164kFull_Stuff_Coarse.txt exists (the official
 splits/*_Coco164kFull_Stuff_Coarse.txt are not public), else every image; ids the 182-class
 map does not know go to 255 (official: -1). The official code has no ADE20K reader.
-Use: import benchmarks; ds = benchmarks.open_dense(ROOT, "semseg", "train", val_videos=1)
+Use: import evaldata; ds = evaldata.open_dense(ROOT, "semseg", "train", val_videos=1)
 """
 import os
 import pickle
@@ -53,7 +53,7 @@ class BenchmarkError(ValueError):
     """A dataset that is not where, or not what, the user said: one line, the file named."""
 
     def __init__(self, msg):
-        super().__init__(f"benchmarks.py: {msg}")
+        super().__init__(f"evaldata.py: {msg}")
 
 
 def natural_key(name):
