@@ -498,7 +498,7 @@ def train(args, run, rank, world, cli, cue_nets=None):
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 for k, x in conf.items():   # e.g. a broken cue cache: the cue teaches nothing
-                    if x < 0.01:
+                    if x < 0.1:  # healthy cues: most pixels; broken ones: almost none
                         tqdm.write(f"train.py: warning: steps {last_log + 1}-{step}: only "
                                    f"{100 * x:.2f} % of the query pixels have a confident "
                                    f"{k[5:]} cue; check the cues (python data.py --preview)")

@@ -316,3 +316,53 @@ def test_cli_writes_a_layout_and_a_preview(tmp_path):
     assert Image.open(tmp_path / "preview.png").size[0] > 6 * 32
     r = run("--make-synthetic", str(tmp_path), "--frames", "1")
     assert r.returncode != 0 and "--frames >= 2" in r.stderr
+
+
+def test_frames_sort_numerically_and_duplicate_names_skip_the_video(tmp_path, caplog):
+    root = tmp_path / "nat"
+    for i in (0, 1, 2, 10, 11):
+        _jpg(root / "JPEGImages/v" / f"{i}.jpg")
+    _jpg(root / "JPEGImages/dup/00000.jpg")
+    _jpg(root / "JPEGImages/dup/00000.png")               # would share Cues/dup/00000.npz
+    _jpg(root / "JPEGImages/dup/00001.jpg")
+    vf = data.VideoFolder(root)
+    assert [p.stem for p in vf.frames("v")] == ["0", "1", "2", "10", "11"]
+    assert vf.videos == ["v"] and vf.skipped["duplicate_frame_names"] == 1
+    assert "00000.jpg, 00000.png" in caplog.text
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(disparity=np.ones((S, S)), flow_next=np.ones((2, S, S))), r"'flow_next' has shape \(2, 96, 96\), expected \(h, w, 2\)"),
+    (dict(disparity=np.ones((S, S, 1)), flow_next=np.ones((S, S, 2))), r"'disparity' has shape \(96, 96, 1\), expected \(h, w\)"),
+    (dict(disparity=-np.ones((S, S)), flow_next=np.ones((S, S, 2))), "positive on only 0 %"),
+    (dict(disparity=np.zeros((S, S)), flow_next=np.ones((S, S, 2))), "positive on only 0 %"),
+    (dict(disparity=np.ones((S, S)), flow_next=np.full((S, S, 2), np.nan)), "NaN/inf"),
+    (dict(disparity=np.ones((S, S)), flow_next=np.full((S, S, 2), 1e4)), "more than twice"),
+])
+def test_cue_values_are_checked_and_the_file_named(synth_root, tmp_path, arrays, message):
+    import shutil
+    root = tmp_path / "r"
+    shutil.copytree(synth_root / "Cues", root / "Cues")
+    np.savez(root / "Cues/synth0003/00000.npz", **arrays)
+    with pytest.raises(ValueError, match="00000.npz.*" + message):
+        data.load_cues(root, "synth0003", 0, 1)
+
+
+def test_unreadable_cue_files_and_an_empty_cache_are_named(synth_root, tmp_path):
+    import shutil
+    root = tmp_path / "r"
+    shutil.copytree(synth_root, root)
+    cue = root / "Cues/synth0003/00000.npz"
+    cue.write_bytes(cue.read_bytes()[:50])                  # truncated
+    with pytest.raises(ValueError, match="cannot read cue file .*00000.npz"):
+        data.load_cues(root, "synth0003", 0, 1)
+    np.savez(cue, disparity=np.array([{"a": 1}], dtype=object))   # pickled: refused, not run
+    with pytest.raises(ValueError, match="cannot read cue file .*00000.npz"):
+        data.load_cues(root, "synth0003", 0, 1)
+    shutil.rmtree(root / "Cues/synth0004")                  # half a cache
+    with pytest.raises(FileNotFoundError, match="incomplete: 1 of 2 videos lack cue files"):
+        data.PairDataset(data.VideoFolder(root), base=S, size=48)
+    for d in (root / "Cues").iterdir():                      # an empty Cues/ folder
+        shutil.rmtree(d)
+    with pytest.raises(FileNotFoundError, match="python cues.py --data"):
+        data.PairDataset(data.VideoFolder(root), base=S, size=48)

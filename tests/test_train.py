@@ -347,3 +347,18 @@ def test_feature_pictures_keep_one_pca_basis(tmp_path):
     from PIL import Image
     a, b = (Image.open(os.path.join(out, f"feats_000000{s}.png")) for s in (1, 2))
     assert a.size == b.size and a.size[0] == 4 * 56
+
+
+def test_a_cue_that_is_almost_never_confident_is_warned_about(tmp_path, capsys):
+    root = tmp_path / "vids"
+    data.write_synthetic(str(root), videos=1, frames=3, size=56, seed=3)
+    rng = np.random.default_rng(0)
+    for p in (root / "Cues").rglob("*.npz"):             # flow both ways inconsistent: unconfident
+        c = dict(np.load(p))
+        for k in ("flow_next", "flow_prev"):
+            if k in c:
+                c[k] = rng.uniform(-8, 8, c[k].shape).astype(np.float16)
+        np.savez(p, **c)
+    train.main(TINY + ["--data", str(root), "--steps", "2", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr()
+    assert "confident flow cue" in out.out + out.err and "confident depth" not in out.out + out.err
