@@ -221,7 +221,8 @@ class FeaturePicture:
         canvas = Image.new("RGB", (4 * S, S + 14), "white")
         canvas.paste(Image.fromarray(row), (0, 14))
         draw = ImageDraw.Draw(canvas)
-        for i, text in enumerate(["frame t", "frame t+Δ", f"features t (step {step})", "features t+Δ"]):
+        # ASCII labels: PIL's built-in font has no Greek letters
+        for i, text in enumerate(["frame t", "frame t+dt", f"features t (step {step})", "features t+dt"]):
             draw.text((i * S + 2, 1), text, fill=(0, 0, 0))
         canvas.save(path + ".tmp.png")
         os.replace(path + ".tmp.png", path)
