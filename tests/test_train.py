@@ -362,3 +362,10 @@ def test_a_cue_that_is_almost_never_confident_is_warned_about(tmp_path, capsys):
     train.main(TINY + ["--data", str(root), "--steps", "2", "--out", str(tmp_path / "o")])
     out = capsys.readouterr()
     assert "confident flow cue" in out.out + out.err and "confident depth" not in out.out + out.err
+
+
+def test_presets_carry_run_lengths_that_fit_them():
+    tiny, paper = train.get_args(["--preset", "tiny"]), train.get_args([])
+    assert (tiny.steps, tiny.save_every, tiny.size, tiny.batch, tiny.lr) == (200, 25, 112, 8, 1e-3)
+    assert (paper.steps, paper.save_every, paper.size, paper.batch, paper.lr) == (100_000, 1000, 224, 32, 1e-4)
+    assert train.get_args(["--preset", "tiny", "--steps", "7", "--lr", "2e-4"]).steps == 7  # flags win
