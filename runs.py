@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 
@@ -50,7 +51,8 @@ def user_message(e):
 def atomic_save(obj, path):
     """torch.save to a temporary file, fsync, then rename: a kill at any moment leaves either
     the old or the new file, never a half-written one. A full disk leaves the old file and no
-    temporary one, and is reported as such."""
+    temporary one, and is reported as such (torch's zip writer reports a short write as a
+    RuntimeError, the OS as an OSError)."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -58,11 +60,14 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"cannot write {path} ({e.strerror or e}); the previous checkpoint, if "
-                        f"any, is intact. Free some space and resume with --resume") from None
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "a short write: is the disk full?"
+        raise UserError(f"cannot write {path} ({why}; {free / 2**20:.1f} MiB free there); the "
+                        f"previous checkpoint, if any, is intact. Free some space and resume "
+                        f"with --resume") from None
 
 
 class RunFolder:
@@ -170,8 +175,9 @@ def set_rng_state(s):
 
 class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and save; a
-    second Ctrl-C quits at once (the last checkpoint stays). DataLoader workers ignore both
-    (`ignore_in_worker`), so only the main process decides when to stop."""
+    second Ctrl-C quits at once (the last checkpoint stays). DataLoader workers ignore Ctrl-C
+    (`ignore_in_worker`; the terminal sends it to them too), so only the main process decides
+    when to stop; they keep SIGTERM, which is how the DataLoader shuts them down."""
 
     def __init__(self):
         self.name = None
@@ -188,7 +194,6 @@ class StopOnSignal:
     @staticmethod
     def ignore_in_worker(_):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class FeaturePicture:

@@ -449,65 +449,68 @@ def train(args, run, rank, world, cli, cue_nets=None):
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
     t0, step, last_log, loss, shares = time.time(), start, start, torch.tensor(float("nan")), []
     batches = iter(loader)
-    while step < args.steps and not stopping():
-        try:
-            batch = next(batches)
-        except Exception:       # a worker died because of the signal: stop as asked
-            if stop.name is None:
-                raise
-            break
-        # Everything random in a step is a function of (seed, step): exact resumes.
-        sd_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    try:
+        while step < args.steps and not stopping():
+            try:
+                batch = next(batches)
+            except Exception:       # a worker died because of the signal: stop as asked
+                if stop.name is None:
+                    raise
+                break
+            # Everything random in a step is a function of (seed, step): exact resumes.
+            sd_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            v = views_and_cues(batch, lila, args, flow_cue, depth_cue, sd_gen)
-        loss, parts = lila_loss(v, args, erm_head)                     # fp32
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                v = views_and_cues(batch, lila, args, flow_cue, depth_cue, sd_gen)
+            loss, parts = lila_loss(v, args, erm_head)                     # fp32
 
-        bad = [k for k, x in {"loss": loss.detach(), **parts}.items()
-               if not math.isfinite(float(x))]
-        if bad:
-            raise UserError(f"step {step}: non-finite {', '.join(bad)} (loss "
-                            f"{float(loss.detach())}); stopping, nothing saved. Last checkpoint: "
-                            f"{ckpt_path}. A smaller --lr (or a --warmup) usually helps")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:  # average gradients over processes (what DDP does, spelled out)
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-        opt.step()
-        if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
-            raise UserError(f"step {step}: the update made the weights non-finite (--lr "
-                            f"{args.lr}); stopping, nothing saved. Last checkpoint: {ckpt_path}")
-        step += 1
-        loss = loss.detach()
-        shares.append(v["shares"])
+            bad = [k for k, x in {"loss": loss.detach(), **parts}.items()
+                   if not math.isfinite(float(x))]
+            if bad:
+                raise UserError(f"step {step}: non-finite {', '.join(bad)} (loss "
+                                f"{float(loss.detach())}); stopping, nothing saved. Last checkpoint: "
+                                f"{ckpt_path}. A smaller --lr (or a --warmup) usually helps")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:  # average gradients over processes (what DDP does, spelled out)
+                for p in params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+            opt.step()
+            if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+                raise UserError(f"step {step}: the update made the weights non-finite (--lr "
+                                f"{args.lr}); stopping, nothing saved. Last checkpoint: {ckpt_path}")
+            step += 1
+            loss = loss.detach()
+            shares.append(v["shares"])
 
-        if rank == 0:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-            if step % args.log_every == 0 or step == args.steps:
-                dt = time.time() - t0
-                conf = {f"conf_{k}": float(np.mean([s[k] for s in shares])) for k in shares[-1]}
-                row = {"step": step, "loss": float(loss), **{k: float(x) for k, x in parts.items()},
-                       **conf, "lr": lr, "seconds": round(dt, 3),
-                       "pairs_per_s": round((step - last_log) * args.batch / max(dt, 1e-9), 2)}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                for k, x in conf.items():   # e.g. a broken cue cache: the cue teaches nothing
-                    if x < 0.1:  # healthy cues: most pixels; broken ones: almost none
-                        tqdm.write(f"train.py: warning: steps {last_log + 1}-{step}: only "
-                                   f"{100 * x:.2f} % of the query pixels have a confident "
-                                   f"{k[5:]} cue; check the cues (python data.py --preview)")
-                t0, last_log, shares = time.time(), step, []
-            if step % args.save_every == 0 or step == args.steps:
-                save(step)
-                picture.save(lila, run.file(f"feats_{step:07d}.png"), step, device)
+            if rank == 0:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+                if step % args.log_every == 0 or step == args.steps:
+                    dt = time.time() - t0
+                    conf = {f"conf_{k}": float(np.mean([s[k] for s in shares])) for k in shares[-1]}
+                    row = {"step": step, "loss": float(loss), **{k: float(x) for k, x in parts.items()},
+                           **conf, "lr": lr, "seconds": round(dt, 3),
+                           "pairs_per_s": round((step - last_log) * args.batch / max(dt, 1e-9), 2)}
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    for k, x in conf.items():   # e.g. a broken cue cache: the cue teaches nothing
+                        if x < 0.1:  # healthy cues: most pixels; broken ones: almost none
+                            tqdm.write(f"train.py: warning: steps {last_log + 1}-{step}: only "
+                                       f"{100 * x:.2f} % of the query pixels have a confident "
+                                       f"{k[5:]} cue; check the cues (python data.py --preview)")
+                    t0, last_log, shares = time.time(), step, []
+                if step % args.save_every == 0 or step == args.steps:
+                    save(step)
+                    picture.save(lila, run.file(f"feats_{step:07d}.png"), step, device)
+    finally:
+        del batches   # shuts the DataLoader workers down now, also when an error ends the run
     bar.close()
     if stop.name is not None:
         if rank == 0:
