@@ -62,7 +62,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
     # Other method settings cannot be resumed into an existing run.
     with pytest.raises(train.UserError, match="other settings"):
-        train.main(TINY + ["--steps", "6", "--out", b, "--resume", "--lr", "1e-3"])
+        train.main(TINY + ["--steps", "6", "--out", b, "--resume", "--lr", "5e-4"])
 
 
 def test_sigkill_at_any_moment_resumes_cleanly(tmp_path):
