@@ -411,14 +411,19 @@ class PairDataset(torch.utils.data.Dataset):
         self.skipped = 0
 
     @classmethod
-    def synthetic(cls, videos=8, frames=12, scene_seed=0, base=224, size=224, render=None, cache=8, **kw):
+    def synthetic(cls, videos=8, frames=12, scene_seed=0, base=224, size=224, render=None, cache=None,
+                  cache_bytes=1e9, **kw):
         """Pairs from `videos` synthetic videos rendered on the fly (video i: scene_seed + i,
         as in write_synthetic) at `render` px (default 2 * size: the smallest query crop, 30 % of
         the area, then still has more render pixels than view pixels, so no view is ever
-        upsampled, as with the 480 px base of real video). The pair seed `seed` (in kw)
+        upsampled, as with the 480 px base of real video). cache: videos kept rendered per
+        DataLoader worker (default: all that fit in cache_bytes, ~24 bytes a pixel: all 64 of
+        the tiny preset, 17 of the paper preset's 448 px renders). The pair seed `seed` (in kw)
         defaults to scene_seed."""
         kw.setdefault("seed", scene_seed)
         render = render or 2 * size
+        if cache is None:
+            cache = int(min(videos, max(2, cache_bytes // (24 * frames * render ** 2))))
         return cls(SyntheticVideos(videos, frames, render, scene_seed, cache), base=base, size=size, **kw)
 
     def __len__(self):

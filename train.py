@@ -350,8 +350,7 @@ def make_dataset(args):
                   seed=args.seed)
     if args.cues == "synthetic":
         return data.PairDataset.synthetic(args.synthetic_videos, args.synthetic_frames,
-                                          args.synthetic_seed, cue_noise=args.cue_noise,
-                                          cache=args.synthetic_videos, **common)
+                                          args.synthetic_seed, cue_noise=args.cue_noise, **common)
     folder = data.VideoFolder(args.data)
     return data.PairDataset(folder, with_cues=args.cues == "files", **common)
 
