@@ -39,6 +39,7 @@ Use: import evaldata; ds = evaldata.open_dense(ROOT, "semseg", "train", val_vide
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,9 +161,11 @@ def clip_text_embeddings(names, device="cpu", templates=CLIP_TEMPLATES):
 
 # --- label maps and normals from files ---
 
-def read_label_png(path):
-    """(H, W) int64 ids and the PNG's kind: 'indexed' (mode P, or grey ids), 'binary' (a
-    grey 0/255 mask: DAVIS-2016, returned as 0/1). Colour (RGB) masks are refused."""
+def read_label_png(path, binary=False):
+    """(H, W) int64 ids and the PNG's kind: 'indexed' (mode P, or grey ids) or, with binary=True
+    (DAVIS masks only), 'binary' (a grey 0/255 mask: DAVIS-2016, returned as 0/1). Semantic maps
+    never take that path: in COCO-Stuff's grey maps 0 is 'person' and 255 'unlabelled', so a
+    map with only those two values is still ids. Colour (RGB) masks are refused."""
     try:
         with Image.open(path) as im:
             mode, pal = im.mode, im.getpalette()
@@ -173,7 +176,7 @@ def read_label_png(path):
         raise BenchmarkError(f"{path}: {mode} colour mask; expected an indexed (P) PNG of ids "
                              "(DAVIS-2017, COCO-Stuff, ADE20K) or a 0/255 grey mask (DAVIS-2016)")
     a = a.astype(np.int64)
-    if mode != "P" and a.max() == 255 and set(np.unique(a).tolist()) <= {0, 255}:
+    if binary and mode != "P" and a.max() == 255 and set(np.unique(a).tolist()) <= {0, 255}:
         return (a > 0).astype(np.int64), "binary", pal
     return a, "indexed", pal
 
@@ -338,11 +341,15 @@ class CocoStuff(Dense):
         else:
             ids = sorted(Path(n).stem for n in os.listdir(lab_dir) if n.endswith(".png"))
         self.items = [(os.path.join(img_dir, i + ".jpg"), os.path.join(lab_dir, i + ".png")) for i in ids]
+        if labels == "coarse" and not file_list:   # the paper's numbers use the curated lists
+            print(f"evaldata.py: warning: no {curated}: COCO-Stuff-27 {s} uses all {len(ids)} images, "
+                  "not STEGO's curated list the published numbers use", file=sys.stderr)
         self.file_list, self.task = file_list, "semseg" if labels == "coarse" else "zeroshot"
         lut = np.full(256, VOID, np.int64)
         if labels == "coarse":
             lut[:182] = COCO_FINE_TO_COARSE
-            self.num_classes, self.layout = 27, "COCO-Stuff-27"
+            self.num_classes = 27
+            self.layout = f"COCO-Stuff-27 ({'list ' + os.path.basename(file_list) if file_list else 'all images'})"
         else:
             lut[:182] = np.arange(182)
             self.num_classes, self.names, self.unseen = 182, COCO_NAMES, tuple(unseen)

@@ -20,9 +20,8 @@ objects, or classes), K context frames, s query tile side.
 Deviations from the official evaluation (each with its reason in GUIDE.md):
 - k-NN computes each query only against its own window, tile by tile: the labels of the
   official unfold formulation (up to float ties), without its (h w) x K x 625 similarity array.
-- davis_jf: where the official script exits (a prediction without the highest object id) the
-  missing object counts as empty; void="ignore" applies the void path of db_eval_iou, the
-  default "background" reproduces the official reader (255 read as background).
+- davis_jf: void="ignore" applies the void path of db_eval_iou; the default "background"
+  reproduces the official reader (255 read as background).
 - DAVIS-2016 0/255 masks are read as one object (the official reader would count none).
 - vos-lp runs at short side 476 with the aspect kept (official default config: 224; its README
   example: 476 squashed to 476 x 476); its classes are the first mask's ids (official: the
@@ -291,7 +290,7 @@ def write_indexed(path, labels, palette):
 
 def read_mask(path, shape=None):
     """(H, W) int64 object ids and kind ('indexed' | 'binary' 0/255); wrong kinds or sizes fail."""
-    m, kind, pal = evaldata.read_label_png(path)
+    m, kind, pal = evaldata.read_label_png(path, binary=True)   # DAVIS-2016 0/255 too
     if shape is not None and m.shape != shape:
         fail(f"{path}: mask is {m.shape[1]}x{m.shape[0]}, but the sequence's first mask is {shape[1]}x{shape[0]}")
     return m, kind, pal

@@ -34,14 +34,33 @@ def save_jpg(path, h, w):
 KNOWN = {0: 9, 1: 11, 20: 7, 123: 22, 156: 23, 181: 24, 255: 255, 200: 255}
 
 
-def test_cocostuff_reader_maps_fine_ids_to_the_27_coarse_classes(tmp_path):
+def test_cocostuff_reader_maps_fine_ids_to_the_27_coarse_classes(tmp_path, capsys):
     ids = np.array([list(KNOWN)], np.uint8)              # (1, 8)
     for split in ("train2017", "val2017"):
-        save_jpg(tmp_path / split / "000001.jpg", 1, 8)
-        save_ids(tmp_path / split / "000001.png", ids, mode="L")   # stuffthingmaps: grey ids
+        for name in ("000001", "000003"):
+            save_jpg(tmp_path / split / f"{name}.jpg", 1, 8)
+            save_ids(tmp_path / split / f"{name}.png", ids, mode="L")   # stuffthingmaps: grey ids
     ds = bm.open_dense(str(tmp_path), "semseg", "val")
-    assert ds.num_classes == 27 and ds.layout == "COCO-Stuff-27"
+    assert ds.num_classes == 27 and ds.layout == "COCO-Stuff-27 (all images)" and len(ds) == 2
     assert ds[0][1]["labels"][0].tolist() == list(KNOWN.values())
+    assert "uses all 2 images, not STEGO's curated list" in capsys.readouterr().err
+    # the curated list, where present, picks the images (and says so in the layout)
+    os.makedirs(tmp_path / "curated" / "val2017")
+    (tmp_path / "curated" / "val2017" / "Coco164kFull_Stuff_Coarse.txt").write_text("000003\n")
+    ds = bm.open_dense(str(tmp_path), "semseg", "val")
+    assert len(ds) == 1 and ds.items[0][0].endswith("000003.jpg") and "Coarse.txt" in ds.layout
+    assert capsys.readouterr().err == ""
+
+
+def test_cocostuff_map_of_only_person_and_unlabelled_is_not_a_binary_mask(tmp_path):
+    # grey stuffthingmaps holding only 0 (person) and 255 (unlabelled): the values of a
+    # DAVIS-2016 mask, but ids; read as 0/1 they would make unlabelled pixels 'bicycle'
+    for split in ("train2017", "val2017"):
+        save_jpg(tmp_path / split / "000002.jpg", 1, 4)
+        save_ids(tmp_path / split / "000002.png", [[0, 255, 255, 0]], mode="L")
+    semseg, zeroshot = (bm.open_dense(str(tmp_path), t, "val") for t in ("semseg", "zeroshot"))
+    assert semseg[0][1]["labels"][0].tolist() == [9, 255, 255, 9]
+    assert zeroshot[0][1]["labels"][0].tolist() == [0, 255, 255, 0]
 
 
 def test_cocostuff_zeroshot_hides_the_15_unseen_classes_in_training_only(tmp_path):
@@ -94,8 +113,10 @@ def test_label_pngs_indexed_binary_and_colour(tmp_path):
     save_ids(tmp_path / "g.png", [[0, 1, 2, 1]], mode="L")
     Image.new("RGB", (2, 2), (128, 0, 0)).save(tmp_path / "c.png")
     assert bm.read_label_png(tmp_path / "p.png")[:2][1] == "indexed"
-    m, kind, _ = bm.read_label_png(tmp_path / "b.png")
+    m, kind, _ = bm.read_label_png(tmp_path / "b.png", binary=True)
     assert kind == "binary" and m.tolist() == [[0, 1, 1, 0]]
+    m, kind, _ = bm.read_label_png(tmp_path / "b.png")           # a semantic map: ids as they are
+    assert kind == "indexed" and m.tolist() == [[0, 255, 255, 0]]
     assert bm.read_label_png(tmp_path / "g.png")[0].tolist() == [[0, 1, 2, 1]]
     with pytest.raises(ValueError, match="RGB colour mask"):
         bm.read_label_png(tmp_path / "c.png")
