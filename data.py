@@ -392,6 +392,7 @@ class PairDataset(torch.utils.data.Dataset):
       grid_q, grid_c (S, S, 2), flip, flip_q, delta (see PairSampler; the shared flip is
                              already applied to frames, views and cues)
       flow_fwd, flow_bwd (2, Hb, Wb) normalised, disparity (2, 1, Hb, Wb)   (if with_cues)
+      skipped ()             how many pairs failed to load before this one (0 normally)
     Sources: a VideoFolder (cues from ROOT/Cues if with_cues, else none: the trainer computes
     them), or SyntheticVideos (exact cues, rendered at their own size, which acts as the hi-res
     base; cue_noise as in write_synthetic). A pair that fails to load is logged, counted in
@@ -434,7 +435,7 @@ class PairDataset(torch.utils.data.Dataset):
         for k in range(self.retries + 1):
             key = i + 7919 * k              # deterministic replacement pair
             try:
-                return self._item(key)
+                return {**self._item(key), "skipped": torch.tensor(k)}   # k pairs failed first
             except (ValueError, FileNotFoundError) as e:
                 self.skipped += 1
                 last = e
@@ -558,6 +559,11 @@ def main(argv=None):
     if min(a.videos, a.frames - 1, a.size - 15) < 1 or a.cue_noise < 0:
         ap.error("need --videos >= 1, --frames >= 2, --size >= 16, --cue-noise >= 0")
     if a.make_synthetic:
+        # a fresh folder only: writing over another set would mix its frames and lists with ours
+        if os.path.isdir(a.make_synthetic) and os.listdir(a.make_synthetic):
+            ap.error(f"--make-synthetic {a.make_synthetic} is not empty; give a new or empty folder")
+        if os.path.exists(a.make_synthetic) and not os.path.isdir(a.make_synthetic):
+            ap.error(f"--make-synthetic {a.make_synthetic} is a file; give a folder")
         print(vars(a))
         names = write_synthetic(a.make_synthetic, a.videos, a.frames, a.size, a.seed, a.cue_noise)
         print(f"wrote {len(names)} videos to {a.make_synthetic}")

@@ -542,6 +542,12 @@ def parse_args(argv=None):
     for flag, v in (("--data", a.data), ("--train-data", a.train_data)):
         if v and not os.path.isdir(v):
             p.error(f"{flag} {v}: no such folder")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a file; give a folder")
+    try:                                   # found now, not after the probe has run
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {a.out}: cannot create the folder ({e.strerror})")
     if a.train_data and os.path.realpath(a.train_data) == os.path.realpath(a.data):
         p.error(f"--train-data {a.train_data} is --data: the probe would be scored on its training frames")
     try:

@@ -48,6 +48,14 @@ def user_message(e):
     return None
 
 
+def write_error(path, e, kept="the previous checkpoint, if any, is intact"):
+    """The one-line UserError for a file that could not be written (a full disk, most often)."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
+    why = e.strerror if isinstance(e, OSError) and e.strerror else "a short write: is the disk full?"
+    return UserError(f"cannot write {path} ({why}; {free / 2**20:.1f} MiB free there); {kept}. "
+                     f"Free some space and resume with --resume")
+
+
 def atomic_save(obj, path):
     """torch.save to a temporary file, fsync, then rename: a kill at any moment leaves either
     the old or the new file, never a half-written one. A full disk leaves the old file and no
@@ -63,11 +71,7 @@ def atomic_save(obj, path):
     except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        why = e.strerror if isinstance(e, OSError) and e.strerror else "a short write: is the disk full?"
-        raise UserError(f"cannot write {path} ({why}; {free / 2**20:.1f} MiB free there); the "
-                        f"previous checkpoint, if any, is intact. Free some space and resume "
-                        f"with --resume") from None
+        raise write_error(path, e) from None
 
 
 class RunFolder:
@@ -87,21 +91,42 @@ class RunFolder:
     def file(self, name):
         return os.path.join(self.path, name)
 
-    def acquire(self):
-        os.makedirs(self.path, exist_ok=True)
-        self.lock = open(self.file(".lock"), "w")
+    def acquire(self, resume=False):
+        """Create the folder (not for --resume: a missing folder is an error, not a new run)
+        and take its lock, or say which run holds it."""
+        if not self.path:
+            raise UserError("--out is empty; give a folder")
+        if resume and not os.path.isdir(self.path):
+            raise UserError(f"--resume: there is no folder {self.path}")
         try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.makedirs(self.path, exist_ok=True)
+            lock = open(self.file(".lock"), "a")      # "a": never truncate another run's lock
+        except OSError as e:
+            raise UserError(f"--out {self.path}: cannot create the run folder ({e.strerror})") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the lock file may have been removed by a run releasing it between our open and
+            # flock: then we hold a lock on a deleted file, and must not go on
+            if not os.path.exists(lock.name) or os.stat(lock.name).st_ino != os.fstat(lock.fileno()).st_ino:
+                raise BlockingIOError
         except OSError:
+            lock.close()
             raise UserError(f"{self.path} is in use by another train.py run (it holds "
                             f"{self.file('.lock')}); wait for it, or pass another --out") from None
-        self.lock.write(str(os.getpid()))
-        self.lock.flush()
+        self.lock = lock
+        try:
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+        except OSError as e:
+            self.release()
+            raise write_error(self.file(".lock"), e, "nothing was changed") from None
 
     def release(self):
         if self.lock is not None:
             self.lock.close()
-            os.remove(self.file(".lock"))
+            if os.path.exists(self.file(".lock")):
+                os.remove(self.file(".lock"))
             self.lock = None
 
     def check(self, args, config, resumable):
@@ -124,6 +149,9 @@ class RunFolder:
             saved = json.load(open(self.file("config.json")))
         except (OSError, ValueError) as e:
             raise UserError(f"--resume: cannot read {self.file('config.json')} ({e})") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"--resume: {self.file('config.json')} is not a train.py config "
+                            f"(a JSON {type(saved).__name__}, not an object)")
         ckpt = None
         if os.path.isfile(ckpt_path):
             try:
@@ -139,8 +167,10 @@ class RunFolder:
         diff = {k: (saved.get(k), v) for k, v in config.items()
                 if k not in resumable and saved.get(k) != v}
         if diff:
+            shown = dict(list(diff.items())[:5])
+            more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
             raise UserError(f"--resume: {self.path} was written with other settings "
-                            f"(saved, now): {diff}")
+                            f"(saved, now): {shown}{more}")
         return ckpt
 
     def rewind_log(self, step):
@@ -155,9 +185,14 @@ class RunFolder:
                     keep.append(line if line.endswith("\n") else line + "\n")
             except (ValueError, KeyError, TypeError):
                 bad += 1
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            raise write_error(path, e, f"{path} is unchanged") from None
         return bad
 
 

@@ -49,7 +49,7 @@ import model
 import cues as cuelib
 import incontext
 from runs import (FeaturePicture, RunFolder, StopOnSignal, UserError, atomic_save, rng_state,
-                  set_rng_state, user_message)
+                  set_rng_state, user_message, write_error)
 
 
 # -----------------------------------------------------------------------------------------
@@ -165,6 +165,7 @@ def check_args(p, args):
         (args.log_every >= 1, f"--log-every {args.log_every} must be >= 1"),
         (args.save_every >= 1, f"--save-every {args.save_every} must be >= 1"),
         (args.workers >= 0, f"--workers {args.workers} must be >= 0"),
+        (0 <= args.seed < 2**32, f"--seed {args.seed} must lie in 0..2**32-1"),
         (args.synthetic_videos >= 1, f"--synthetic-videos {args.synthetic_videos} must be >= 1"),
         (args.synthetic_frames >= 2, f"--synthetic-frames {args.synthetic_frames} must be >= 2"),
         (1 <= args.sd_channels <= model.BACKBONES[args.backbone].embed_dim,
@@ -233,6 +234,11 @@ class StepSampler(torch.utils.data.Sampler):
         return (self.steps - self.start) * self.batch // self.world
 
 
+def warn(message):
+    """A warning on stderr that does not break the progress bar."""
+    tqdm.write(message, file=sys.stderr)
+
+
 # -----------------------------------------------------------------------------------------
 # --- method --- from a batch of base-frame pairs to the LILA loss.
 
@@ -289,12 +295,15 @@ def views_and_cues(batch, lila, args, flow_cue=None, depth_cue=None, sd_gen=None
     feats_q, feats_c = feats.float().chunk(2)
 
     cq, cc, kq, kc, names = [], [], [], [], []   # cues and confidences, masked channels first
+    spread = {}   # each cue's std over the batch before z-scoring: 0 means it teaches nothing
     with torch.no_grad():
         if not args.no_flow:
+            spread["flow"] = float(torch.cat([flow_c, flow_q]).std())
             a, b = zscore(flow_c, flow_q)
             cc.append(a), cq.append(b), names.extend(["flow_x", "flow_y"])
             kc.extend([fconf_c, fconf_c]), kq.extend([fconf_q, fconf_q])  # one per flow channel
         if not args.no_depth:
+            spread["depth"] = float(torch.cat([depth_c, depth_q]).std())
             a, b = zscore(depth_c, depth_q)
             cc.append(a), cq.append(b), names.append("depth")
             kc.append(dval_c), kq.append(dval_q)
@@ -311,7 +320,7 @@ def views_and_cues(batch, lila, args, flow_cue=None, depth_cue=None, sd_gen=None
         # The share of query pixels each masked cue may teach from (for the log).
         shares = {n: float((k > 0).float().mean()) for n, k in
                   (("flow", fconf_q), ("depth", dval_q)) if not getattr(args, f"no_{n}")}
-        out = dict(shares=shares, feats_q=feats_q, feats_c=feats_c, img_q=img_q, img_c=img_c,
+        out = dict(shares=shares, spread=spread, feats_q=feats_q, feats_c=feats_c, img_q=img_q, img_c=img_c,
                    cue_q=torch.cat(cq, 1), cue_c=torch.cat(cc, 1),      # (B, K, S, S)
                    conf_q=torch.cat(kq, 1) if kq else empty,            # (B, Cm, S, S)
                    conf_c=torch.cat(kc, 1) if kc else empty, names=names)
@@ -365,7 +374,7 @@ def main(argv=None, cue_nets=None):
         raise UserError(f"--batch {args.batch} must be divisible by the {world} processes")
     run = RunFolder(args.out)
     if rank == 0:
-        run.acquire()                   # one run per folder; released on exit (and on kill)
+        run.acquire(args.resume)        # one run per folder; released on exit (and on kill)
     try:
         return train(args, run, rank, world, cli, cue_nets)
     finally:
@@ -424,9 +433,12 @@ def train(args, run, rank, world, cli, cue_nets=None):
               f"trainable parameters, steps {start} -> {args.steps}")
         if run.rewind_log(start):
             print(f"{run.file('log.jsonl')}: dropped a damaged line (a run killed mid-write)")
-        with open(run.file("config.json") + ".tmp", "w") as f:
-            json.dump(config, f, indent=1)
-        os.replace(run.file("config.json") + ".tmp", run.file("config.json"))
+        try:
+            with open(run.file("config.json") + ".tmp", "w") as f:
+                json.dump(config, f, indent=1)
+            os.replace(run.file("config.json") + ".tmp", run.file("config.json"))
+        except OSError as e:
+            raise write_error(run.file("config.json"), e) from None
         log = open(run.file("log.jsonl"), "a")
         picture = FeaturePicture(dataset[0], ckpt.get("picture") if ckpt else None)
 
@@ -446,7 +458,8 @@ def train(args, run, rank, world, cli, cue_nets=None):
 
     lila.train()  # the decoder trains; LILA keeps its frozen encoder in eval mode
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    t0, step, last_log, loss, shares = time.time(), start, start, torch.tensor(float("nan")), []
+    t0, step, last_log, loss = time.time(), start, start, torch.tensor(float("nan"))
+    shares, spreads, skipped, skipped_all = [], [], 0, 0   # per log interval (skipped_all: run)
     batches = iter(loader)
     try:
         while step < args.steps and not stopping():
@@ -486,7 +499,8 @@ def train(args, run, rank, world, cli, cue_nets=None):
                                 f"{args.lr}); stopping, nothing saved. Last checkpoint: {ckpt_path}")
             step += 1
             loss = loss.detach()
-            shares.append(v["shares"])
+            shares.append(v["shares"]), spreads.append(v["spread"])
+            skipped += int(batch["skipped"].sum())       # pairs that failed to load, replaced
 
             if rank == 0:
                 bar.update(1)
@@ -495,19 +509,37 @@ def train(args, run, rank, world, cli, cue_nets=None):
                     dt = time.time() - t0
                     conf = {f"conf_{k}": float(np.mean([s[k] for s in shares])) for k in shares[-1]}
                     row = {"step": step, "loss": float(loss), **{k: float(x) for k, x in parts.items()},
-                           **conf, "lr": lr, "seconds": round(dt, 3),
+                           **conf, "skipped_pairs": skipped, "lr": lr, "seconds": round(dt, 3),
                            "pairs_per_s": round((step - last_log) * args.batch / max(dt, 1e-9), 2)}
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    for k, x in conf.items():   # e.g. a broken cue cache: the cue teaches nothing
+                    try:
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                    except OSError as e:
+                        raise write_error(log.name, e, f"the last checkpoint {ckpt_path} is intact "
+                                          f"(a line cut off is dropped on resume)") from None
+                    # A broken cue cache shows here: a cue that teaches nothing.
+                    for k, x in conf.items():
                         if x < 0.1:  # healthy cues: most pixels; broken ones: almost none
-                            tqdm.write(f"train.py: warning: steps {last_log + 1}-{step}: only "
+                            warn(f"train.py: warning: steps {last_log + 1}-{step}: only "
                                        f"{100 * x:.2f} % of the query pixels have a confident "
                                        f"{k[5:]} cue; check the cues (python data.py --preview)")
-                    t0, last_log, shares = time.time(), step, []
+                    for k in spreads[-1]:
+                        if max(sp[k] for sp in spreads) < 1e-6:   # e.g. one disparity everywhere
+                            warn(f"train.py: warning: steps {last_log + 1}-{step}: the {k} "
+                                       f"cue is constant in every batch, so it teaches nothing; "
+                                       f"check the cues (python data.py --preview)")
+                    if skipped:
+                        warn(f"train.py: warning: steps {last_log + 1}-{step}: {skipped} pairs "
+                                   f"failed to load and were replaced (the messages above name them)")
+                    t0, last_log, shares, spreads = time.time(), step, [], []
+                    skipped_all, skipped = skipped_all + skipped, 0
                 if step % args.save_every == 0 or step == args.steps:
                     save(step)
-                    picture.save(lila, run.file(f"feats_{step:07d}.png"), step, device)
+                    try:
+                        picture.save(lila, run.file(f"feats_{step:07d}.png"), step, device)
+                    except OSError as e:
+                        raise write_error(run.file(f"feats_{step:07d}.png"), e,
+                                          f"the checkpoint of step {step} is saved") from None
     finally:
         del batches   # shuts the DataLoader workers down now, also when an error ends the run
     bar.close()
@@ -520,7 +552,8 @@ def train(args, run, rank, world, cli, cue_nets=None):
                   f"Continue with: {again}", file=sys.stderr)
         raise SystemExit(128 + getattr(signal, stop.name))
     if rank == 0:
-        print(f"done: step {step}, loss {float(loss):.4f}, checkpoint {ckpt_path}")
+        replaced = f", {skipped_all + skipped} pairs replaced (failed to load)" if skipped_all + skipped else ""
+        print(f"done: step {step}, loss {float(loss):.4f}, checkpoint {ckpt_path}{replaced}")
     return step
 
 

@@ -316,6 +316,11 @@ def test_cli_writes_a_layout_and_a_preview(tmp_path):
     assert Image.open(tmp_path / "preview.png").size[0] > 6 * 32
     r = run("--make-synthetic", str(tmp_path), "--frames", "1")
     assert r.returncode != 0 and "--frames >= 2" in r.stderr
+    # another set into the same folder would mix its frames with these: refused, nothing touched
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    r = run("--make-synthetic", str(tmp_path), "--videos", "2", "--frames", "2", "--size", "16")
+    assert r.returncode == 2 and "is not empty" in r.stderr.strip().splitlines()[-1]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_frames_sort_numerically_and_duplicate_names_skip_the_video(tmp_path, caplog):

@@ -262,6 +262,31 @@ def test_a_run_owns_its_folder(tmp_path):
     assert not (other / "config.json").exists()
     with pytest.raises(train.UserError, match="no train.py run"):
         train.main(TINY + ["--steps", "1", "--out", str(other), "--resume"])
+    (other / "config.json").write_text("[1, 2]")           # JSON, but not a config
+    with pytest.raises(train.UserError, match="not a train.py config"):
+        train.main(TINY + ["--steps", "1", "--out", str(other), "--resume"])
+    with pytest.raises(train.UserError, match="there is no folder"):   # and none is made
+        train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "none"), "--resume"])
+    assert not (tmp_path / "none").exists()
+    for out, message in ((str(other / "notes.txt" / "sub"), "cannot create the run folder"),
+                         ("", "--out is empty")):
+        with pytest.raises(train.UserError, match=message):
+            train.main(TINY + ["--steps", "1", "--out", out])
+
+
+def test_a_lock_released_between_open_and_flock_is_not_taken(tmp_path, monkeypatch):
+    # run A releases (removes .lock) just after run B opened it: B's flock then succeeds on a
+    # deleted file, which a third run could not see; B must refuse
+    import runs
+    b = runs.RunFolder(str(tmp_path / "r"))
+    real = runs.fcntl.flock
+
+    def flock_after_release(f, how):
+        os.remove(f.name)
+        return real(f, how)
+    monkeypatch.setattr(runs.fcntl, "flock", flock_after_release)
+    with pytest.raises(train.UserError, match="in use by another train.py run"):
+        b.acquire()
 
 
 def test_damaged_run_files_are_named_or_recovered(tmp_path):
@@ -319,6 +344,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     (["--log-every", "0"], "--log-every"), (["--save-every", "0"], "--save-every"),
     (["--gap", "0"], "--gap"), (["--sd-channels", "999"], "1..384"), (["--device", "cuda"], "no CUDA"),
     (["--data", "/nonexistent", "--cues", "files"], "no cue cache"), (["--cue-noise", "-1"], "--cue-noise"),
+    (["--seed", "-1"], "--seed"), (["--seed", str(2**32)], "--seed"),
 ])
 def test_every_numeric_flag_is_range_checked_up_front(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -340,6 +366,53 @@ def test_out_that_is_a_file_and_a_broken_cue_cache_are_one_line(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert last.startswith("train.py: error: data.py: 11 pairs in a row failed") and "NaN" in last
+
+
+def test_a_full_disk_while_logging_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    import io
+    out = str(tmp_path / "g")
+    train.main(TINY + ["--steps", "1", "--out", out])
+    real_open = open
+
+    def full_log(path, mode="r", *a, **k):    # log.jsonl opens, but its writes hit a full disk
+        f = real_open(path, mode, *a, **k)
+        if str(path).endswith("log.jsonl") and "a" in mode:
+            def write(_):
+                raise OSError(28, "No space left on device")
+            f.write = write
+        return f
+    monkeypatch.setattr("builtins.open", full_log)
+    with pytest.raises(train.UserError, match=r"cannot write .*log.jsonl \(No space left on device.*ckpt.pt is intact"):
+        train.main(TINY + ["--steps", "3", "--out", out, "--resume"])
+    monkeypatch.undo()
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 1
+    assert not os.path.exists(os.path.join(out, ".lock"))
+
+
+def test_replaced_pairs_are_counted_in_the_log(tmp_path, capsys):
+    root = tmp_path / "vids"
+    data.write_synthetic(str(root), videos=2, frames=3, size=56, seed=3)
+    bad = sorted((root / "Cues").rglob("*.npz"))[0]
+    bad.write_bytes(b"truncated")                          # every pair with this frame fails
+    out = str(tmp_path / "o")
+    train.main(TINY + ["--data", str(root), "--steps", "6", "--log-every", "3", "--out", out])
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    n = sum(r["skipped_pairs"] for r in rows)
+    assert n > 0 and all(isinstance(r["skipped_pairs"], int) for r in rows)
+    printed = capsys.readouterr()
+    assert f"{n} pairs replaced" in printed.out and "failed to load and were replaced" in printed.err
+
+
+def test_a_constant_cue_is_warned_about(tmp_path, capsys):
+    root = tmp_path / "vids"
+    data.write_synthetic(str(root), videos=1, frames=3, size=56, seed=3)
+    for p in (root / "Cues").rglob("*.npz"):             # one disparity everywhere: valid, useless
+        c = dict(np.load(p))
+        c["disparity"] = np.ones_like(c["disparity"])
+        np.savez(p, **c)
+    train.main(TINY + ["--data", str(root), "--steps", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "the depth cue is constant in every batch" in err and "flow cue is constant" not in err
 
 
 def test_feature_pictures_keep_one_pca_basis(tmp_path):
