@@ -19,7 +19,7 @@ with the exact command lines printed, so each number can be rerun by hand:
              first 8 videos, scored on the last 4, AdamW lr 1e-2)
 
 Run:
-  python experiments.py                      # everything: ~2 h on 2 CPU cores (see README)
+  python experiments.py --jobs 2             # everything: ~2 h on 2 CPU cores (GUIDE.md)
   python experiments.py --rows lila erm --seeds 0 --jobs 1
   python experiments.py --table              # only print the table of what has finished
   python experiments.py --curves runs/evidence/no-sd/seed0 OTHER_RUN --png curves.png
@@ -177,7 +177,7 @@ def fmt(vals, digits):
 
 
 def print_table(a):
-    """The markdown table of the README, from whatever has finished; also OUT/table.md."""
+    """The markdown table of GUIDE.md, from whatever has finished; also OUT/table.md."""
     table = collect(a)
     head = "| features | " + " | ".join(p[3] for p in PROBES.values()) + " | seeds | train min/run |"
     lines = [head, "|" + "---|" * (len(PROBES) + 3)]

@@ -24,7 +24,7 @@ epochs of 2000 steps, 5 % over the whole run); frame t is drawn from 0..T-2, so 
 another frame (official: 0..T-1, clamped, so the last frame pairs with itself).
 
 Run:
-  python train.py --preset tiny --weights none        # CPU, synthetic scenes, ~5 min
+  python train.py --preset tiny --weights none        # CPU, synthetic scenes, ~4 min
   python train.py --data ytvos/                       # one GPU, YouTube-VOS, RAFT + MiDaS
   torchrun --nproc_per_node 4 train.py --data ytvos/  # several GPUs (gradients all-reduced)
 Ctrl-C (or SIGTERM) saves a checkpoint at the current step; add --resume to continue.
