@@ -20,7 +20,7 @@ D pixel-feature width, K cue channels (2 flow + 1 depth + 32 SD = 35).
 
 Differences from the official code (README "Differences" lists them all): the ridge system is
 solved by Cholesky instead of LU; the learning rate is constant (official: x0.99 every 10
-epochs of 2000 steps, 5 % over the whole run); frame t is drawn from 0..T-2, so t+Δ is always
+epochs of 2000 steps, 5-10 % over the whole run); frame t is drawn from 0..T-2, so t+Δ is always
 another frame (official: 0..T-1, clamped, so the last frame pairs with itself).
 
 Run:
@@ -521,16 +521,16 @@ def train(args, run, rank, world, cli, cue_nets=None):
                     for k, x in conf.items():
                         if x < 0.1:  # healthy cues: most pixels; broken ones: almost none
                             warn(f"train.py: warning: steps {last_log + 1}-{step}: only "
-                                       f"{100 * x:.2f} % of the query pixels have a confident "
-                                       f"{k[5:]} cue; check the cues (python data.py --preview)")
+                                 f"{100 * x:.2f} % of the query pixels have a confident "
+                                 f"{k[5:]} cue; check the cues (python data.py --preview)")
                     for k in spreads[-1]:
                         if max(sp[k] for sp in spreads) < 1e-6:   # e.g. one disparity everywhere
                             warn(f"train.py: warning: steps {last_log + 1}-{step}: the {k} "
-                                       f"cue is constant in every batch, so it teaches nothing; "
-                                       f"check the cues (python data.py --preview)")
+                                 f"cue is constant in every batch, so it teaches nothing; "
+                                 f"check the cues (python data.py --preview)")
                     if skipped:
                         warn(f"train.py: warning: steps {last_log + 1}-{step}: {skipped} pairs "
-                                   f"failed to load and were replaced (the messages above name them)")
+                             f"failed to load and were replaced (the messages above name them)")
                     t0, last_log, shares, spreads = time.time(), step, [], []
                     skipped_all, skipped = skipped_all + skipped, 0
                 if step % args.save_every == 0 or step == args.steps:
