@@ -544,10 +544,11 @@ def parse_args(argv=None):
             p.error(f"{flag} {v}: no such folder")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         p.error(f"--out {a.out} is a file; give a folder")
-    try:                                   # found now, not after the probe has run
-        os.makedirs(a.out, exist_ok=True)
-    except OSError as e:
-        p.error(f"--out {a.out}: cannot create the folder ({e.strerror})")
+    up = os.path.dirname(os.path.abspath(a.out))   # found now, not after the probe has run
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        p.error(f"--out {a.out}: cannot create the folder ({up} is a file)")
     if a.train_data and os.path.realpath(a.train_data) == os.path.realpath(a.data):
         p.error(f"--train-data {a.train_data} is --data: the probe would be scored on its training frames")
     try:

@@ -442,10 +442,12 @@ def test_pca_flags_are_range_checked(flags, message, capsys, tmp_path):
 
 def test_out_that_is_a_file_is_refused_before_the_probe_runs(synth, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
-    for out, message in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "sub", "cannot create the folder")):
+    for out, message in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "sub" / "dir", "cannot create the folder")):
         with pytest.raises(SystemExit):
             probe.parse_args(["vos-knn", "--data", str(synth), "--out", str(out)])
         assert message in capsys.readouterr().err
+    probe.parse_args(["vos-knn", "--data", str(synth), "--out", str(tmp_path / "new" / "o")])
+    assert not (tmp_path / "new").exists()               # checking the flags creates nothing
 
 
 def test_train_data_equal_to_data_is_refused(synth, capsys):
