@@ -177,7 +177,7 @@ def bench_incontext(batch=32, size=224, dim=128, n_cues=35, pool=32, repeats=2, 
     def loss_step(solver):
         def run():
             fc.grad = fq.grad = None
-            loss, _ = incontext.incontext_loss(fc, fq, cc, cq, conf, conf, solver=solver)
+            loss, _ = incontext.incontext_loss(fq, fc, cq, cc, conf, conf, solver=solver)
             loss.backward()
         return run
     loss_t = best_times({s: loss_step(s) for s in SOLVERS}, repeats)
@@ -401,8 +401,8 @@ def step_parts(lila, opt, dataset, idx, args, sd_gen):
     with sec("in-context loss fwd+bwd"):
         leaf = feats.detach().requires_grad_()                             # loss bwd stops here
         f_q, f_c = leaf.chunk(2)
-        loss, _ = incontext.incontext_loss(f_c, f_q, torch.cat([flow_c, dep_c, sd_c], 1),
-                                           torch.cat([flow_q, dep_q, sd_q], 1), conf_c, conf_q,
+        loss, _ = incontext.incontext_loss(f_q, f_c, torch.cat([flow_q, dep_q, sd_q], 1),
+                                           torch.cat([flow_c, dep_c, sd_c], 1), conf_q, conf_c,
                                            lam=args.lam, gamma=args.gamma)
         loss.backward()
     with sec("decoder bwd"):

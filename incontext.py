@@ -39,8 +39,8 @@ Deviations from the official code:
 Run the tests: `python -m pytest -q tests/test_incontext.py`.
 Use in train.py (the ERM flag; the head's parameters must join the optimizer):
     head = ERMHead(D, K).to(device) if args.erm else None     # + head.parameters() in AdamW
-    if args.erm: loss, parts = erm_loss(head, f_c, f_q, cue_c, cue_q, conf_c, conf_q)
-    else:        loss, parts = incontext_loss(f_c, f_q, cue_c, cue_q, conf_c, conf_q)
+    if args.erm: loss, parts = erm_loss(head, f_q, f_c, cue_q, cue_c, conf_q, conf_c)
+    else:        loss, parts = incontext_loss(f_q, f_c, cue_q, cue_c, conf_q, conf_c)
 """
 import torch
 import torch.nn as nn
@@ -53,21 +53,21 @@ def _fail(fn, msg):
     raise ValueError(f"incontext.py: {fn}: {msg}")
 
 
-def _check_maps(fn, feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx, conf_q):
+def _check_maps(fn, feat_q, feat_c, cue_q, cue_c, conf_q, conf_c):
     """Shapes: feat (B, D, H, W), cue (B, K, H, W), conf (B, Cm, H, W) with Cm <= K or None."""
-    named = dict(feat_ctx=feat_ctx, feat_q=feat_q, cue_ctx=cue_ctx, cue_q=cue_q,
-                 conf_ctx=conf_ctx, conf_q=conf_q)
+    named = dict(feat_q=feat_q, feat_c=feat_c, cue_q=cue_q, cue_c=cue_c,
+                 conf_q=conf_q, conf_c=conf_c)
     for name, t in named.items():
         if t is not None and (not torch.is_tensor(t) or t.ndim != 4):
             _fail(fn, f"{name} must be a 4-d tensor (B, C, H, W), got "
                       f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
-    B, D = feat_ctx.shape[:2]
-    K = cue_ctx.shape[1]
+    B, D = feat_c.shape[:2]
+    K = cue_c.shape[1]
     if feat_q.shape[:2] != (B, D):
-        _fail(fn, f"feat_q {tuple(feat_q.shape)} must match feat_ctx {tuple(feat_ctx.shape)} in B, D")
-    if cue_q.shape[:2] != (B, K) or cue_ctx.shape[0] != B:
-        _fail(fn, f"cue_ctx {tuple(cue_ctx.shape)} and cue_q {tuple(cue_q.shape)} must share B={B}, K")
-    for view, feat, cue, conf in (("ctx", feat_ctx, cue_ctx, conf_ctx), ("q", feat_q, cue_q, conf_q)):
+        _fail(fn, f"feat_q {tuple(feat_q.shape)} must match feat_c {tuple(feat_c.shape)} in B, D")
+    if cue_q.shape[:2] != (B, K) or cue_c.shape[0] != B:
+        _fail(fn, f"cue_c {tuple(cue_c.shape)} and cue_q {tuple(cue_q.shape)} must share B={B}, K")
+    for view, feat, cue, conf in (("q", feat_q, cue_q, conf_q), ("c", feat_c, cue_c, conf_c)):
         if cue.shape[-2:] != feat.shape[-2:]:
             _fail(fn, f"cue_{view} {tuple(cue.shape)} and feat_{view} {tuple(feat.shape)} differ in H, W")
         if conf is not None and (conf.shape[0] != B or conf.shape[1] > K or conf.shape[-2:] != feat.shape[-2:]):
@@ -205,13 +205,13 @@ def cue_loss(pred, target, mask=None, gamma=1.0, sigma=0.1, edge=True, conf_cuto
     return loss, {"l1": l1.detach(), "edge": edge_term.detach(), "l1_channels": per_channel}
 
 
-def incontext_loss(feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx=None, conf_q=None, pool=32,
+def incontext_loss(feat_q, feat_c, cue_q, cue_c, conf_q=None, conf_c=None, pool=32,
                    lam=0.1, gamma=1.0, sigma=0.1, edge=True, lstsq_cutoff=0.5, conf_cutoff=0.0,
                    solver="cholesky"):
     """The linear in-context loss (paper section 3; official dpt_lila.py forward_cross).
 
-    feat_ctx, feat_q (B, D, H, W) decoder features of the context / query view;
-    cue_ctx, cue_q (B, K, H, W) their cues; conf_ctx, conf_q (B, Cm, H, W) the confidence of
+    feat_c, feat_q (B, D, H, W) decoder features of the context / query view;
+    cue_c, cue_q (B, K, H, W) their cues; conf_c, conf_q (B, Cm, H, W) the confidence of
     the first Cm cue channels, one channel each (e.g. [flow, flow, depth-valid]), the other
     K - Cm channels (SD) need none; or None (all confident).
     Context: the ridge map W* is fitted on pool x pool averages (N = 1024 samples) with weights
@@ -221,19 +221,19 @@ def incontext_loss(feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx=None, conf_q=None,
     Paper / official defaults: pool 32, lam 0.1, gamma 1, sigma 0.1, lstsq_cutoff 0.5,
     conf_cutoff 0.0. Returns (loss scalar, parts) as cue_loss.
     """
-    _check_maps("incontext_loss", feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx, conf_q)
-    B, D, Hc, Wc = feat_ctx.shape
+    _check_maps("incontext_loss", feat_q, feat_c, cue_q, cue_c, conf_q, conf_c)
+    B, D, Hc, Wc = feat_c.shape
     size = (min(pool, Hc), min(pool, Wc))                                # pool x pool, N = 1024
     # Context: X_c = [f, 1] pooled (the decoder's features are LayerNormed already); pooling is
     # linear, so a cue that is a linear function of the per-pixel features stays one after it.
-    xc = F.adaptive_avg_pool2d(feat_ctx, size)                          # (B, D, 32, 32)
+    xc = F.adaptive_avg_pool2d(feat_c, size)                          # (B, D, 32, 32)
     xc = xc.flatten(2).transpose(1, 2)                                   # (B, N, D)
     xc = torch.cat([xc, torch.ones_like(xc[..., :1])], -1)               # (B, N, P)  bias column
-    yc = F.adaptive_avg_pool2d(cue_ctx, size).flatten(2).transpose(1, 2)  # (B, N, K)
-    if conf_ctx is None or conf_ctx.shape[1] == 0:
+    yc = F.adaptive_avg_pool2d(cue_c, size).flatten(2).transpose(1, 2)  # (B, N, K)
+    if conf_c is None or conf_c.shape[1] == 0:
         c = xc.new_ones(B, xc.shape[1])                                  # (B, N)
     else:
-        c = ridge_weight(conf_ctx.to(xc.dtype), size, lstsq_cutoff)      # (B, N)  zeroed < 0.5
+        c = ridge_weight(conf_c.to(xc.dtype), size, lstsq_cutoff)      # (B, N)  zeroed < 0.5
     W = ridge_solve(xc, yc, c, lam=lam, solver=solver)                   # (B, P, K)  W*
     # Query: g_hat = X_q W* at full resolution; the bias row added separately, so the
     # (B, P, H, W) matrix with its column of ones is never built.
@@ -257,16 +257,16 @@ class ERMHead(nn.Module):
         return self.proj(feat)                                           # (B, K, H, W)
 
 
-def erm_loss(head, feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx=None, conf_q=None, gamma=1.0,
+def erm_loss(head, feat_q, feat_c, cue_q, cue_c, conf_q=None, conf_c=None, gamma=1.0,
              sigma=0.1, edge=True, conf_cutoff=0.0, **ridge_kw):
     """ERM ablation: predict each frame's cues with `head` and apply the same L1 + gamma * edge
     loss (`cue_loss`) to both frames, each with its own confidence; the mean of the two.
     Same shapes and keywords as `incontext_loss`, so the flag only swaps the function; the
     ridge step's keywords (pool, lam, lstsq_cutoff, solver) are accepted and unused.
     Returns (loss, parts)."""
-    _check_maps("erm_loss", feat_ctx, feat_q, cue_ctx, cue_q, conf_ctx, conf_q)
+    _check_maps("erm_loss", feat_q, feat_c, cue_q, cue_c, conf_q, conf_c)
     losses = [cue_loss(head(f), g, m, gamma, sigma, edge, conf_cutoff)
-              for f, g, m in ((feat_ctx, cue_ctx, conf_ctx), (feat_q, cue_q, conf_q))]
+              for f, g, m in ((feat_q, cue_q, conf_q), (feat_c, cue_c, conf_c))]
     loss = (losses[0][0] + losses[1][0]) / 2
     parts = {k: (losses[0][1][k] + losses[1][1][k]) / 2 for k in losses[0][1]}
     return loss, parts

@@ -334,11 +334,11 @@ def lila_loss(v, args, erm_head=None):
     kw = dict(lam=args.lam, gamma=args.gamma,
               edge=not args.no_edge)     # --no-edge skips the edge terms, not just their weight
     if args.erm:
-        loss, parts = incontext.erm_loss(erm_head, v["feats_c"], v["feats_q"], v["cue_c"],
-                                         v["cue_q"], v["conf_c"], v["conf_q"], **kw)
+        loss, parts = incontext.erm_loss(erm_head, v["feats_q"], v["feats_c"], v["cue_q"],
+                                         v["cue_c"], v["conf_q"], v["conf_c"], **kw)
     else:
-        loss, parts = incontext.incontext_loss(v["feats_c"], v["feats_q"], v["cue_c"], v["cue_q"],
-                                               v["conf_c"], v["conf_q"], **kw)
+        loss, parts = incontext.incontext_loss(v["feats_q"], v["feats_c"], v["cue_q"], v["cue_c"],
+                                               v["conf_q"], v["conf_c"], **kw)
     per_channel = parts.pop("l1_channels")                              # (K,)
     for name in dict.fromkeys(v["names"]):
         idx = [i for i, n in enumerate(v["names"]) if n == name]

@@ -68,7 +68,7 @@ def test_incontext_loss_gradcheck_float64():
     fq = torch.randn(B, D, H, H, generator=g, dtype=torch.float64, requires_grad=True)
     cc, cq = torch.randn(2, B, K, H, H, generator=g, dtype=torch.float64)
     conf = (torch.rand(B, 2, H, H, generator=g) > 0.3).double()
-    fn = lambda a, b: ic.incontext_loss(a, b, cc, cq, conf, conf, pool=4)[0]
+    fn = lambda a, b: ic.incontext_loss(b, a, cq, cc, conf, conf, pool=4)[0]
     assert torch.autograd.gradcheck(fn, (fc, fq))
 
 
@@ -87,11 +87,11 @@ def _linear_scene(B=2, D=16, K=5, H=32, seed=0, cell=4):
 def test_exact_linear_cues_are_recovered():
     fc, fq, cc, cq, _, _ = _linear_scene()
     conf = torch.ones(2, 2, 32, 32)
-    loss, parts = ic.incontext_loss(fc, fq, cc, cq, conf, conf, pool=8, lam=1e-6)
+    loss, parts = ic.incontext_loss(fq, fc, cq, cc, conf, conf, pool=8, lam=1e-6)
     assert loss.item() < 1e-3 and parts["edge"].item() < 1e-3
     # With the paper's lam = 0.1 the shrinkage costs a little, but far less than random cues.
-    loss_lam, _ = ic.incontext_loss(fc, fq, cc, cq, conf, conf, pool=8)
-    loss_rand, _ = ic.incontext_loss(fc, fq, cc, torch.randn_like(cq), conf, conf, pool=8)
+    loss_lam, _ = ic.incontext_loss(fq, fc, cq, cc, conf, conf, pool=8)
+    loss_rand, _ = ic.incontext_loss(fq, fc, torch.randn_like(cq), cc, conf, conf, pool=8)
     assert loss_lam.item() < 0.3 * loss_rand.item()
 
 
@@ -167,33 +167,33 @@ def _masked_scene(seed=4, B=2, D=8, K=6, H=32, pool=8):
 
 def test_each_cue_channel_is_masked_by_its_own_confidence():
     fc, fq, cc, cq, conf_c, conf_q = _masked_scene()
-    base, parts = ic.incontext_loss(fc, fq, cc, cq, conf_c, conf_q, pool=8)
+    base, parts = ic.incontext_loss(fq, fc, cq, cc, conf_q, conf_c, pool=8)
     cq2 = cq.clone()
     cq2[:, :3][conf_q == 0] = 1e3                        # flow/depth garbage where not confident
     bad_c = (conf_c.prod(1, keepdim=True) == 0).expand_as(cc)
     cc2 = cc.masked_fill(bad_c, -1e3)                    # context garbage, all channels
-    loss, parts2 = ic.incontext_loss(fc, fq, cc2, cq2, conf_c, conf_q, pool=8)
+    loss, parts2 = ic.incontext_loss(fq, fc, cq2, cc2, conf_q, conf_c, pool=8)
     assert abs(loss.item() - base.item()) < 1e-5 * base.item()
     # Depth is NOT masked by the flow check (and flow not by depth validity): garbage in depth
     # where only the flow is unconfident changes the loss, and only the depth channel's L1.
     cq3 = cq.clone()
     cq3[:, 2:3][(conf_q[:, :1] == 0) & (conf_q[:, 2:3] > 0)] = 1e3
-    loss3, parts3 = ic.incontext_loss(fc, fq, cc, cq3, conf_c, conf_q, pool=8)
+    loss3, parts3 = ic.incontext_loss(fq, fc, cq3, cc, conf_q, conf_c, pool=8)
     assert loss3.item() > 10 * base.item()
     torch.testing.assert_close(parts3["l1_channels"][:2], parts["l1_channels"][:2])
     assert parts3["l1_channels"][2] > 100 * parts["l1_channels"][2]
     # The same corruption with confidence ignored changes the loss a lot.
-    loss_nomask, _ = ic.incontext_loss(fc, fq, cc2, cq2, None, None, pool=8)
+    loss_nomask, _ = ic.incontext_loss(fq, fc, cq2, cc2, None, None, pool=8)
     assert loss_nomask.item() > 10 * base.item()
 
 
 def test_sd_channels_are_not_masked():
     fc, fq, cc, cq, conf_c, conf_q = _masked_scene()
-    base, parts = ic.incontext_loss(fc, fq, cc, cq, conf_c, conf_q, pool=8)
+    base, parts = ic.incontext_loss(fq, fc, cq, cc, conf_q, conf_c, pool=8)
     bad_q = (conf_q.prod(1, keepdim=True) == 0).expand(-1, 3, -1, -1)
     cq2 = cq.clone()
     cq2[:, 3:][bad_q] = 1e3                              # SD channels (3..5) corrupted
-    loss, parts2 = ic.incontext_loss(fc, fq, cc, cq2, conf_c, conf_q, pool=8)
+    loss, parts2 = ic.incontext_loss(fq, fc, cq2, cc, conf_q, conf_c, pool=8)
     assert loss.item() > 10 * base.item()
     torch.testing.assert_close(parts2["l1_channels"][:3], parts["l1_channels"][:3])
 
@@ -231,17 +231,17 @@ def test_incontext_loss_degenerate_inputs_stay_finite():
     }
     for name, (feat, conf) in cases.items():
         fc, fq = feat.clone().requires_grad_(), feat.flip(-1).clone().requires_grad_()
-        loss, _ = ic.incontext_loss(fc, fq, cues[0], cues[1], conf, conf, pool=8)
+        loss, _ = ic.incontext_loss(fq, fc, cues[1], cues[0], conf, conf, pool=8)
         assert _finite_grads(loss, fc, fq), name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_under_autocast_is_finite_and_close(dtype):
     fc, fq, cc, cq, conf_c, conf_q = _masked_scene(seed=7)
-    ref, _ = ic.incontext_loss(fc, fq, cc, cq, conf_c, conf_q, pool=8)
+    ref, _ = ic.incontext_loss(fq, fc, cq, cc, conf_q, conf_c, pool=8)
     fc, fq = fc.to(dtype).requires_grad_(), fq.to(dtype).requires_grad_()
     with torch.autocast("cpu", dtype=dtype):
-        loss, _ = ic.incontext_loss(fc, fq, cc.to(dtype), cq.to(dtype), conf_c, conf_q, pool=8)
+        loss, _ = ic.incontext_loss(fq, fc, cq.to(dtype), cc.to(dtype), conf_q, conf_c, pool=8)
         W = ic.ridge_solve(fc.flatten(2).transpose(1, 2), cc.flatten(2).transpose(1, 2).to(dtype),
                            torch.ones(2, 32 * 32, dtype=dtype))
     assert W.dtype == torch.float32                      # the ridge system left autocast
@@ -253,27 +253,27 @@ def test_erm_head_with_true_map_has_zero_loss_and_trains():
     fc, fq, cc, cq, Wt, bt = _linear_scene()
     head = ic.ERMHead(16, 5)
     conf = torch.ones(2, 2, 32, 32)
-    loss0, _ = ic.erm_loss(head, fc, fq, cc, cq, conf, conf)
+    loss0, _ = ic.erm_loss(head, fq, fc, cq, cc, conf, conf)
     loss0.backward()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters())
     with torch.no_grad():                                # the true linear map is a perfect head
         head.proj.weight.copy_(Wt.t()[:, :, None, None])
         head.proj.bias.copy_(bt)
-    loss, parts = ic.erm_loss(head, fc, fq, cc, cq, conf, conf)
+    loss, parts = ic.erm_loss(head, fq, fc, cq, cc, conf, conf)
     assert loss.item() < 1e-5 < loss0.item() and set(parts) >= {"l1", "edge"}
     # One flag away: the ERM loss takes every keyword of incontext_loss.
     kw = dict(pool=8, lam=0.1, gamma=0.0, sigma=0.1, edge=True, lstsq_cutoff=0.5, conf_cutoff=0.0,
               solver="cholesky")
-    assert torch.isfinite(ic.erm_loss(head, fc, fq, cc, cq, conf, conf, **kw)[0])
-    assert torch.isfinite(ic.incontext_loss(fc, fq, cc, cq, conf, conf, **kw)[0])
+    assert torch.isfinite(ic.erm_loss(head, fq, fc, cq, cc, conf, conf, **kw)[0])
+    assert torch.isfinite(ic.incontext_loss(fq, fc, cq, cc, conf, conf, **kw)[0])
 
 
 def test_bad_shapes_raise_clear_errors():
     f, g, c = torch.randn(2, 8, 16, 16), torch.randn(2, 5, 16, 16), torch.ones(2, 1, 16, 16)
     with pytest.raises(ValueError, match="incontext.py: incontext_loss: cue_q"):
-        ic.incontext_loss(f, f, g, g[:, :, :8], c, c)
+        ic.incontext_loss(f, f, g[:, :, :8], g, c, c)
     with pytest.raises(ValueError, match="incontext.py: incontext_loss: conf_q"):
-        ic.incontext_loss(f, f, g, g, c, torch.ones(2, 6, 16, 16))
+        ic.incontext_loss(f, f, g, g, torch.ones(2, 6, 16, 16), c)
     with pytest.raises(ValueError, match="incontext.py: ridge_solve"):
         ic.ridge_solve(torch.randn(2, 10, 3), torch.randn(2, 9, 1), torch.ones(2, 10))
     with pytest.raises(ValueError, match="lam must be > 0"):
@@ -292,10 +292,10 @@ def test_ridge_weight_is_the_pooled_product_zeroed_below_half_and_the_query_mask
     # confidence is in the loss, a pixel at 0 is not.
     fc, fq, cc, cq, conf_c, conf_q = _masked_scene(seed=8)
     soft_q = conf_q * 0.1
-    base, _ = ic.incontext_loss(fc, fq, cc, cq, conf_c, soft_q, pool=8)
+    base, _ = ic.incontext_loss(fq, fc, cq, cc, soft_q, conf_c, pool=8)
     cq2 = cq.clone()
     cq2[:, :3][conf_q > 0] += 1.0
-    assert ic.incontext_loss(fc, fq, cc, cq2, conf_c, soft_q, pool=8)[0] > base + 0.01
+    assert ic.incontext_loss(fq, fc, cq2, cc, soft_q, conf_c, pool=8)[0] > base + 0.01
     cq3 = cq.clone()
     cq3[:, :3][conf_q == 0] = 1e3
-    assert abs(ic.incontext_loss(fc, fq, cc, cq3, conf_c, soft_q, pool=8)[0].item() - base.item()) < 1e-5
+    assert abs(ic.incontext_loss(fq, fc, cq3, cc, soft_q, conf_c, pool=8)[0].item() - base.item()) < 1e-5
