@@ -599,3 +599,36 @@ def test_cli_bad_flag_values_and_real_bugs(tmp_path, capsys, stand_in_hub, monke
         monkeypatch.setattr(cues, "write_cue_cache", broken)
         with pytest.raises(type(bug)):
             cues.cli(["--data", root, "--device", "cpu"])
+
+
+# --- the paper's / official constants are the defaults ------------------------------------
+
+def _defaults(fn):
+    import inspect
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_every_method_default_is_pinned():
+    # official configs/train_ytvos.yaml: conf_temp 0.05, num_fts 32
+    assert _defaults(flow_confidence) == {"tau": 0.05}
+    assert _defaults(sd_channels) == {"n_channels": 32, "generator": None, "batch": None}
+    assert _defaults(sd_cue) == {"n_channels": 32, "generator": None, "channels": None,
+                                 "use_pamr": True}
+    # ours (README Differences): the quantile depth conversion, RAFT small / MiDaS small
+    assert _defaults(disparity_to_depth) == {"q": 0.95, "far": 0.02}
+    assert _defaults(FlowCue.__init__)["name"] == "raft_small"
+    assert _defaults(FlowCue.__init__)["multiple"] == 8                 # RAFT works at 1/8
+    assert _defaults(DepthCue.__init__)["name"] == "MiDaS_small"
+    assert _defaults(cues.midas_input_size) == {"multiple": 32}          # MiDaS Resize
+    assert _defaults(write_cue_cache)["size"] == 224                    # the paper's 224^2 frames
+
+
+@pytest.mark.parametrize("err_px, confident", [(3.8, True), (3.95, False)])
+def test_default_confidence_threshold_is_3_9_pixels_at_224(err_px, confident):
+    # exp(-e / 0.05) > 0.5  <=>  e < 0.05 ln 2 = 0.0347 normalised = 3.88 px at W = 224
+    f = torch.zeros(1, 2, 224, 224)
+    b = torch.zeros(1, 2, 224, 224)
+    b[:, 0] = err_px * 2 / 224                                          # a constant x error
+    assert bool(flow_confidence(f, b).all()) is confident
+    assert not bool(flow_confidence(f, b, tau=0.01).any())              # the test can fail

@@ -223,3 +223,36 @@ def test_no_gradient_and_clear_errors():
         pamr.pamr(_rand(2, 3, 8, 8), mask)
     with pytest.raises(ValueError, match="pamr.py.*dilations"):
         pamr.pamr(image, mask, dilations=(0, 1))
+
+
+# --- the official constants are the defaults ----------------------------------------------
+
+def _defaults(fn):
+    import inspect
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_every_default_is_lilas():
+    # official lila/lila/dpt_lila.py TrainLILA: PAMR(20, [1,3,5], (56, 56)), PAMR(10, [1,3,5],
+    # (112, 112)), PAMR(5, [1,3,5], None), sigma = configs/train_ytvos.yaml pamr.sigma 0.05;
+    # official lila/lila/pamr.py: eps 1e-5 (1e-5 + sigma * std). One stage's iters default:
+    # the 2020 PAMR's 10 (the cascade always passes its own).
+    assert pamr.LILA_STAGES == ((56, 20), (112, 10), (None, 5))
+    lila = dict(dilations=(1, 3, 5), sigma=0.05, eps=1e-5)
+    assert _defaults(pamr.pamr) == dict(lila, iters=10, size=None)
+    assert _defaults(pamr.pamr_affinity) == lila
+    assert _defaults(pamr.pamr_cascade) == dict(lila, stages=pamr.LILA_STAGES)
+
+
+def test_default_cascade_is_the_official_refine_with_its_constants_written_out():
+    # the reference with every constant spelled out, so a default drifting in pamr.py (and
+    # not in the reference's own defaults) fails here
+    image = _rand(1, 3, 60, 60, seed=21)
+    mask = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(22))
+    ref = mask
+    for size, iters in (((56, 56), 20), ((112, 112), 10), (None, 5)):
+        ref = reference_pamr(image, ref, (1, 3, 5), iters, 0.05, eps=1e-5, size=size)
+    out = pamr.pamr_cascade(image, mask)
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    assert (pamr.pamr_cascade(image, mask, sigma=0.1).double() - ref).abs().max().item() > 1e-3
