@@ -162,13 +162,26 @@ def _abs_grads(x):
     return (x[..., :, 1:] - x[..., :, :-1]).abs(), (x[..., 1:, :] - x[..., :-1, :]).abs()
 
 
-def _mean_over(x, valid):
-    """Mean of x over the valid elements (0 if there are none). x (B, K, H, W), valid bool."""
-    n = valid.sum()
-    return (x * valid).sum() / n.clamp(min=1)
+def loss_norms(conf_q, K, H, W, conf_cutoff=0.0, batch=None):
+    """The element counts that `cue_loss` divides by, for a whole batch: a dict of "l1" (valid
+    elements), "l1_channels" (K,) (valid pixels per channel), "edge_x", "edge_y" (valid x / y
+    differences), int64 tensors on conf_q's device. Computed once on the whole batch and
+    passed as `norms=` to the loss of each chunk (micro-batch), the chunks' losses and parts
+    SUM to the whole batch's. conf_q (B, Cm, H, W) as cue_loss's mask, or None with `batch`."""
+    if conf_q is None:
+        if batch is None:
+            _fail("loss_norms", "conf_q None needs batch=B (the number of pairs)")
+        conf_q = torch.ones(batch, 0, H, W)
+    if conf_q.ndim != 4 or tuple(conf_q.shape[-2:]) != (H, W) or conf_q.shape[1] > K:
+        _fail("loss_norms", f"conf_q {tuple(conf_q.shape)} must be (B, Cm <= K={K}, H={H}, W={W})")
+    valid = _valid(conf_q, K, conf_cutoff)                               # (B, K, H, W)
+    return {"l1": valid.sum(), "l1_channels": valid.sum((0, 2, 3)),     # (), (K,)
+            "edge_x": (valid[..., :, 1:] & valid[..., :, :-1]).sum(),
+            "edge_y": (valid[..., 1:, :] & valid[..., :-1, :]).sum()}
 
 
-def cue_loss(pred, target, mask=None, gamma=1.0, sigma=0.1, edge=True, conf_cutoff=0.0):
+def cue_loss(pred, target, mask=None, gamma=1.0, sigma=0.1, edge=True, conf_cutoff=0.0,
+             norms=None):
     """L = L1 + gamma * (L_x + L_y), the official loss (dpt_lila.py forward_cross and
     flow_boundary_loss), over the valid elements of every cue channel:
 
@@ -182,51 +195,53 @@ def cue_loss(pred, target, mask=None, gamma=1.0, sigma=0.1, edge=True, conf_cuto
     any confidence at all, e.g. half-confident pixels that bilinear warping creates). The other
     K - Cm channels (SD) are valid everywhere. mask None: all valid.
     Paper / official defaults: gamma (w_edge) 1, sigma (sigma_edge) 0.1.
+    norms: `loss_norms` of the whole batch when this is one chunk of it (the means become
+    sums over the chunk divided by the whole batch's counts); None: this batch's own.
     Returns (loss, parts): "l1", "edge" scalars and "l1_channels" (K,), the L1 of each channel
     over its valid pixels, all detached (for the log: a cue that does not learn shows there).
     """
     B, K, H, W = pred.shape
     if mask is None:
         mask = pred.new_ones(B, 0, H, W)
+    if norms is None:
+        norms = loss_norms(mask, K, H, W, conf_cutoff)
+    elif tuple(norms["l1_channels"].shape) != (K,):
+        _fail("cue_loss", f"norms are for {tuple(norms['l1_channels'].shape)} channels, the cues have {K}")
+    n = {k: v.clamp(min=1) for k, v in norms.items()}                   # no valid element: 0
     valid = _valid(mask, K, conf_cutoff)                                 # (B, K, H, W)
     err = (pred - target).abs()                                          # (B, K, H, W)
-    l1 = _mean_over(err, valid)
+    l1 = (err * valid).sum() / n["l1"]
     with torch.no_grad():
-        n_k = valid.sum((0, 2, 3)).clamp(min=1)                          # (K,)
-        per_channel = (err * valid).sum((0, 2, 3)) / n_k                 # (K,)
+        per_channel = (err * valid).sum((0, 2, 3)) / n["l1_channels"]   # (K,)
     edge_term = pred.new_zeros(())
     if edge:
         vx = valid[..., :, 1:] & valid[..., :, :-1]                     # (B, K, H, W-1)
         vy = valid[..., 1:, :] & valid[..., :-1, :]                     # (B, K, H-1, W)
-        for dp, dt, v in zip(_abs_grads(pred), _abs_grads(target), (vx, vy)):
+        for dp, dt, v, nv in zip(_abs_grads(pred), _abs_grads(target), (vx, vy),
+                                 (n["edge_x"], n["edge_y"])):
             weight = 1 - torch.exp(-dt / sigma)                          # ~1 on target edges
-            edge_term = edge_term + _mean_over(weight * (dp - dt).abs(), v)   # L_x + L_y
+            edge_term = edge_term + (weight * (dp - dt).abs() * v).sum() / nv   # L_x + L_y
     loss = l1 + gamma * edge_term if edge else l1
     return loss, {"l1": l1.detach(), "edge": edge_term.detach(), "l1_channels": per_channel}
 
 
-def incontext_loss(feat_q, feat_c, cue_q, cue_c, conf_q=None, conf_c=None, pool=32,
-                   lam=0.1, gamma=1.0, sigma=0.1, edge=True, lstsq_cutoff=0.5, conf_cutoff=0.0,
-                   solver="cholesky"):
-    """The linear in-context loss (paper section 3; official dpt_lila.py forward_cross).
+def ridge_map(feat_c, cue_c, conf_c=None, pool=32, lam=0.1, lstsq_cutoff=0.5,
+              solver="cholesky"):
+    """The in-context step: W* (B, D + 1, K), the ridge map fitted on the context view.
 
-    feat_c, feat_q (B, D, H, W) decoder features of the context / query view;
-    cue_c, cue_q (B, K, H, W) their cues; conf_c, conf_q (B, Cm, H, W) the confidence of
-    the first Cm cue channels, one channel each (e.g. [flow, flow, depth-valid]), the other
-    K - Cm channels (SD) need none; or None (all confident).
-    Context: the ridge map W* is fitted on pool x pool averages (N = 1024 samples) with weights
-    c_n = product of the pooled confidence channels, zeroed < lstsq_cutoff.
-    Query: g_hat = X_q W* at full resolution, then `cue_loss` (L1 + gamma * edge, each channel
-    masked by its own confidence > conf_cutoff).
-    Paper / official defaults: pool 32, lam 0.1, gamma 1, sigma 0.1, lstsq_cutoff 0.5,
-    conf_cutoff 0.0. Returns (loss scalar, parts) as cue_loss.
-    """
-    _check_maps("incontext_loss", feat_q, feat_c, cue_q, cue_c, conf_q, conf_c)
+    X_c = [f, 1] average-pooled to pool x pool (N = 1024 samples; pooling is linear, so a cue
+    that is a linear function of the per-pixel features stays one after it), Y_c the cues
+    pooled the same way, c_n = `ridge_weight` (the product of the pooled confidences, zeroed
+    < lstsq_cutoff), then W* = (X^T C X / N + lam I)^-1 X^T C Y / N (`ridge_solve`).
+    feat_c (B, D, H, W), cue_c (B, K, H, W), conf_c (B, Cc, H, W) or None (all confident).
+    Paper / official defaults: pool 32, lam 0.1, lstsq_cutoff 0.5."""
+    if feat_c.ndim != 4 or cue_c.ndim != 4 or cue_c.shape[0] != feat_c.shape[0] \
+            or cue_c.shape[-2:] != feat_c.shape[-2:]:
+        _fail("ridge_map", f"feat_c {tuple(feat_c.shape)} and cue_c {tuple(cue_c.shape)} must be "
+                           "(B, D, H, W) and (B, K, H, W)")
     B, D, Hc, Wc = feat_c.shape
     size = (min(pool, Hc), min(pool, Wc))                                # pool x pool, N = 1024
-    # Context: X_c = [f, 1] pooled (the decoder's features are LayerNormed already); pooling is
-    # linear, so a cue that is a linear function of the per-pixel features stays one after it.
-    xc = F.adaptive_avg_pool2d(feat_c, size)                          # (B, D, 32, 32)
+    xc = F.adaptive_avg_pool2d(feat_c, size)                             # (B, D, 32, 32)
     xc = xc.flatten(2).transpose(1, 2)                                   # (B, N, D)
     xc = torch.cat([xc, torch.ones_like(xc[..., :1])], -1)               # (B, N, P)  bias column
     yc = F.adaptive_avg_pool2d(cue_c, size).flatten(2).transpose(1, 2)  # (B, N, K)
@@ -234,12 +249,39 @@ def incontext_loss(feat_q, feat_c, cue_q, cue_c, conf_q=None, conf_c=None, pool=
         c = xc.new_ones(B, xc.shape[1])                                  # (B, N)
     else:
         c = ridge_weight(conf_c.to(xc.dtype), size, lstsq_cutoff)      # (B, N)  zeroed < 0.5
-    W = ridge_solve(xc, yc, c, lam=lam, solver=solver)                   # (B, P, K)  W*
-    # Query: g_hat = X_q W* at full resolution; the bias row added separately, so the
-    # (B, P, H, W) matrix with its column of ones is never built.
+    return ridge_solve(xc, yc, c, lam=lam, solver=solver)                # (B, P, K)  W*
+
+
+def apply_map(feat_q, W):
+    """g_hat = X_q W* at full resolution: feat_q (B, D, H, W), W (B, D + 1, K) -> (B, K, H, W).
+    The bias row is added separately, so the (B, D + 1, H, W) [f, 1] is never built."""
+    D = feat_q.shape[1]
+    if feat_q.ndim != 4 or W.ndim != 3 or W.shape[:2] != (feat_q.shape[0], D + 1):
+        _fail("apply_map", f"feat_q {tuple(feat_q.shape)} (B, D, H, W) needs W (B, D + 1, K), "
+                           f"got {tuple(W.shape)}")
     xq = feat_q.to(torch.promote_types(feat_q.dtype, W.dtype))           # (B, D, H, W)
-    pred = torch.einsum("bdhw,bdk->bkhw", xq, W[:, :D]) + W[:, D, :, None, None]  # (B, K, H, W)
-    return cue_loss(pred, cue_q, conf_q, gamma, sigma, edge, conf_cutoff)
+    return torch.einsum("bdhw,bdk->bkhw", xq, W[:, :D]) + W[:, D, :, None, None]  # (B, K, H, W)
+
+
+def incontext_loss(feat_q, feat_c, cue_q, cue_c, conf_q=None, conf_c=None, pool=32,
+                   lam=0.1, gamma=1.0, sigma=0.1, edge=True, lstsq_cutoff=0.5, conf_cutoff=0.0,
+                   solver="cholesky", norms=None):
+    """The linear in-context loss (paper section 3; official dpt_lila.py forward_cross).
+
+    feat_c, feat_q (B, D, H, W) decoder features of the context / query view;
+    cue_c, cue_q (B, K, H, W) their cues; conf_c, conf_q (B, Cm, H, W) the confidence of
+    the first Cm cue channels, one channel each (e.g. [flow, flow, depth-valid]), the other
+    K - Cm channels (SD) need none; or None (all confident).
+    Context: W* = `ridge_map` (pool x pool averages, weights zeroed < lstsq_cutoff).
+    Query: g_hat = `apply_map` (X_q W* at full resolution), then `cue_loss` (L1 + gamma *
+    edge, each channel masked by its own confidence > conf_cutoff; norms: see cue_loss).
+    Paper / official defaults: pool 32, lam 0.1, gamma 1, sigma 0.1, lstsq_cutoff 0.5,
+    conf_cutoff 0.0. Returns (loss scalar, parts) as cue_loss.
+    """
+    _check_maps("incontext_loss", feat_q, feat_c, cue_q, cue_c, conf_q, conf_c)
+    W = ridge_map(feat_c, cue_c, conf_c, pool, lam, lstsq_cutoff, solver)  # (B, P, K)  W*
+    pred = apply_map(feat_q, W)                                          # (B, K, H, W)
+    return cue_loss(pred, cue_q, conf_q, gamma, sigma, edge, conf_cutoff, norms)
 
 
 # --- ablation: ERM (no in-context step) ---
@@ -258,15 +300,17 @@ class ERMHead(nn.Module):
 
 
 def erm_loss(head, feat_q, feat_c, cue_q, cue_c, conf_q=None, conf_c=None, gamma=1.0,
-             sigma=0.1, edge=True, conf_cutoff=0.0, **ridge_kw):
+             sigma=0.1, edge=True, conf_cutoff=0.0, norms=None, **ridge_kw):
     """ERM ablation: predict each frame's cues with `head` and apply the same L1 + gamma * edge
     loss (`cue_loss`) to both frames, each with its own confidence; the mean of the two.
     Same shapes and keywords as `incontext_loss`, so the flag only swaps the function; the
     ridge step's keywords (pool, lam, lstsq_cutoff, solver) are accepted and unused.
+    norms: (loss_norms of the queries, loss_norms of the contexts) of the whole batch, or None.
     Returns (loss, parts)."""
     _check_maps("erm_loss", feat_q, feat_c, cue_q, cue_c, conf_q, conf_c)
-    losses = [cue_loss(head(f), g, m, gamma, sigma, edge, conf_cutoff)
-              for f, g, m in ((feat_q, cue_q, conf_q), (feat_c, cue_c, conf_c))]
+    norms_q, norms_c = (None, None) if norms is None else norms
+    losses = [cue_loss(head(f), g, m, gamma, sigma, edge, conf_cutoff, n)
+              for f, g, m, n in ((feat_q, cue_q, conf_q, norms_q), (feat_c, cue_c, conf_c, norms_c))]
     loss = (losses[0][0] + losses[1][0]) / 2
     parts = {k: (losses[0][1][k] + losses[1][1][k]) / 2 for k in losses[0][1]}
     return loss, parts

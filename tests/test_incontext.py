@@ -299,3 +299,124 @@ def test_ridge_weight_is_the_pooled_product_zeroed_below_half_and_the_query_mask
     cq3 = cq.clone()
     cq3[:, :3][conf_q == 0] = 1e3
     assert abs(ic.incontext_loss(fq, fc, cq3, cc, soft_q, conf_c, pool=8)[0].item() - base.item()) < 1e-5
+
+
+# --- the paper's / official constants are the defaults -----------------------------------
+
+# Official configs/train_ytvos.yaml `model`: ridge 0.1, w_edge 1.0, sigma_edge 0.1,
+# conf_cutoff 0.0, lstsq_cutoff 0.5; dpt_lila.py forward_cross pools the context to 32 x 32.
+OFFICIAL = dict(pool=32, lam=0.1, gamma=1.0, sigma=0.1, edge=True, lstsq_cutoff=0.5,
+                conf_cutoff=0.0, solver="cholesky")
+
+
+def _defaults(fn):
+    import inspect
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("name", ["incontext_loss", "cue_loss", "erm_loss", "ridge_solve",
+                                  "ridge_weight", "ridge_map", "loss_norms"])
+def test_every_method_default_is_the_official_value(name):
+    d = _defaults(getattr(ic, name))
+    shared = {k: v for k, v in OFFICIAL.items() if k in d}
+    assert shared and {k: d[k] for k in shared} == shared
+
+
+def _official_loss(fq, fc, cq, cc, conf_q, conf_c):
+    """The official forward_cross written out with its constants (nothing passed in): LayerNormed
+    features are taken as given, [f, 1], 32 x 32 adaptive pooling of the context, the product of
+    the pooled confidences zeroed < 0.5, W* = (X^T C X / N + 0.1 I)^-1 X^T C Y / N (LU), the
+    L1 over full_conf > 0 and flow_boundary_loss with sigma 0.1, weight 1."""
+    one = lambda x: torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    bnd = lambda x: F.adaptive_avg_pool2d(x, (32, 32)).flatten(-2).movedim(1, -1)
+    X, Y, c = bnd(one(fc)).double(), bnd(cc).double(), bnd(conf_c).double().prod(-1, keepdim=True)
+    c[c < 0.5] = 0
+    N, P = X.shape[1:]
+    A = (X * c).transpose(1, 2) @ X / N + 0.1 * torch.eye(P, dtype=X.dtype)
+    W = torch.linalg.solve(A, (X * c).transpose(1, 2) @ Y / N)
+    pred = torch.einsum("bchw,bcd->bdhw", one(fq).double(), W)
+    full = torch.cat([conf_q, torch.ones_like(cq[:, conf_q.shape[1]:])], 1)
+    l1 = (pred - cq)[full > 0].abs().mean()
+    gx = lambda x: (x[..., :-1] - x[..., 1:]).abs()
+    gy = lambda x: (x[..., :-1, :] - x[..., 1:, :]).abs()
+    edge = 0
+    for g, v in ((gx, (full[..., :-1] > 0) & (full[..., 1:] > 0)),
+                 (gy, (full[..., :-1, :] > 0) & (full[..., 1:, :] > 0))):
+        edge = edge + ((1 - torch.exp(-g(cq) / 0.1)) * (g(pred) - g(cq)).abs())[v].mean()
+    return l1 + 1.0 * edge
+
+
+def test_default_loss_is_the_official_forward_cross_with_its_constants():
+    # 64 x 64 views: pooling to 32 differs from any other pool size; smooth confidences with
+    # values around 0.5 so that the 0.5 cutoff and the conf > 0 test both bite.
+    g = torch.Generator().manual_seed(11)
+    B, D, K, H = 2, 6, 5, 64
+    smooth = lambda *s: F.interpolate(torch.randn(*s, 16, 16, generator=g), size=(H, H), mode="bicubic")
+    fc, fq = smooth(B, D), smooth(B, D)                                # (B, D, H, W) each
+    Wt = torch.randn(D, K, generator=g)
+    cc, cq = [torch.einsum("bdhw,dk->bkhw", f, Wt) + 0.3 * torch.randn(B, K, H, H, generator=g)
+              for f in (fc, fq)]                                        # (B, K, H, W) each
+    conf = F.interpolate(torch.rand(2, B, 3, 8, 8, generator=g).flatten(0, 1), size=(H, H),
+                         mode="bilinear").view(2, B, 3, H, H)
+    conf_q, conf_c = (conf[0] - 0.2).clamp(min=0), conf[1]          # zeros and small values
+    ours, _ = ic.incontext_loss(fq, fc, cq, cc, conf_q, conf_c)       # every default
+    ref = _official_loss(fq, fc, cq, cc, conf_q, conf_c)
+    assert abs(ours.item() - ref.item()) < 1e-5 * ref.item()
+    # the test can fail: each constant changed alone moves the loss
+    for kw in (dict(pool=16), dict(lam=0.2), dict(gamma=0.5), dict(sigma=0.2),
+               dict(lstsq_cutoff=0.4), dict(conf_cutoff=0.2)):
+        other, _ = ic.incontext_loss(fq, fc, cq, cc, conf_q, conf_c, **kw)
+        assert abs(other.item() - ref.item()) > 1e-4 * ref.item(), kw
+
+
+# --- micro-batches: the chunks' losses sum to the whole batch's ---------------------------
+
+@pytest.mark.parametrize("erm", [False, True])
+def test_chunks_with_whole_batch_norms_sum_to_the_whole_batch_loss_and_gradients(erm):
+    fc, fq, cc, cq, conf_c, conf_q = _masked_scene(seed=9, B=5)
+    fc, fq, cc, cq, conf_c, conf_q = (t.double() for t in (fc, fq, cc, cq, conf_c, conf_q))
+    conf_q[3, :2] = 0                                    # a pair with no confident flow at all
+    K, H, W = cq.shape[1:]
+    head = ic.ERMHead(fc.shape[1], K).double()
+
+    def loss_of(sl, norms=None):
+        f_q, f_c = fq[sl].detach().requires_grad_(), fc[sl].detach().requires_grad_()
+        args = (f_q, f_c, cq[sl], cc[sl], conf_q[sl], conf_c[sl])
+        kw = dict(pool=8, norms=norms)
+        loss, parts = ic.erm_loss(head, *args, **kw) if erm else ic.incontext_loss(*args, **kw)
+        loss.backward()
+        return loss, parts, f_q.grad, f_c.grad
+
+    whole = loss_of(slice(None))
+    norms = ic.loss_norms(conf_q, K, H, W)
+    if erm:
+        norms = (norms, ic.loss_norms(conf_c, K, H, W))
+    chunks = [loss_of(slice(a, b), norms) for a, b in ((0, 2), (2, 3), (3, 5))]
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    close(sum(c[0] for c in chunks), whole[0])
+    for k in ("l1", "edge", "l1_channels"):
+        close(sum(c[1][k] for c in chunks), whole[1][k])
+    close(torch.cat([c[2] for c in chunks]), whole[2])   # gradients of the query features
+    close(torch.cat([c[3] for c in chunks]), whole[3])   # and of the context features
+    # without the whole batch's norms each chunk is its own mean: the sum is not the loss
+    alone = sum(loss_of(slice(a, b))[0] for a, b in ((0, 2), (2, 3), (3, 5)))
+    assert abs(alone.item() - whole[0].item()) > 0.5 * whole[0].item()
+
+
+def test_loss_norms_counts_and_ridge_map_apply_map_are_the_loss():
+    fc, fq, cc, cq, conf_c, conf_q = _masked_scene(seed=10)
+    K, H, W = cq.shape[1:]
+    n = ic.loss_norms(conf_q, K, H, W)
+    valid = torch.cat([conf_q > 0, torch.ones_like(cq[:, 3:], dtype=torch.bool)], 1)
+    assert n["l1"] == valid.sum() and torch.equal(n["l1_channels"], valid.sum((0, 2, 3)))
+    assert n["edge_x"] == (valid[..., 1:] & valid[..., :-1]).sum()
+    assert ic.loss_norms(None, K, H, W, batch=2)["l1"] == 2 * K * H * W
+    with pytest.raises(ValueError, match="incontext.py: loss_norms.*batch"):
+        ic.loss_norms(None, K, H, W)
+    W_ = ic.ridge_map(fc, cc, conf_c, pool=8)
+    assert W_.shape == (2, fc.shape[1] + 1, K)
+    loss, _ = ic.cue_loss(ic.apply_map(fq, W_), cq, conf_q)
+    torch.testing.assert_close(loss, ic.incontext_loss(fq, fc, cq, cc, conf_q, conf_c, pool=8)[0])
+    with pytest.raises(ValueError, match="incontext.py: apply_map"):
+        ic.apply_map(fq, W_[:, 1:])
