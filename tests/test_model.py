@@ -643,3 +643,89 @@ def test_features_refuse_bad_images_with_one_clear_line(small_lila, kind):
         small_lila.features(make())
     assert re.search(needle, str(err.value)), str(err.value)
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------ every constant pinned to its source
+# Official values, each with where it is written: lila/lila/dinov2.py (vit_small/base/large and
+# DINOv2(): img_size=518, patch_size=14, init_values=1.0, mlp_ratio 4, LayerNorm eps 1e-6,
+# interpolate_offset 0.1, antialias False), lila/lila/config.py (features, out_channels,
+# intermediate_layer_idx), lila/lila/dpt_lila.py (SmallDPTHead: resize factors 4, 2, 1, 1/2,
+# head F -> F/2 -> F/2, dec_dim = features // 2, fnorm = nn.LayerNorm(dec_dim), eps 1e-5),
+# lila/lila/util/blocks.py (align_corners=True, refinenet1's scale_factor=2).
+OFFICIAL_BACKBONES = {  # E, depth, heads, intermediate_layer_idx
+    "dinov2_vits14": (384, 12, 6, (2, 5, 8, 11)),
+    "dinov2_vitb14": (768, 12, 12, (2, 5, 8, 11)),
+    "dinov2_vitl14": (1024, 24, 16, (4, 11, 17, 23)),
+}
+
+
+def test_backbone_and_preset_constants_are_the_official_ones():
+    assert {k: tuple(v) for k, v in model.BACKBONES.items()} == OFFICIAL_BACKBONES
+    paper = {b: (c["features"], c["widths"], c["out_dim"]) for b, c in model.PRESETS["paper"].items()}
+    assert paper == {b: (F_, w, F_ // 2) for b, (F_, w) in OFFICIAL_CONFIG.items()}
+    assert [paper[b][2] for b in OFFICIAL_BACKBONES] == [128, 192, 256]  # the paper's D
+    tiny = {b: (c["features"], c["widths"], c["out_dim"]) for b, c in model.PRESETS["tiny"].items()}
+    assert tiny == {"dinov2_vits14": (64, (16, 32, 64, 128), 32),
+                    "dinov2_vitb14": (96, (32, 64, 128, 256), 48),
+                    "dinov2_vitl14": (128, (64, 128, 256, 256), 64)}
+    assert model.IMAGENET_MEAN == (0.485, 0.456, 0.406) and model.IMAGENET_STD == (0.229, 0.224, 0.225)
+
+
+def test_encoder_and_decoder_defaults_are_the_official_ones():
+    import inspect
+    vit = {k: p.default for k, p in inspect.signature(model.ViT).parameters.items()}
+    assert vit == dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, patch_size=14, img_size=518,
+                       layerscale_init=1e-5, ln_eps=1e-6, interpolate_offset=0.1,
+                       interpolate_antialias=False)
+    dec = {k: p.default for k, p in inspect.signature(model.DPTDecoder).parameters.items()}
+    assert {k: dec[k] for k in ("factors", "last_upsample", "align_corners", "ln_eps")} == dict(
+        factors=(4, 2, 1, 0.5), last_upsample=2, align_corners=True, ln_eps=1e-5)
+    for name, (E, depth, heads, _) in OFFICIAL_BACKBONES.items():
+        with torch.device("meta"):
+            enc = model.ViT(*model.BACKBONES[name][:3])
+        assert (enc.embed_dim, len(enc.blocks), enc.blocks[0].attn.heads, enc.patch_size) == (E, depth, heads, 14)
+        assert enc.blocks[0].mlp.fc1.out_features == 4 * E and enc.norm.eps == 1e-6
+        assert enc.pos_embed.shape == (1, 1 + 37 * 37, E)
+    with torch.device("meta"):
+        d = model.DPTDecoder(384, **model.PRESETS["paper"]["dinov2_vits14"])
+    assert (d.head_conv1.out_channels, d.head_conv2.out_channels, d.head_out.out_channels) == (128, 128, 128)
+    assert d.norm.eps == 1e-5 and d.norm.normalized_shape == (128,)
+
+
+@pytest.mark.parametrize("backbone", ["dinov2_vits14", "dinov2_vitl14"])
+def test_lila_taps_exactly_the_named_blocks_through_the_final_norm(backbone):
+    """A random encoder built with LayerScale 1e-5 barely changes from block to block, so a
+    wrong tap or head count would hardly show in its numbers. Here every block's LayerScale is
+    large: each tapped grid must equal the slow official statement at the official indices
+    (official head count, final norm) and differ clearly from the neighbouring blocks."""
+    E, depth, heads, taps = OFFICIAL_BACKBONES[backbone]
+    if backbone == "dinov2_vits14":  # the real build
+        lila = model.build_lila(backbone, weights="none", preset="tiny", seed=0)
+        assert lila.taps == taps and len(lila.encoder.blocks) == depth
+    else:  # ViT-L's 24 blocks and taps at CPU-test width (its 300 M values take 30 s to draw)
+        torch.manual_seed(0)
+        vit = model.ViT(32, model.BACKBONES[backbone].depth, 2)
+        heads = 2
+        lila = model.LILA(vit, model.DPTDecoder(32, **TINY_DEC), model.BACKBONES[backbone].taps)
+        assert lila.taps == taps and len(lila.encoder.blocks) == depth
+    with torch.no_grad():
+        for name, p in lila.encoder.named_parameters():
+            if name.endswith("gamma"):
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    img = torch.rand(1, 3, 28, 42, generator=torch.Generator().manual_seed(0))
+    x = (img - lila.mean) / lila.std
+    got = lila.encode(img)
+    near = sorted({t + s for t in taps for s in (-1, 1)} - set(taps))
+    near = [i for i in near if 0 <= i < depth]
+    sd = lila.encoder.state_dict()
+    ref = slow_dinov2_layers(sd, x, list(taps) + near, heads=heads)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        torch.testing.assert_close(g.double(), r, atol=2e-4, rtol=1e-4)
+        for j, other in zip(near, ref[len(taps):]):
+            if abs(j - taps[i]) == 1:  # a neighbouring block is clearly another grid
+                assert (g.double() - other).abs().max() > 0.01, (taps[i], j)
+    # The final norm is applied: without it the grids differ.
+    raw = lila.encoder.blocks[0](lila.encoder.prepare_tokens(x))
+    for blk in lila.encoder.blocks[1:taps[0] + 1]:
+        raw = blk(raw)
+    assert (raw[:, 1:].transpose(1, 2).reshape_as(got[0]) - got[0]).abs().max() > 0.05
