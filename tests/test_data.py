@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q tests/test_data.py
 """
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,66 @@ def test_crop_grid_reads_the_box_of_any_resolution_and_mirrors_flipped_views():
         assert 0.3 - 0.02 <= area_q <= 1 and abs(s["box_c"][2] ** 2 / hi ** 2 - 0.8) < 0.02
     whole = data.PairSampler(size=size, hi=hi, crop=False).sample(torch.Generator().manual_seed(1))
     assert whole["box_q"] == whole["box_c"] == (0, 0, hi)
+
+
+def test_defaults_are_the_official_training_recipe(tmp_path):
+    """Official lila/configs/train_ytvos.yaml (T: 5, crop_range [0.3, 1.0], aspect_range [1, 1],
+    mask_ratio 0.8) and lila/dataload.py (Resize(480) + CenterCrop(480) base frame, one
+    RandomHorizontalFlip(p=0.5) of both frames, the query's own flip when rand > 0.5, 224 px
+    views, base frames resized to 224): every default, drawn, not passed."""
+    assert data.HI_RES == 480
+    assert data.PairSampler().sample(torch.Generator().manual_seed(0))["grid_q"].shape == (224, 224, 2)
+    sp = data.PairSampler(size=4)                       # small grids: the draws are what is tested
+    g = torch.Generator().manual_seed(0)
+    draws = [sp.sample(g) for _ in range(1500)]
+    side = lambda box: box[2] / 480                     # noqa: E731  boxes of the 480 x 480 frame
+    deltas = np.bincount([s["delta"] for s in draws], minlength=6)
+    assert deltas[0] == 0 and len(deltas) == 6 and (deltas[1:] > 0.15 * 1500).all()   # U{1..5}
+    area_q = np.array([side(s["box_q"]) ** 2 for s in draws])
+    assert 0.3 <= area_q.min() < 0.31 and area_q.max() > 0.98 and area_q.max() <= 1
+    assert abs(area_q.mean() - 0.65) < 0.02             # uniform in area (uniform in side: 0.62)
+    assert all(abs(side(s["box_c"]) ** 2 - 0.8) < 0.01 for s in draws)
+    shared, own = np.array([[s["flip"], s["flip_q"]] for s in draws], float).T
+    assert abs(shared.mean() - 0.5) < 0.06 and abs(own.mean() - 0.5) < 0.06
+    assert abs((shared * own).mean() - 0.25) < 0.05     # independent draws
+    assert all(s["grid_c"][0, 0, 0] < s["grid_c"][0, -1, 0] for s in draws)   # no own flip
+    args = inspect.signature(data.PairDataset).parameters
+    assert {k: args[k].default for k in ("size", "base", "gap", "crop")} == dict(size=224, base=224, gap=5, crop=True)
+    _jpg(tmp_path / "JPEGImages/v/0.jpg", (64, 48))
+    _jpg(tmp_path / "JPEGImages/v/1.jpg", (64, 48))
+    ds = data.PairDataset(data.VideoFolder(tmp_path), with_cues=False)
+    assert ds.sampler.hi == 480 and ds.sampler.gap == 5 and ds[0]["views"].shape == (2, 3, 224, 224)
+
+
+def test_query_and_context_flow_targets_agree_at_corresponding_points_whatever_the_flips():
+    """The flow target of a query pixel (forward flow at its base point p) equals the context's
+    target (negated backward flow) where p lands in frame t+delta: one linear map reads both.
+    Checked for every combination of the shared flip and the query's own flip, with crops."""
+    ds = data.PairDataset.synthetic(2, 6, 5, base=48, size=32)
+    seen, key = set(), 0
+    while len(seen) < 4:
+        it = ds[key]
+        key += 1
+        combo = (bool(it["flip"]), bool(it["flip_q"]))
+        if combo in seen or int(it["delta"]) < 2:
+            continue
+        seen.add(combo)
+        gq, gc = it["grid_q"], it["grid_c"]                                      # (S, S, 2)
+        flow_q = data.warp(it["flow_fwd"][None], gq)[0]                          # (2, S, S)
+        flow_c = data.warp(-it["flow_bwd"][None], gc)[0]
+        for sign in (1, -1):                           # -1: a view's own flip negating flow-x
+            fq = flow_q * torch.tensor([sign if combo[1] else 1, 1.0]).view(2, 1, 1)
+            p2 = gq + fq.permute(1, 2, 0)                                        # (S, S, 2) in frame t+delta
+            lo, hi = gc[0, 0], gc[-1, -1]                                        # the context box's pixel centres
+            at = 2 * ((p2 - lo) / (hi - lo) * (gc.shape[0] - 1) + 0.5) / gc.shape[0] - 1  # context view coords
+            inside = (at.abs() < 1).all(-1)
+            there = F.grid_sample(flow_c[None], at[None], align_corners=False)[0]      # (2, S, S)
+            err = (there - fq).norm(dim=0)[inside] / fq.norm(dim=0)[inside].mean()
+            if sign == 1:
+                assert inside.float().mean() > 0.3 and err.median() < 0.03, (combo, err.median())
+            elif combo[1]:
+                assert err.median() > 0.3, (combo, err.median())             # the test can fail
+    assert key < 200
 
 
 def test_a_view_is_its_box_cut_from_the_sharp_frame_and_matches_its_grid(scene):
