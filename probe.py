@@ -183,7 +183,7 @@ def knn_step(query, ctx, labels, radius=12, topk=5, temperature=0.1, tile=8):
     return out[:, :h, :w]
 
 
-def propagate(feats, first, n_context=7, step=knn_step, **step_kw):
+def propagate(feats, first, n_context=7, step=knn_step, progress=False, **step_kw):
     """feats: one (T, D, h, w) L2-normalised tensor, or a list of them (feature sources, e.g.
     encoder and decoder; any device); first (C, h, w) soft labels of frame 0 -> (T, C, h, w).
     Context of frame t: frame 0 + the n_context latest predictions. With several sources,
@@ -191,7 +191,7 @@ def propagate(feats, first, n_context=7, step=knn_step, **step_kw):
     the sum is frame t's prediction and later frames' context (official _predict_with_knn)."""
     sources = [feats] if torch.is_tensor(feats) else list(feats)
     soft = [first]
-    for t in range(1, sources[0].shape[0]):
+    for t in tqdm(range(1, sources[0].shape[0]), desc="propagate", leave=False, disable=not progress):
         ids = [0] + list(range(max(1, t - n_context), t))
         ctx = torch.stack([soft[i] for i in ids])                      # (K, C, h, w)
         soft.append(sum(step(f[t].to(first.device), f[ids].to(first.device), ctx, **step_kw) for f in sources))
@@ -275,7 +275,7 @@ def to_input(frames, size):
 
 def batches(x, args, desc):
     """Mini-batches of --encode-batch frames on the device, with a progress bar."""
-    for i in tqdm(range(0, x.shape[0], args.encode_batch), desc=desc, leave=False, disable=None):
+    for i in tqdm(range(0, x.shape[0], args.encode_batch), desc=desc, leave=False, disable=not args.progress):
         yield x[i:i + args.encode_batch].to(args.device)
 
 
@@ -325,7 +325,8 @@ def knn_sequence(args, lila, x, first, n_cls):
     onehot = F.one_hot(torch.from_numpy(first), n_cls).permute(2, 0, 1).float()[None]  # (1, C, H, W)
     small = F.interpolate(onehot, (gh, gw), mode="bilinear", align_corners=False)[0]   # (C, gh, gw)
     soft = propagate([torch.cat(v) for v in src.values()], small.to(args.device), n_context=args.context,
-                     radius=args.radius, topk=args.topk, temperature=args.temperature, tile=args.tile)
+                     radius=args.radius, topk=args.topk, temperature=args.temperature, tile=args.tile,
+                     progress=args.progress)
     return [soft_to_labels(s, first.shape, args.norm_mask).cpu().numpy() for s in soft[1:]]
 
 
@@ -335,9 +336,10 @@ def lp_sequence(args, lila, x, first, n_cls):
     torch.manual_seed(args.seed)
     head = dense_probes.LinearHead(enc0.shape[1] if enc0 is not None else 0,
                                    dec0.shape[1] if dec0 is not None else 0, n_cls).to(args.device)
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lp_lr, weight_decay=args.lp_weight_decay)
+    adam = torch.optim.Adam if args.lp_optimizer == "adam" else torch.optim.AdamW  # adam: the trainer's check
+    opt = adam(head.parameters(), lr=args.lp_lr, weight_decay=args.lp_weight_decay)
     y = torch.from_numpy(first)[None].to(args.device)                  # (1, H, W)
-    for _ in range(args.lp_steps):                                     # full batch: frame 0 only
+    for _ in tqdm(range(args.lp_steps), desc="fit", leave=False, disable=not args.progress):  # frame 0 only
         loss = F.cross_entropy(head(enc0, dec0, first.shape), y)
         opt.zero_grad(), loss.backward(), opt.step()
     out = []
@@ -348,33 +350,58 @@ def lp_sequence(args, lila, x, first, n_cls):
     return out
 
 
+def square_view(rgb, masks, side):
+    """The official trainer's validation view (dataload.VideoDataset, SmallestMaxSize +
+    CenterCrop): short side `side` (frames bilinear, masks nearest), the centre side x side."""
+    H, W = rgb.shape[1:3]
+    hw = grid_hw(H, W, side)
+    x = F.interpolate(torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255, hw, mode="bilinear",
+                      align_corners=False)                             # (T, 3, *hw)
+    m = F.interpolate(torch.from_numpy(np.stack(masks))[:, None].float(), hw, mode="nearest")[:, 0]
+    top, left = (hw[0] - side) // 2, (hw[1] - side) // 2
+    return x[..., top:top + side, left:left + side], m[:, top:top + side, left:left + side].long().numpy()
+
+
+def vos_sequence(args, lila, vf, seq, square=None):
+    """One DAVIS sequence -> (frame paths, predicted (H, W) label maps with the first mask first,
+    ground-truth maps or None, palette, mask kind). square: the trainer's square view instead of
+    the short side args.size."""
+    frames = vf.frames(seq)
+    paths = [evaldata.davis_annotation(args.data, seq, fp) for fp in frames]
+    first, kind, pal = read_mask(paths[0])
+    first = np.where(first == VOID, 0, first)                          # (H, W), void -> background
+    rgb = load_frames(frames)                                          # (T, H, W, 3)
+    if rgb.shape[1:3] != first.shape:
+        fail(f"{paths[0]}: mask is {first.shape[1]}x{first.shape[0]} but frame {frames[0]} is {rgb.shape[2]}x{rgb.shape[1]}")
+    complete = all(os.path.isfile(p) for p in paths)                   # DAVIS test sets: first frame only
+    gt = [first] + [read_mask(p, first.shape)[0] for p in paths[1:]] if complete else None
+    if square:
+        x, m = square_view(rgb, gt or [first], square)
+        first, gt = m[0], list(m) if gt else None
+    else:
+        x = to_input(rgb, args.size)                                   # (T, 3, H', W')
+    run = knn_sequence if args.cmd == "vos-knn" else lp_sequence
+    pred = [first] + run(args, lila, x, first, int(first.max()) + 1)
+    return frames, pred, gt, pal, kind
+
+
 def run_vos(args, lila, plan):
     """vos-knn / vos-lp over the DAVIS sequences; writes OUT/<seq>/<frame>.png; J, F, J&F."""
     seqs, vf = plan
     preds, gts, kinds, t_prop, n_frames = {}, {}, set(), 0.0, 0
     skipped = {"two_frames": 0, "no_object": 0, "later_masks_missing": 0}
-    for seq in tqdm(seqs, desc=args.cmd, disable=None):
-        frames = vf.frames(seq)
-        paths = [evaldata.davis_annotation(args.data, seq, fp) for fp in frames]
-        first, kind, pal = read_mask(paths[0])
-        kinds.add(kind)
-        first = np.where(first == VOID, 0, first)                      # (H, W), void -> background
-        rgb = load_frames(frames)                                      # (T, H, W, 3)
-        if rgb.shape[1:3] != first.shape:
-            fail(f"{paths[0]}: mask is {first.shape[1]}x{first.shape[0]} but frame {frames[0]} is {rgb.shape[2]}x{rgb.shape[1]}")
-        complete = all(os.path.isfile(p) for p in paths)               # DAVIS test sets: first frame only
-        gt = [first] + [read_mask(p, first.shape)[0] for p in paths[1:]] if complete else None
-        n_obj = int(first.max())
-        x = to_input(rgb, args.size)                                   # (T, 3, H', W')
+    bar = tqdm(seqs, desc=args.cmd, unit="seq", disable=not args.progress)   # on stderr, also without a tty
+    for seq in bar:
+        bar.set_postfix_str(seq)
         t0 = time.time()
-        run = knn_sequence if args.cmd == "vos-knn" else lp_sequence
-        pred = [first] + run(args, lila, x, first, n_obj + 1)
+        frames, pred, gt, pal, kind = vos_sequence(args, lila, vf, seq)
         t_prop += time.time() - t0
         n_frames += len(frames) - 1
+        kinds.add(kind)
         for fp, p in zip(frames, pred):
             write_indexed(os.path.join(args.out, seq, Path(fp).stem + ".png"), p, pal)
-        why = ("later_masks_missing" if not complete else "two_frames" if len(frames) < 3
-               else "no_object" if n_obj == 0 else None)
+        why = ("later_masks_missing" if gt is None else "two_frames" if len(frames) < 3
+               else "no_object" if pred[0].max() == 0 else None)
         if why:
             skipped[why] += 1
             print(f"{seq}: not scored ({why.replace('_', ' ')}; J&F scores frames 1..T-2 of the first mask's objects)")
@@ -387,6 +414,47 @@ def run_vos(args, lila, plan):
                    masks="binary (DAVIS-2016)" if "binary" in kinds else "indexed (DAVIS-2017)",
                    skipped=skipped, frames_per_s=n_frames / max(t_prop, 1e-9))
     return metrics
+
+
+# The 6 DAVIS-2017 val sequences the official trainer scores every epoch (configs/train_ytvos.yaml eval_vos)
+TRAIN_VAL_SEQUENCES = ("bike-packing", "india", "dog", "motocross-jump", "shooting", "horsejump-high")
+
+
+def davis_val(lila, root, videos=6, kind="lp", size=None, device="cpu", progress=False, **flags):
+    """DAVIS-2017 val J&F of a decoder-only probe, for validation during training, through the
+    code of `probe.py vos-lp | vos-knn`. kind "lp" is the official trainer's check (train_lila.py
+    EvalVOS): a 1x1 probe on the decoder fitted on frame 0 by 2000 full-batch Adam steps (lr 3e-4,
+    L2 1e-4), on 224 x 224 centre views (size=None: 224) of the 6 sequences of
+    TRAIN_VAL_SEQUENCES when the root has them (else the first `videos` of its val list); "knn"
+    propagates with vos-knn's defaults on the same views. flags: any other probe.py setting
+    (e.g. lp_steps=20). -> dict(jf, j, f, sequences=[scored names])."""
+    cmd = {"lp": "vos-lp", "knn": "vos-knn"}.get(kind) or fail(f"davis_val: kind {kind!r}: lp | knn")
+    args = parse_args([cmd, "--data", str(root), "--device", str(device), "--features", "decoder"])
+    args.progress, args.size = progress, size or 224
+    if kind == "lp":
+        args.lp_optimizer, args.lp_lr = "adam", 3e-4                  # EvalVOS.fit: Adam(lr 3e-4, wd 1e-4)
+    for k, v in flags.items():
+        if not hasattr(args, k):
+            fail(f"davis_val: unknown setting {k}")
+        setattr(args, k, v)
+    seqs, vf = prepare_vos(args)
+    official = [s for s in TRAIN_VAL_SEQUENCES if s in seqs]
+    pick = (official if len(official) == len(TRAIN_VAL_SEQUENCES) else seqs)[:videos]
+    was = lila.training
+    lila.eval()
+    try:
+        preds, gts = {}, {}
+        for seq in tqdm(pick, desc=f"val {kind}", leave=False, disable=not progress):
+            frames, pred, gt, _, _ = vos_sequence(args, lila, vf, seq, square=args.size)
+            if gt is not None and len(frames) >= 3 and pred[0].max() > 0:
+                preds[seq], gts[seq] = pred, gt
+    finally:
+        lila.train(was)
+    if not gts:
+        fail(f"davis_val: --val {root}: none of {pick} can be scored (each needs >= 3 frames, every mask, "
+             "and an object in its first mask)")
+    m = davis_jf(preds, gts)
+    return dict(jf=m["JF"], j=m["J"], f=m["F"], sequences=sorted(gts))
 
 
 # --- PCA pictures ---
@@ -557,6 +625,7 @@ def parse_args(argv=None):
         p.error(f"--unseen {a.unseen}: expected comma-separated class ids, e.g. 20,24,32")
     # resolved defaults (the official protocol's, per command)
     a.features = a.features or ("full" if a.ckpt != "none" else "encoder")
+    a.progress, a.lp_optimizer = True, "adamw"     # davis_val: quiet; the official trainer's Adam
     size_given = a.size is not None
     a.size = a.size or DEFAULT_SIZE[a.cmd]
     if a.cmd in HEADS:

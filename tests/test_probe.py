@@ -359,6 +359,65 @@ def test_davis2016_binary_masks_are_one_object_per_sequence(synth, tmp_path):
     assert 0 <= m["JF"] <= 1
 
 
+# --- davis_val: validation during training, through the vos-lp / vos-knn code ---
+
+@pytest.fixture(scope="module")
+def tiny_lila():
+    import model
+    return model.build_lila(backbone="dinov2_vits14", weights="none", preset="tiny", seed=0)
+
+
+def test_davis_val_knn_is_the_vos_knn_number_on_the_same_sequences(synth, tiny_lila, tmp_path):
+    m, _, _ = run("vos-knn", "--data", synth, *NONE, "--features", "decoder", "--grid", "28", "--out", tmp_path)
+    tiny_lila.train()
+    v = probe.davis_val(tiny_lila, synth, videos=3, kind="knn", size=112, grid=28)
+    assert v["sequences"] == ["synth0000", "synth0001", "synth0002"] and tiny_lila.training   # mode restored
+    assert (v["jf"], v["j"], v["f"]) == (m["JF"], m["J"], m["F"])   # square 112 views = the CLI's 112 frames
+    assert probe.davis_val(tiny_lila, synth, videos=2, kind="knn", size=112, grid=28)["sequences"] == \
+        ["synth0000", "synth0001"]
+
+
+def test_davis_val_lp_is_the_official_trainers_check(synth, tiny_lila, monkeypatch):
+    seen = {}
+    real = probe.lp_sequence
+
+    def spy(args, lila, x, first, n_cls):
+        seen.update(shape=tuple(x.shape[-2:]), opt=args.lp_optimizer, lr=args.lp_lr, wd=args.lp_weight_decay,
+                    steps=args.lp_steps, features=args.features)
+        return real(args, lila, x, first, n_cls)
+    monkeypatch.setattr(probe, "lp_sequence", spy)
+    v = probe.davis_val(tiny_lila, synth, videos=1, kind="lp", lp_steps=5)
+    assert v["sequences"] == ["synth0000"] and 0 <= v["jf"] <= 1
+    # train_lila.py EvalVOS: decoder only, Adam lr 3e-4 wd 1e-4, on 224 x 224 views (VideoDataset tf_A)
+    assert seen == dict(shape=(224, 224), opt="adam", lr=3e-4, wd=1e-4, steps=5, features="decoder")
+    assert probe.parse_args(["vos-lp", "--data", str(synth)]).lp_steps == 2000
+    with pytest.raises(ValueError, match="unknown setting"):
+        probe.davis_val(tiny_lila, synth, kind="lp", lp_stpes=5)
+
+
+def test_davis_val_picks_the_official_six_sequences_when_the_root_has_them(tmp_path, tiny_lila):
+    import data
+    root = tmp_path / "davis"
+    names = data.write_synthetic(root, videos=7, frames=3, size=56, seed=0)
+    order = ["aaa"] + list(probe.TRAIN_VAL_SEQUENCES)
+    for sub in ("JPEGImages/480p", "Annotations/480p"):
+        for old, new in zip(names, order):
+            os.rename(root / sub / old, root / sub / new)
+    (root / "ImageSets/2017/val.txt").write_text("\n".join(order) + "\n")
+    v = probe.davis_val(tiny_lila, root, videos=2, kind="knn", size=56, grid=8)
+    assert v["sequences"] == sorted(probe.TRAIN_VAL_SEQUENCES[:2])       # not "aaa", the first of val.txt
+
+
+def test_square_view_is_the_official_short_side_resize_and_centre_crop():
+    rgb = np.zeros((2, 48, 96, 3), np.uint8)
+    rgb[:, :, 40:56] = 255                                    # a bright band in the middle
+    masks = [np.zeros((48, 96), np.int64)] * 2
+    masks[0][:, 40:56] = 1
+    x, m = probe.square_view(rgb, masks, 24)                  # 48x96 -> 24x48 -> centre 24x24 (cols 12..35)
+    assert x.shape == (2, 3, 24, 24) and m.shape == (2, 24, 24)
+    assert m[0, 0].tolist() == [0] * 8 + [1] * 8 + [0] * 8 and x[0, 0, 0, 12] > 0.9 > x[0, 0, 0, 3]
+
+
 # --- bad input: one clear line, or a counted skip ---
 
 def copy_davis(synth, root):
