@@ -218,28 +218,6 @@ DILATIONS, SIGMA, ITERS_224 = (1, 3, 5), 0.05, 5
 PATCH_GRID = 16                         # 224 / 14: the ViT-S/14 grid the SD cue starts from
 
 
-def gather_pamr(image, mask, dilations, iters, sigma, eps=1e-5):
-    """The reference: stack all P shifted copies of the mask, (B, C, P, H, W), multiply by the
-    affinities and sum, every iteration (the formulation of the official code)."""
-    B, K, H, W = image.shape
-    pad = max(dilations)
-    win = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    ring = [o for o in win if o != (0, 0)]
-
-    def stack(t, offsets):               # (B, X, H, W) -> (B, X, len(offsets), H, W)
-        tp = F.pad(t, [pad] * 4, mode="replicate")
-        return torch.stack([tp[..., pad + dy:pad + dy + H, pad + dx:pad + dx + W]
-                            for dy, dx in offsets], dim=2)
-
-    mask = F.interpolate(mask, size=(H, W), mode="bilinear", align_corners=True)
-    std = stack(image, win).std(dim=2, keepdim=True)                        # (B, K, 1, H, W)
-    logit = -(image.unsqueeze(2) - stack(image, ring)).abs() / (eps + sigma * std)
-    aff = logit.mean(dim=1, keepdim=True).softmax(dim=2)                    # (B, 1, P, H, W)
-    for _ in range(iters):
-        mask = (stack(mask, ring) * aff).sum(dim=2)                         # (B, C, H, W)
-    return mask
-
-
 def pamr_inputs(batch, channels, size, seed=0):
     """A smooth random guide (B, 3, S, S) and an SD-like mask (B, C, 16, 16)."""
     g = torch.Generator().manual_seed(seed)
@@ -253,7 +231,7 @@ def pamr_inputs(batch, channels, size, seed=0):
 def pamr_worker(variant, batch, channels, size):
     image, mask = pamr_inputs(int(batch), int(channels), int(size))
     return {"lean": lambda: pamr.pamr(image, mask, DILATIONS, ITERS_224, SIGMA),
-            "gather": lambda: gather_pamr(image, mask, DILATIONS, ITERS_224, SIGMA),
+            "gather": lambda: pamr.pamr_reference(image, mask, DILATIONS, ITERS_224, SIGMA),
             "cascade": lambda: pamr.pamr_cascade(image, mask, dilations=DILATIONS, sigma=SIGMA)}[variant]
 
 

@@ -1,11 +1,11 @@
-"""Tests of pamr.py: parity with a slow float64 stack-everything PAMR and cascade, invariants.
+"""Tests of pamr.py: the fast `pamr` against the definition `pamr_reference` (float64), the
+definition against a per-pixel loop, the cascade against the official `refine`, invariants.
 
-The reference below follows the official PAMR (official lila/lila/pamr.py, after Araslanov &
-Roth 2020, visinf/1-stage-wseg models/mods/pamr.py) literally: it resizes the guide and the
-mask bilinearly with align_corners=True, stacks every shifted copy, takes torch's unbiased
-std over the 9 * |dilations| window values, divides by (1e-5 + sigma * std) and softmaxes
-over the 8 * |dilations| neighbours. The reference cascade chains it over LILA's fixed
-stages (official lila/lila/dpt_lila.py, TrainLILA: 56^2 x 20, 112^2 x 10, native x 5).
+The definition (pamr.pamr_reference) follows the official PAMR (lila/lila/pamr.py, after
+Araslanov & Roth 2020) literally: bilinear resizing with align_corners=True, every shifted copy
+stacked, torch's unbiased std over the 9 |dilations| window values, 1e-5 + sigma * std, softmax
+over the 8 |dilations| neighbours. The reference cascade chains it over LILA's fixed stages
+(official lila/lila/dpt_lila.py, TrainLILA: 56^2 x 20, 112^2 x 10, native x 5).
 Run: python -m pytest -q tests/test_pamr.py
 """
 import pytest
@@ -17,29 +17,56 @@ import pamr
 
 
 def reference_pamr(image, mask, dilations, iters, sigma, eps=1e-5, size=None):
-    """Slow, obvious PAMR in float64: stack all shifted copies (B, X, n, H, W).
-    size: the official module's `resize` (None: the guide's own size). The guide and the mask
-    are resized in their own dtype (float32 for a float32 input, as the official code), as
-    float32 rounding of a resized guide moves the affinities by up to ~1e-4 (they divide by
-    sigma * std), far more than the float32 rounding of the PAMR arithmetic itself."""
+    """The definition in float64, after resizing in the inputs' own dtype (float32 for a float32
+    input, as the official code): float32 rounding of a resized guide moves the affinities by
+    up to ~1e-4 (they divide by sigma * std), far more than the PAMR arithmetic's own."""
     size = tuple(image.shape[-2:]) if size is None else size
     x = F.interpolate(image, size=size, mode="bilinear", align_corners=True).double()
-    B, K, H, W = x.shape
-    m = F.interpolate(mask, size=(H, W), mode="bilinear", align_corners=True).double()
-    window = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    ring = [o for o in window if o != (0, 0)]
+    m = F.interpolate(mask, size=size, mode="bilinear", align_corners=True).double()
+    return pamr.pamr_reference(x, m, dilations, iters, sigma, eps)
 
-    def stack(t, offsets):
-        p = max(dilations)
-        tp = F.pad(t, [p] * 4, mode="replicate")
-        return torch.stack([tp[..., p + dy:p + dy + H, p + dx:p + dx + W] for dy, dx in offsets], 2)
 
-    std = stack(x, window).std(dim=2, keepdim=True)                        # (B, K, 1, H, W)
-    logit = -(x.unsqueeze(2) - stack(x, ring)).abs() / (eps + sigma * std)  # (B, K, P, H, W)
-    aff = logit.mean(dim=1).softmax(dim=1).unsqueeze(1)                     # (B, 1, P, H, W)
+def loop_pamr(image, mask, dilations, iters, sigma, eps=1e-5):
+    """One pixel at a time, python floats: the definition read off the module docstring."""
+    B, K, H, W = image.shape
+    at = lambda t, b, k, y, x: float(t[b, k, min(max(y, 0), H - 1), min(max(x, 0), W - 1)])  # noqa: E731
+    win = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    ring = [o for o in win if o != (0, 0)]
+    aff = {}
+    for b in range(B):
+        for y in range(H):
+            for x in range(W):
+                logit = [0.0] * len(ring)
+                for k in range(K):
+                    vals = [at(image, b, k, y + dy, x + dx) for dy, dx in win]
+                    mu = sum(vals) / len(vals)
+                    std = (sum((v - mu) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+                    for j, (dy, dx) in enumerate(ring):
+                        d = abs(at(image, b, k, y, x) - at(image, b, k, y + dy, x + dx))
+                        logit[j] -= d / (eps + sigma * std) / K
+                top = max(logit)
+                e = [2.718281828459045 ** (v - top) for v in logit]
+                aff[b, y, x] = [v / sum(e) for v in e]
+    m = mask.double().clone()
     for _ in range(iters):
-        m = (stack(m, ring) * aff).sum(dim=2)                               # (B, C, H, W)
+        new = torch.zeros_like(m)
+        for b in range(B):
+            for c in range(m.shape[1]):
+                for y in range(H):
+                    for x in range(W):
+                        new[b, c, y, x] = sum(a * at(m, b, c, y + dy, x + dx)
+                                              for a, (dy, dx) in zip(aff[b, y, x], ring))
+        m = new
     return m
+
+
+def test_the_definition_equals_a_per_pixel_loop():
+    image = _rand(1, 2, 6, 7, seed=31).double()
+    mask = _rand(1, 2, 6, 7, seed=32).double()
+    for dil, iters, sigma in (((1, 3), 2, 0.05), ((1,), 1, 0.3)):
+        ref = loop_pamr(image, mask, dil, iters, sigma)
+        assert (pamr.pamr_reference(image, mask, dil, iters, sigma) - ref).abs().max() < 1e-12
+    assert (pamr.pamr_reference(image, mask, (1,), 1, 0.5) - ref).abs().max() > 1e-4   # sigma
 
 
 def reference_cascade(image, mask, stages, dilations=(1, 3, 5), sigma=0.05):
