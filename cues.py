@@ -1,67 +1,32 @@
-"""Cues: RAFT flow, MiDaS depth, flow confidence, the self-distillation cue, the cue cache.
+"""The cues LILA's linear in-context learner reads (paper section 3): flow, depth, SD.
 
-What: the noisy per-pixel targets LILA's linear in-context learner reads (paper section 3).
-Flow and depth are computed on the base frames (224^2), never on the crops:
-- `FlowCue`: optical flow with RAFT (torchvision's `raft_small` / `raft_large` through
-  torch.hub), both directions t->t' and t'->t in one batched call, in normalised units.
-- `DepthCue`: relative inverse depth with MiDaS (torch.hub `intel-isl/MiDaS`), with the
-  official per-variant preprocessing done in torch on batched tensors.
-- `disparity_to_depth`: per-image robust normalisation, bounded log-compressed depth and a
-  validity mask for very far pixels (sky). One conversion for every depth source.
+Flow and depth are computed on the base frames (224^2), never on the crops, then warped into
+each view (data.py). Method first:
 - `flow_confidence`: forward-backward consistency, 1 where exp(-e / tau) > 0.5.
-- `sd_cue`: the self-distillation cue, random encoder channels (one subset per pair, shared
-  by its two views) upsampled by the PAMR cascade of pamr.py.
-- `write_cue_cache` / the CLI: precompute ROOT/Cues/<video>/<frame>.npz (`disparity`,
-  `flow_next`, `flow_prev`, see write_cue_cache) so that training needs no cue network.
-  Atomic (tmp + os.replace) and resumable.
-Both cue networks always run in float32, also when called inside an autocast region (RAFT
-keeps its correlation volume in float32 by design, and a bf16 network would move the flow), so
-cues computed during training equal the cached ones (the cache CLI runs in float32).
+- `disparity_to_depth`: relative inverse depth -> bounded log depth + a far-pixel mask.
+- `sd_cue`: the self-distillation cue: random encoder channels (one subset per pair, shared by
+  its two views) upsampled to pixels by PAMR (pamr.py), L2-normalised per pixel.
+Below the plumbing line: `FlowCue` (RAFT) and `DepthCue` (MiDaS) through torch.hub, and the
+cue cache ROOT/Cues/<video>/<frame>.npz (`write_cue_cache`, the CLI) so that training needs no
+cue network. Both networks always run in float32, also inside an autocast region, so cues
+computed during training equal the cached ones.
 
-Shape legend: B batch, H x W image/map, h x w encoder patch grid, E encoder width,
-C selected SD channels. Flow (B, 2, H, W): channel 0 = x (u), 1 = y (v), in normalised
-units u * 2 / W, v * 2 / H (grid_sample, align_corners=False); the cache stores pixels.
+Why the cues are normalised differently: flow and depth are scalar fields of arbitrary scale
+(motion grows with the frame gap, MiDaS' depth unit is per image); train.py z-scores each with
+one scalar over the batch, shared by both views, which puts every cue at unit std (so lam,
+sigma and the L1 weigh them alike) without changing any shape within a view. An SD cue is a
+direction in the encoder's feature space (features are compared by cosine, and their norms
+vary a lot between tokens): each pixel's 32-vector is scaled to unit length (as the official
+RFFEncoder), every pixel weighs the same and each channel stays within [-1, 1].
 
-Loading the networks (the same code a GPU user runs): source="github" downloads the hub
-repo and the weights into TORCH_HOME (~/.cache/torch); source="local" with hub_dir = a
-local clone of the repo (weights still come from TORCH_HOME/hub/checkpoints); net = an
-injected nn.Module with the same call signature (how the tests drive the real pre- and
-post-processing). torchvision (RAFT) and timm (MiDaS) are optional dependencies, checked up
-front with a message saying how to install them.
-
-Deviations from the official code (google-research lila/; read, nothing copied):
-- Cue networks: the official code uses SEA-RAFT (lila/lila/dpt_lila.py SeaFlow, checkpoint
-  Tartan-C-T-TSKH432x960-M, 4 iterations) and Depth-Anything-V2 ViT-L (load_depth_model).
-  Here torchvision RAFT and MiDaS through torch.hub: pip-installable, loadable offline from
-  TORCH_HOME, and any other source can write the cue cache instead.
-- Depth conversion. Official DepthCore (dpt_lila.py; constants configs/train_ytvos.yaml
-  `depthcore`: scale 1.0, scale_disp 0.01, eps 0.1, depth_tol 0.9), on the raw DA-V2
-  disparity, no per-image normalisation:
-      depth = log(1 + scale / (scale_disp * disp + eps)) / log(1 + scale / eps)   in (0, 1]
-      valid = depth < depth_tol                  (= disp > ~3.06 in DA-V2 units)
-  Its constants are tied to DA-V2's output units. MiDaS' scale differs per variant and per
-  image, so `disparity_to_depth` first divides by a per-image quantile (see its docstring).
-- Flow confidence: the same test as official func_utils.py compute_confidence (see
-  `forward_backward_error`; tau = conf_temp 0.05). The official code returns three channels
-  [flow, flow, depth-valid] per frame; here the flow channel alone (depth validity comes from
-  `disparity_to_depth`). The official code turns both flow components into pixels with the
-  height (x * H / 2 too); equal on its square base frames, ours uses W for x.
-- MiDaS preprocessing follows intel-isl/MiDaS hubconf.py `transforms()`:
-  MiDaS_small/MiDaS resize to 256/384 "upper_bound", ImageNet mean/std; DPT_* resize to 384
-  "minimal", mean = std = 0.5; keep aspect ratio, sides multiples of 32 (Resize.get_size in
-  midas/transforms.py). They resize with cv2 INTER_CUBIC on one numpy image; here torch
-  bicubic on the batch (same kernel, a = -0.75). The output is resized back bilinearly
-  (their sample code uses bicubic).
-- RAFT: inputs to [-1, 1] as torchvision's OpticalFlow preset (normalise mean = std = 0.5),
-  replicate-padded symmetrically to multiples of 8 (RAFT's InputPadder pads the same way).
-- The cache holds size x size maps of the base frame exactly as data.py's PairDataset builds
-  it (short side 480, centre square crop, resize to --size; `base_frame`), so the square
-  maps are base-aligned. A video with an unreadable frame is logged, counted and skipped.
-
-Run: python cues.py --data ytvos/   (tests: python -m pytest -q tests/test_cues.py)
-What the user can cause (a missing, empty or wrongly laid-out folder, a Cues/ that cannot be
-written, a full disk, a network that cannot be loaded offline) ends as one line
-"cues.py: error: ..." with exit status 2; anything else is a bug and keeps its traceback.
+Shapes: B batch, H x W image/map, h x w encoder patch grid, E encoder width, C selected SD
+channels. Flow (B, 2, H, W): channel 0 = x (u), 1 = y (v), in normalised units u * 2 / W,
+v * 2 / H (grid_sample, align_corners=False); the cache stores pixels.
+Deviations from the official code (SEA-RAFT and Depth-Anything-V2 there): README, "Differences".
+Run: python cues.py --data ytvos/ [--shard i/n]   (tests: python -m pytest -q tests/test_cues.py)
+What the user can cause (a missing or wrongly laid-out folder, a Cues/ that cannot be written,
+a full disk, a network that cannot be loaded) ends as "cues.py: error: ..." (the whole
+message, status 2); anything else is a bug and keeps its traceback.
 """
 import argparse
 import errno
@@ -69,7 +34,6 @@ import importlib
 import math
 import os
 import sys
-from urllib.error import URLError
 
 import numpy as np
 import torch
@@ -80,6 +44,146 @@ from tqdm import tqdm
 # the real reader of every supported layout, and PairDataset's base frames (the cache's frames)
 from data import VideoFolder, base_frame
 from pamr import pamr_cascade
+
+
+# --- method: flow and its confidence ---
+
+def pixels_to_normalised(flow):
+    """(B, 2, H, W) pixel flow -> normalised units (u * 2 / W, v * 2 / H)."""
+    H, W = flow.shape[-2:]
+    scale = flow.new_tensor([2.0 / W, 2.0 / H]).view(1, 2, 1, 1)
+    return flow * scale                                               # (B, 2, H, W)
+
+
+def normalised_to_pixels(flow):
+    """Inverse of `pixels_to_normalised`."""
+    H, W = flow.shape[-2:]
+    scale = flow.new_tensor([W / 2.0, H / 2.0]).view(1, 2, 1, 1)
+    return flow * scale                                               # (B, 2, H, W)
+
+
+def forward_backward_error(flow_fwd, flow_bwd):
+    """e(p) = || f_fwd(p) + f_bwd(p + f_fwd(p)) ||, in normalised units.
+
+    f_bwd is read bilinearly at the landing point p + f_fwd(p), clamped to the image (border
+    padding). Official func_utils.py flow_sample does the same with pixel-index grids and
+    align_corners=True; here pixel centres with align_corners=False: both sample pixel
+    x + u, y + v, clamped to [0, W - 1] x [0, H - 1] (tests/test_cues.py checks both; the
+    official code scales x by H / 2 too, the same on its square frames).
+    flow_fwd, flow_bwd (B, 2, H, W) normalised -> (B, 1, H, W).
+    """
+    B, _, H, W = flow_fwd.shape
+    ys = (torch.arange(H, device=flow_fwd.device, dtype=flow_fwd.dtype) * 2 + 1) / H - 1
+    xs = (torch.arange(W, device=flow_fwd.device, dtype=flow_fwd.dtype) * 2 + 1) / W - 1
+    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)   # (H, W, 2) pixel centres
+    grid = base + flow_fwd.permute(0, 2, 3, 1)                        # (B, H, W, 2)
+    bwd_at = F.grid_sample(flow_bwd, grid, mode="bilinear", padding_mode="border",
+                           align_corners=False)                       # (B, 2, H, W)
+    return (flow_fwd + bwd_at).norm(dim=1, keepdim=True)              # (B, 1, H, W)
+
+
+def flow_confidence(flow_fwd, flow_bwd, tau=0.05):
+    """Forward-backward consistency (paper section 3; official func_utils.py compute_uniconf,
+    tau = conf_temp 0.05 in normalised units, configs/train_ytvos.yaml):
+
+        conf(p) = [exp(-e(p) / tau) > 0.5],   e = forward_backward_error(f_fwd, f_bwd)
+
+    i.e. e < tau ln 2 = 0.035 normalised units = 3.9 px on a 224^2 frame (one unit is W / 2 =
+    112 px): a pixel is trusted where going there and back lands within ~4 px of where it
+    started; occluded pixels and flow errors fail. The flow channels alone (official: three
+    channels [flow, flow, depth-valid]; depth validity comes from `disparity_to_depth`).
+    flow_fwd, flow_bwd (B, 2, H, W) normalised -> (B, 1, H, W) float in {0, 1}.
+    """
+    err = forward_backward_error(flow_fwd, flow_bwd)                  # (B, 1, H, W)
+    return (torch.exp(-err / tau) > 0.5).float()
+
+
+# --- method: depth ---
+
+def disparity_to_depth(disp, q=0.95, far=0.02):
+    """Relative inverse depth (any positive scale) -> bounded log-compressed depth + validity.
+
+        d     = disp / quantile_q(disp[disp > 0])          per image (robust scale, q = 0.95)
+        valid = d > far                                    (far = 0.02: 50x farther than the
+                                                            q-quantile; sky, "infinitely far")
+        depth = log(1 + 1 / max(d, far))                   in [0, log(1 + 1 / far)] ~ [0, 3.93]
+
+    Decreasing in disparity, bounded, invariant to the scale of `disp` (MiDaS units,
+    1/metres, ...). An unknown shift (MiDaS) is not removed. Ours (the official DepthCore's
+    fixed constants assume Depth-Anything-V2's units); the paper says depth is normalised and
+    far pixels are masked.
+    disp (B, 1, H, W) -> (depth (B, 1, H, W), valid (B, 1, H, W) float in {0, 1}).
+    """
+    B = disp.shape[0]
+    x = disp.float().flatten(1)                                        # (B, H*W)
+    pos = torch.where(x > 0, x, torch.full_like(x, float("nan")))
+    scale = torch.nanquantile(pos, q, dim=1).nan_to_num(1.0)          # (B,) (no positive: 1)
+    d = (disp.float() / scale.view(B, 1, 1, 1)).nan_to_num(0.0)       # (B, 1, H, W)
+    valid = (d > far).float()
+    depth = torch.log1p(1.0 / d.clamp(min=far))                       # (B, 1, H, W)
+    return depth, valid
+
+
+# --- method: the self-distillation cue ---
+
+def sd_channels(n_total, n_channels=32, generator=None, batch=None):
+    """A random subset of `n_channels` of `n_total` encoder channels: (n_channels,), or with
+    `batch`, (batch, n_channels), one subset per pair (official dpt_lila.py random_subset
+    draws one per pair, shared by its two views). Row b is the b-th draw of the batch=None
+    call from the same generator."""
+    if n_channels > n_total:
+        raise ValueError(f"cues.py: n_channels={n_channels} > encoder width {n_total}")
+    if batch is None:
+        return torch.randperm(n_total, generator=generator)[:n_channels]        # (C,)
+    return torch.stack([torch.randperm(n_total, generator=generator)[:n_channels]
+                        for _ in range(batch)])                                # (batch, C)
+
+
+def sd_cue(enc_grid, image, n_channels=32, generator=None, channels=None, use_pamr=True):
+    """Self-distillation cue (paper section 3; official TrainLILA.train_forward): C random
+    channels (num_fts = 32) of the encoder's last tapped layer, upsampled from h x w to H x W
+    by the PAMR cascade guided by the view's RGB (or bilinearly: the "no PAMR" ablation),
+    L2-normalised per pixel.
+
+    Why it exists: flow and depth say nothing where the scene is geometrically uniform (two
+    static objects side by side at one depth have the same flow and depth), so geometry alone
+    would let the decoder forget what the frozen encoder knows there. Predicting, per pair, a
+    random subset of the encoder's own channels makes the decoder keep that knowledge,
+    linearly readable and at pixel resolution (hence PAMR: the encoder sees 14 px patches).
+
+    enc_grid (B, E, h, w), image (B, 3, H, W) in [0, 1] -> (B, C, H, W).
+    channels: (C,) one subset for every element, or (B, C) one subset per element (as the
+    official code: pass the pair's row for both of its views, e.g. `ch.repeat(2, 1)` for a
+    [queries; contexts] batch); None: draw (C,) = `sd_channels(E, n_channels, generator)`.
+    """
+    B, E, h, w = enc_grid.shape
+    H, W = image.shape[-2:]
+    if channels is None:
+        channels = sd_channels(E, n_channels, generator)
+    channels = torch.as_tensor(channels, device=enc_grid.device)
+    if channels.dim() == 1:
+        sub = enc_grid[:, channels]                                    # (B, C, h, w)
+    elif channels.dim() == 2 and channels.shape[0] == B:
+        idx = channels[:, :, None, None].expand(-1, -1, h, w)          # (B, C, h, w)
+        sub = torch.gather(enc_grid, 1, idx)                           # (B, C, h, w)
+    else:
+        raise ValueError(f"cues.py: sd_cue channels must be (C,) or (B, C) with B = {B}, "
+                         f"got shape {tuple(channels.shape)}")
+    with torch.autocast(image.device.type, enabled=False):
+        sub = sub.float()
+        if use_pamr:
+            up = pamr_cascade(image.float(), sub)                      # (B, C, H, W)
+        else:
+            up = F.interpolate(sub, size=(H, W), mode="bilinear", align_corners=False)
+        return F.normalize(up, dim=1)                                  # (B, C, H, W) unit norm
+
+
+# --- plumbing: the cue networks (torch.hub) ---
+# source="github" downloads the hub repo and the weights into TORCH_HOME (~/.cache/torch);
+# source="local" with hub_dir = a local clone of the repo (weights still from
+# TORCH_HOME/hub/checkpoints); net = an injected nn.Module with the same call signature (how
+# the tests drive the real pre- and post-processing). torchvision (RAFT) and timm (MiDaS) are
+# optional dependencies, checked up front with a message saying how to install them.
 
 FLOW_NETS = ("raft_small", "raft_large")  # torchvision hubconf.py entry points
 # MiDaS variant -> (target side, resize method, mean, std): intel-isl/MiDaS hubconf.py transforms()
@@ -96,8 +200,6 @@ HUB_REPOS = {"flow": ("pytorch/vision", "vision"), "depth": ("intel-isl/MiDaS", 
 class CueLoadError(RuntimeError):
     """A cue network could not be loaded; the message says how to provide it."""
 
-
-# --- loading from torch.hub (plumbing) ---
 
 def _import_problem(name):
     """None if `import name` works, else the reason (missing, or a broken install such as a
@@ -117,7 +219,10 @@ def _hub_load(kind, name, source, hub_dir, needs, **kwargs):
            f"with internet, copy $TORCH_HOME over and set TORCH_HOME to it;\n"
            f"  - or a local clone: git clone https://github.com/{repo} DIR/{clone} and pass "
            f"--hub-dir DIR (source='local', hub_dir='DIR/{clone}'); the weights still come "
-           f"from TORCH_HOME/hub/checkpoints.")
+           f"from TORCH_HOME/hub/checkpoints;\n"
+           f"  - a weights file there that fails to load (an interrupted download) must be "
+           f"deleted, then run again; an error from inside the hub code itself usually means "
+           f"an installed package (torchvision, timm) the repo was not written for.")
     for module, pip in needs:
         problem = _import_problem(module)
         if problem is not None:
@@ -136,26 +241,10 @@ def _hub_load(kind, name, source, hub_dir, needs, **kwargs):
     try:
         # trust_repo=True: the two repos are fixed here; "check" would prompt on stdin.
         net = torch.hub.load(where, name, source=source, trust_repo=True, **kwargs)
-    except (URLError, OSError, RuntimeError, ImportError) as err:
+    except Exception as err:  # noqa: BLE001 (a third-party hub load fails in many ways)
         raise CueLoadError(f"cues.py: could not load {kind} network '{name}' from {where} "
                            f"({type(err).__name__}: {err}).\nTo provide it:\n{how}") from err
     return net.eval()
-
-
-# --- method: flow ---
-
-def pixels_to_normalised(flow):
-    """(B, 2, H, W) pixel flow -> normalised units (u * 2 / W, v * 2 / H)."""
-    H, W = flow.shape[-2:]
-    scale = flow.new_tensor([2.0 / W, 2.0 / H]).view(1, 2, 1, 1)
-    return flow * scale                                               # (B, 2, H, W)
-
-
-def normalised_to_pixels(flow):
-    """Inverse of `pixels_to_normalised`."""
-    H, W = flow.shape[-2:]
-    scale = flow.new_tensor([W / 2.0, H / 2.0]).view(1, 2, 1, 1)
-    return flow * scale                                               # (B, 2, H, W)
 
 
 def pad_to_multiple(x, multiple):
@@ -174,10 +263,11 @@ def unpad(x, pad):
 
 
 class FlowCue(nn.Module):
-    """RAFT optical flow in both directions, normalised units.
-
+    """RAFT optical flow in both directions, normalised units (official: SEA-RAFT). Inputs
+    to [-1, 1] as torchvision's OpticalFlow preset, replicate-padded symmetrically to
+    multiples of 8 (as RAFT's InputPadder).
     name: "raft_small" (default) or "raft_large" (torchvision hubconf, weights="DEFAULT" =
-    Raft_*_Weights.C_T_V2). source/hub_dir: see the header. net: an injected module called
+    Raft_*_Weights.C_T_V2). source/hub_dir: see above. net: an injected module called
     as net(img1, img2) with images in [-1, 1], sides multiples of `multiple`, returning a
     list of (B, 2, H, W) pixel flows (RAFT's iterates; the last is the finest) or a tensor.
     """
@@ -208,39 +298,6 @@ class FlowCue(nn.Module):
         return flow[:B], flow[B:]
 
 
-def forward_backward_error(flow_fwd, flow_bwd):
-    """e(p) = || f_fwd(p) + f_bwd(p + f_fwd(p)) ||, in normalised units.
-
-    f_bwd is read bilinearly at the landing point p + f_fwd(p), clamped to the image (border
-    padding). Official func_utils.py flow_sample does the same with pixel-index grids and
-    align_corners=True; here pixel centres with align_corners=False: both sample pixel
-    x + u, y + v, clamped to [0, W - 1] x [0, H - 1] (tests/test_cues.py checks both).
-    flow_fwd, flow_bwd (B, 2, H, W) normalised -> (B, 1, H, W).
-    """
-    B, _, H, W = flow_fwd.shape
-    ys = (torch.arange(H, device=flow_fwd.device, dtype=flow_fwd.dtype) * 2 + 1) / H - 1
-    xs = (torch.arange(W, device=flow_fwd.device, dtype=flow_fwd.dtype) * 2 + 1) / W - 1
-    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)   # (H, W, 2) pixel centres
-    grid = base + flow_fwd.permute(0, 2, 3, 1)                        # (B, H, W, 2)
-    bwd_at = F.grid_sample(flow_bwd, grid, mode="bilinear", padding_mode="border",
-                           align_corners=False)                       # (B, 2, H, W)
-    return (flow_fwd + bwd_at).norm(dim=1, keepdim=True)              # (B, 1, H, W)
-
-
-def flow_confidence(flow_fwd, flow_bwd, tau=0.05):
-    """Forward-backward consistency (paper section 3; official func_utils.py compute_uniconf,
-    tau = conf_temp 0.05 in normalised units, configs/train_ytvos.yaml):
-
-        conf(p) = [exp(-e(p) / tau) > 0.5],   e = forward_backward_error(f_fwd, f_bwd)
-
-    flow_fwd, flow_bwd (B, 2, H, W) normalised -> (B, 1, H, W) float in {0, 1}.
-    """
-    err = forward_backward_error(flow_fwd, flow_bwd)                  # (B, 1, H, W)
-    return (torch.exp(-err / tau) > 0.5).float()
-
-
-# --- method: depth ---
-
 def midas_input_size(H, W, side, method, multiple=32):
     """Network input (h, w) for an H x W image: MiDaS Resize.get_size with keep_aspect_ratio
     (intel-isl/MiDaS midas/transforms.py): one scale for both sides, then each side rounded
@@ -264,7 +321,9 @@ def midas_input_size(H, W, side, method, multiple=32):
 
 
 class DepthCue(nn.Module):
-    """MiDaS relative inverse depth (larger = nearer; unknown scale and shift per image).
+    """MiDaS relative inverse depth (larger = nearer; unknown scale and shift per image;
+    official: Depth-Anything-V2). Preprocessing as intel-isl/MiDaS hubconf.py transforms(),
+    in torch bicubic on the batch (theirs: cv2 INTER_CUBIC, the same kernel, one image).
 
     name in MIDAS_PREPROCESS ("MiDaS_small" default, "DPT_Hybrid", "DPT_Large", "MiDaS").
     net: an injected module called on the preprocessed (B, 3, h, w) batch, returning
@@ -303,79 +362,7 @@ class DepthCue(nn.Module):
             return F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
 
 
-def disparity_to_depth(disp, q=0.95, far=0.02):
-    """Relative inverse depth (any positive scale) -> bounded log-compressed depth + validity.
-
-        d     = disp / quantile_q(disp[disp > 0])          per image (robust scale, q = 0.95)
-        valid = d > far                                    (far = 0.02: 50x farther than the
-                                                            q-quantile; sky, "infinitely far")
-        depth = log(1 + 1 / max(d, far))                   in [0, log(1 + 1 / far)] ~ [0, 3.93]
-
-    Decreasing in disparity, bounded, invariant to the scale of `disp` (MiDaS units,
-    1/metres, ...). An unknown shift (MiDaS) is not removed. Our choice: the paper only says
-    depth is normalised and far pixels are masked; the official DepthCore (module header)
-    uses fixed constants tied to Depth-Anything-V2's units instead of the quantile.
-    disp (B, 1, H, W) -> (depth (B, 1, H, W), valid (B, 1, H, W) float in {0, 1}).
-    """
-    B = disp.shape[0]
-    x = disp.float().flatten(1)                                        # (B, H*W)
-    pos = torch.where(x > 0, x, torch.full_like(x, float("nan")))
-    scale = torch.nanquantile(pos, q, dim=1).nan_to_num(1.0)          # (B,) (no positive: 1)
-    d = (disp.float() / scale.view(B, 1, 1, 1)).nan_to_num(0.0)       # (B, 1, H, W)
-    valid = (d > far).float()
-    depth = torch.log1p(1.0 / d.clamp(min=far))                       # (B, 1, H, W)
-    return depth, valid
-
-
-# --- method: self-distillation cue ---
-
-def sd_channels(n_total, n_channels=32, generator=None, batch=None):
-    """A random subset of `n_channels` of `n_total` encoder channels: (n_channels,), or with
-    `batch`, (batch, n_channels), one subset per pair (official dpt_lila.py random_subset
-    draws one per pair, shared by its two views). Row b is the b-th draw of the batch=None
-    call from the same generator."""
-    if n_channels > n_total:
-        raise ValueError(f"cues.py: n_channels={n_channels} > encoder width {n_total}")
-    if batch is None:
-        return torch.randperm(n_total, generator=generator)[:n_channels]        # (C,)
-    return torch.stack([torch.randperm(n_total, generator=generator)[:n_channels]
-                        for _ in range(batch)])                                # (batch, C)
-
-
-def sd_cue(enc_grid, image, n_channels=32, generator=None, channels=None, use_pamr=True):
-    """Self-distillation cue (paper section 3; official TrainLILA.train_forward): C random
-    channels (num_fts = 32) of the encoder's last tapped layer, upsampled from h x w to H x W
-    by the PAMR cascade guided by the view's RGB (or bilinearly: the "no PAMR" ablation),
-    L2-normalised per pixel.
-
-    enc_grid (B, E, h, w), image (B, 3, H, W) in [0, 1] -> (B, C, H, W).
-    channels: (C,) one subset for every element, or (B, C) one subset per element (as the
-    official code: pass the pair's row for both of its views, e.g. `ch.repeat(2, 1)` for a
-    [queries; contexts] batch); None: draw (C,) = `sd_channels(E, n_channels, generator)`.
-    """
-    B, E, h, w = enc_grid.shape
-    H, W = image.shape[-2:]
-    if channels is None:
-        channels = sd_channels(E, n_channels, generator)
-    channels = torch.as_tensor(channels, device=enc_grid.device)
-    if channels.dim() == 1:
-        sub = enc_grid[:, channels]                                    # (B, C, h, w)
-    elif channels.dim() == 2 and channels.shape[0] == B:
-        idx = channels[:, :, None, None].expand(-1, -1, h, w)          # (B, C, h, w)
-        sub = torch.gather(enc_grid, 1, idx)                           # (B, C, h, w)
-    else:
-        raise ValueError(f"cues.py: sd_cue channels must be (C,) or (B, C) with B = {B}, "
-                         f"got shape {tuple(channels.shape)}")
-    with torch.autocast(image.device.type, enabled=False):
-        sub = sub.float()
-        if use_pamr:
-            up = pamr_cascade(image.float(), sub)                      # (B, C, H, W)
-        else:
-            up = F.interpolate(sub, size=(H, W), mode="bilinear", align_corners=False)
-        return F.normalize(up, dim=1)                                  # (B, C, H, W) unit norm
-
-
-# --- the cue cache (plumbing) ---
+# --- plumbing: the cue cache ---
 
 class CacheWriteError(RuntimeError):
     """The cue cache cannot be written (no permission, disk full, ...); names the file."""
