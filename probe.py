@@ -217,29 +217,29 @@ def grid_hw(H, W, short):
 # --- plumbing: model and features ---
 
 def read_checkpoint(args):
-    """Model keyword arguments from --ckpt (its config) or from the flags, and the decoder state."""
+    """Model keyword arguments from --ckpt (a train.py or an official LILA checkpoint, read by
+    hubconf.read_lila_checkpoint) or from the flags; the checkpoint's config; the checkpoint."""
     if args.ckpt == "none":
         return dict(backbone=args.backbone, weights=args.weights or "hub", preset=args.preset, seed=args.seed), None, None
-    if not os.path.isfile(args.ckpt):
-        fail(f"--ckpt {args.ckpt}: no such file (use --ckpt none for an untrained decoder)")
+    import hubconf
     try:
-        ck = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        cfg, state = dict(ck["config"]), ck["decoder"]
-        kw = dict(backbone=cfg["backbone"], weights=cfg["weights"], preset=cfg["preset"], seed=cfg["seed"])
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a user error
-        fail(f"--ckpt {args.ckpt}: not a LILA checkpoint ({type(e).__name__}: {e})")
+        ck = hubconf.read_lila_checkpoint(args.ckpt)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        fail(f"--ckpt {args.ckpt}: {str(e).replace('hubconf.py: ', '', 1)} (--ckpt none: an untrained decoder)")
+    kw = dict(ck["build"])
     if args.weights and args.weights != kw["weights"]:
         print(f"note: --weights {args.weights} overrides the checkpoint's {kw['weights']}")
         kw["weights"] = args.weights
-    return kw, cfg, state
+    return kw, ck["config"], ck
 
 
-def build_model(kw, state, device):
+def build_model(kw, ck, device):
+    """LILA on `device`: untrained (ck None) or the checkpoint's, strictly loaded by hubconf."""
+    import hubconf
     import model as lila_model
     try:
-        lila = lila_model.build_lila(**kw)
-        if state is not None:
-            lila.decoder.load_state_dict(state, strict=True)
+        lila = (lila_model.build_lila(**kw) if ck is None else
+                hubconf.load_lila(ck, kw["weights"], kw["preset"], kw["seed"]))
     except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
         fail(f"cannot build the model {kw}: {e}")
     return lila.to(device).eval()

@@ -4,6 +4,7 @@ Offline: the URL test uses the discard port on 127.0.0.1, refused at once.
 Run: python -m pytest -q tests/test_hubconf.py
 """
 import argparse
+import math
 import os
 import pathlib
 import shutil
@@ -11,8 +12,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import hubconf
 import model
 import train
 
@@ -161,7 +164,8 @@ def test_pathlib_path_loads_the_same_model(ckpt):
 def test_url_offline_fails_fast_with_where_to_put_the_file(ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     url = "http://127.0.0.1:9/lila_run.pt"  # the discard port: refused at once, no network
-    cached = os.path.join(str(tmp_path), "hub", "checkpoints", "lila_run.pt")
+    cached = hubconf.cache_path(url)
+    assert cached.startswith(os.path.join(str(tmp_path), "hub", "checkpoints", ""))
     one_line_error(RuntimeError, url, url, cached, "ckpt=")
     assert not os.path.exists(cached)  # no partial file left in the cache
     # With the file placed there by hand, the same URL loads it without any download.
@@ -179,3 +183,251 @@ def test_an_empty_image_to_features_is_one_line(ckpt):
     lila = hub(ckpt)
     with pytest.raises(ValueError, match=r"^model\.py: LILA\.features: the image is empty \(0x0 pixels\)$"):
         lila.features(Image.new("RGB", (0, 0)))
+
+
+# ------------------------------------------------------------------ official checkpoints
+# The official TrainLILA.state_dict() layout (google-research lila/lila/dpt_lila.py: LILA with
+# `pretrained` DINOv2, `latent_head` SmallDPTHead(use_bn=False, use_clstoken=False), `fnorm`
+# nn.LayerNorm(features // 2); TrainLILA adds depth_net, flow and the torch.compile'd PAMRs),
+# key names and shapes written out from the official modules, values random.
+def official_head_shapes(E, F_, widths):
+    s = {}
+    for i, w in enumerate(widths):
+        s[f"projects.{i}.weight"], s[f"projects.{i}.bias"] = (w, E, 1, 1), (w,)
+        s[f"scratch.layer{i + 1}_rn.weight"] = (F_, w, 3, 3)                # bias=False
+    for i, k in ((0, 4), (1, 2), (3, 3)):  # ConvTranspose k=s=4, k=s=2, (2: Identity), Conv 3x3 s2
+        s[f"resize_layers.{i}.weight"], s[f"resize_layers.{i}.bias"] = (widths[i], widths[i], k, k), (widths[i],)
+    for r in range(1, 5):  # refinenet4 builds a resConfUnit1 it never calls: present in the file
+        for unit in ("resConfUnit1", "resConfUnit2"):
+            for c in ("conv1", "conv2"):
+                s[f"scratch.refinenet{r}.{unit}.{c}.weight"] = (F_, F_, 3, 3)
+                s[f"scratch.refinenet{r}.{unit}.{c}.bias"] = (F_,)
+        s[f"scratch.refinenet{r}.out_conv.weight"], s[f"scratch.refinenet{r}.out_conv.bias"] = (F_, F_, 1, 1), (F_,)
+    s["scratch.output_conv1.weight"], s["scratch.output_conv1.bias"] = (F_ // 2, F_, 3, 3), (F_ // 2,)
+    s["scratch.output_conv2.0.weight"], s["scratch.output_conv2.0.bias"] = (F_ // 2, F_ // 2, 3, 3), (F_ // 2,)
+    s["scratch.output_conv2.2.weight"], s["scratch.output_conv2.2.bias"] = (F_ // 2, F_ // 2, 1, 1), (F_ // 2,)
+    return s
+
+
+OFFICIAL_S = (384, 256, (48, 96, 192, 384))  # lila_config['vits']: E, features, out_channels
+NOT_MODEL = {"depth_net.depth_head.scratch.output_conv1.weight": (64, 128, 3, 3),
+             "depth_net.pretrained.cls_token": (1, 1, 1024), "flow.model.cnet.conv1.weight": (64, 3, 7, 7),
+             "pamr.0._orig_mod.aff_x.kernel": (8, 1, 3, 3)}
+
+
+def official_state(seed=0, encoder=None, E=OFFICIAL_S[0]):
+    g = torch.Generator().manual_seed(seed)
+    F_ = OFFICIAL_S[1]
+    sd = {f"latent_head.{k}": torch.randn(s, generator=g) / math.sqrt(math.prod(s[1:]) or 1)
+          for k, s in official_head_shapes(E, F_, OFFICIAL_S[2]).items()}
+    sd["fnorm.weight"], sd["fnorm.bias"] = torch.ones(F_ // 2), torch.zeros(F_ // 2)
+    sd.update({k: torch.randn(s, generator=g) for k, s in NOT_MODEL.items()})
+    for k, v in (encoder or {}).items():
+        sd[f"pretrained.{k}"] = v.clone()
+    return sd
+
+
+def slow_official_features(sd, grids, size, eps=1e-5):
+    """SmallDPTHead.forward + LILA.norm_feats (official lila/lila/dpt_lila.py, util/blocks.py),
+    op for op under the official names, in float64; grids: the four tapped DINOv2 grids."""
+    sd = {k: v.double() for k, v in sd.items()}
+    conv = lambda x, n, **kw: F.conv2d(x, sd[f"latent_head.{n}.weight"], sd.get(f"latent_head.{n}.bias"), **kw)
+
+    def rcu(x, n):  # ResidualConvUnit(bn=False): conv2(relu(conv1(relu(x)))) + x
+        return conv(torch.relu(conv(torch.relu(x), n + ".conv1", padding=1)), n + ".conv2", padding=1) + x
+
+    def fusion(n, xs, size=None):  # FeatureFusionBlock(expand=False, align_corners=True)
+        out = xs[0] + rcu(xs[1], n + ".resConfUnit1") if len(xs) == 2 else xs[0]
+        out = rcu(out, n + ".resConfUnit2")
+        resize = dict(scale_factor=2) if size is None else dict(size=size)
+        return conv(F.interpolate(out, **resize, mode="bilinear", align_corners=True), n + ".out_conv")
+
+    layers = []
+    for i, x in enumerate(grids):
+        x = conv(x.double(), f"projects.{i}")
+        w, b = sd.get(f"latent_head.resize_layers.{i}.weight"), sd.get(f"latent_head.resize_layers.{i}.bias")
+        x = (F.conv_transpose2d(x, w, b, stride=4) if i == 0 else F.conv_transpose2d(x, w, b, stride=2) if i == 1
+             else x if i == 2 else F.conv2d(x, w, b, stride=2, padding=1))
+        layers.append(conv(x, f"scratch.layer{i + 1}_rn", padding=1))
+    path = fusion("scratch.refinenet4", [layers[3]], layers[2].shape[2:])
+    path = fusion("scratch.refinenet3", [path, layers[2]], layers[1].shape[2:])
+    path = fusion("scratch.refinenet2", [path, layers[1]], layers[0].shape[2:])
+    path = fusion("scratch.refinenet1", [path, layers[0]])
+    out = conv(path, "scratch.output_conv1", padding=1)
+    out = F.interpolate(out, size, mode="bilinear", align_corners=True)  # patch grid x 14
+    out = conv(torch.relu(conv(out, "scratch.output_conv2.0", padding=1)), "scratch.output_conv2.2")
+    mu = out.mean(1, keepdim=True)
+    norm = (out - mu) / torch.sqrt(((out - mu) ** 2).mean(1, keepdim=True) + eps)
+    return norm * sd["fnorm.weight"].view(1, -1, 1, 1) + sd["fnorm.bias"].view(1, -1, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("official") / "lila_dino2_s14_ytvos.pt")
+    torch.save(official_state(), path)
+    return path
+
+
+def load_official(path, entry="lila_dinov2_vits14", **kw):
+    return torch.hub.load(REPO, entry, source="local", trust_repo=True, pretrained=True,
+                          checkpoint_path=path, **{"weights": "none", **kw})
+
+
+def assert_official_numbers(lila, sd, atol=1e-4):
+    img = torch.rand(2, 3, 28, 42, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        enc, feats = lila(img)
+        ref = slow_official_features(sd, lila.encode(img), (28, 42))
+    assert feats.shape == (2, 128, 28, 42) and enc.shape == (2, 384, 2, 3)
+    torch.testing.assert_close(feats.double(), ref, atol=atol, rtol=0)
+
+
+def test_official_file_gives_the_official_features_and_reports_what_it_left_out(official, capfd):
+    lila = load_official(official)
+    assert_official_numbers(lila, official_state())
+    err = capfd.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("hubconf.py:")]
+    assert len(line) == 1 and "official dinov2_vits14 decoder loaded" in line[0], err
+    for group in ("depth_net.* (2)", "flow.* (1)", "pamr.* (1)",
+                  "latent_head.scratch.refinenet4.resConfUnit1.* built, never called (4)"):
+        assert group in line[0], (group, line[0])
+    # Our entry and ckpt= read the same file to the same model.
+    ours = hub(official, weights="none")
+    x = torch.rand(1, 3, 28, 28)
+    torch.testing.assert_close(ours(x)[1], lila(x)[1], atol=0, rtol=0)
+
+
+def test_a_single_mis_mapped_decoder_key_changes_the_numbers(official, monkeypatch):
+    """The parity above can fail: swapping the two residual units of one fusion block (same
+    shapes, so no shape check catches it) breaks it."""
+    table = hubconf.official_names()
+    a, b = table["fusion.1.skip_unit"], table["fusion.1.unit"]
+    monkeypatch.setattr(hubconf, "official_names", lambda: {**table, "fusion.1.skip_unit": b,
+                                                            "fusion.1.unit": a})
+    lila = hubconf.load_lila(hubconf.read_lila_checkpoint(official), weights="none")  # patched module
+    with pytest.raises(AssertionError):
+        assert_official_numbers(lila, official_state())
+
+
+def test_half_precision_and_wrapped_official_files_load(tmp_path):
+    half = {k: v.half() for k, v in official_state().items()}
+    for name, obj in (("half.pt", half), ("wrapped.pt", {"state_dict": half, "epoch": 3}),
+                      ("lightning.pt", {"state_dict": {f"model.{k}": v for k, v in half.items()}})):
+        torch.save(obj, tmp_path / name)
+        assert_official_numbers(load_official(str(tmp_path / name)), {k: v.float() for k, v in half.items()})
+    ck = hubconf.read_lila_checkpoint(str(tmp_path / "half.pt"))
+    assert ck["kind"] == "official" and ck["config"]["dtypes"] == ["float16"]
+    assert ck["build"] == dict(backbone="dinov2_vits14", weights="hub", preset="paper", seed=0)
+    assert all(v.dtype == torch.float32 for v in ck["decoder"].values())
+
+
+def official_error(tmp_path, sd, *needles, entry="lila_dinov2_vits14", exc=ValueError, **kw):
+    path = str(tmp_path / "bad_official.pt")
+    torch.save(sd, path)
+    with pytest.raises(exc) as err:
+        load_official(path, entry=entry, **kw)
+    msg = str(err.value)
+    assert msg.startswith("hubconf.py: checkpoint ") and path in msg and "\n" not in msg, msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+    return msg
+
+
+def test_official_missing_or_mis_shaped_decoder_tensor_is_named(tmp_path):
+    key = "latent_head.scratch.refinenet2.resConfUnit2.conv1.weight"
+    sd = official_state()
+    del sd[key]
+    official_error(tmp_path, sd, key, "without the decoder tensor", "fusion.1.unit.conv1.weight")
+    sd = official_state()
+    sd["latent_head.scratch.output_conv1.bias"] = torch.zeros(64)
+    official_error(tmp_path, sd, "latent_head.scratch.output_conv1.bias", "(64,)", "(128,)")
+    sd = official_state()
+    sd["latent_head.scratch.refinenet1.resConfUnit1.bn1.weight"] = torch.ones(256)
+    official_error(tmp_path, sd, "refinenet1.resConfUnit1.bn1.weight", "use_bn")
+
+
+def test_official_file_of_another_backbone_names_the_entry(tmp_path):
+    official_error(tmp_path, official_state(), "vits14 file", "lila_dinov2_vits14", "dinov2_vitb14",
+                   entry="lila_dinov2_vitb14")
+    sd = official_state()
+    sd["latent_head.projects.0.weight"] = torch.zeros(48, 1536, 1, 1)  # ViT-g/14's width
+    official_error(tmp_path, sd, "latent_head.projects.0.weight", "(48, 1536, 1, 1)")
+
+
+def test_official_trained_fnorm_is_refused_naming_fnorm(tmp_path):
+    sd = official_state()
+    sd["fnorm.weight"] = torch.full((128,), 1.5)
+    official_error(tmp_path, sd, "fnorm.weight", "refused rather than dropped")
+    sd = official_state()
+    sd["fnorm.bias"] = torch.full((128,), 0.1)
+    official_error(tmp_path, sd, "fnorm.bias")
+
+
+def test_official_encoder_tensors_must_be_the_encoder_used(tmp_path):
+    """The file's frozen DINOv2 (pretrained.*) is checked against weights= (here the seeded
+    random encoder): equal loads (half precision too), different is refused naming the tensor."""
+    enc = model.load_dinov2("dinov2_vits14", "none", seed=0).state_dict()
+    sd = official_state(encoder=enc)
+    torch.save({k: v.half() for k, v in sd.items()}, tmp_path / "with_encoder.pt")
+    lila = load_official(str(tmp_path / "with_encoder.pt"))
+    ck = hubconf.read_lila_checkpoint(str(tmp_path / "with_encoder.pt"))
+    assert set(ck["encoder"]) == set(enc) - {"pos_embed"} and "pretrained.pos_embed" in ck["note"]
+    assert torch.equal(lila.encoder.blocks[0].attn.qkv.weight, enc["blocks.0.attn.qkv.weight"])
+    sd["pretrained.blocks.3.attn.qkv.weight"] = sd["pretrained.blocks.3.attn.qkv.weight"] + 0.01
+    official_error(tmp_path, sd, "pretrained.blocks.3.attn.qkv.weight", "other encoder weights",
+                   "DINOv2 weights 'none'", "weights=")
+    sd = official_state(encoder={**enc, "register_tokens": torch.zeros(1, 4, 384)})
+    official_error(tmp_path, sd, "pretrained.register_tokens", "register tokens")
+
+
+def test_non_finite_weights_are_refused_naming_file_and_tensor(ckpt, tmp_path):
+    sd = official_state()
+    sd["latent_head.scratch.refinenet3.out_conv.weight"][0, 0] = float("nan")
+    official_error(tmp_path, sd, "non-finite", "latent_head.scratch.refinenet3.out_conv.weight", "1 of the")
+    state = torch.load(ckpt, weights_only=True)
+    key = sorted(state["decoder"])[0]
+    state["decoder"][key] = state["decoder"][key].clone().fill_(float("inf"))
+    torch.save(state, tmp_path / "inf.pt")
+    one_line_error(ValueError, str(tmp_path / "inf.pt"), "inf.pt", "non-finite", f"decoder.{key}")
+
+
+def test_official_arguments_and_their_misuse(tmp_path, monkeypatch):
+    lila = torch.hub.load(REPO, "lila_dinov2_vits14", source="local", trust_repo=True, weights="none")
+    assert lila.decoder.out_dim == 128  # pretrained=False: the untrained paper decoder
+    with pytest.raises(ValueError, match="pretrained=False"):
+        hubconf.lila_dinov2_vits14(checkpoint_path="x.pt", weights="none")
+    with pytest.raises(ValueError, match="not both"):
+        hubconf.lila(pretrained=True, checkpoint_path="a.pt", checkpoint_url="http://b/c.pt")
+    with pytest.raises(ValueError, match="dinov2reg_vitb14"):
+        hubconf.lila(encoder="dinov2reg_vitb14")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network here")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(RuntimeError) as err:  # pretrained=True alone: the released snapshot
+        hubconf.lila_dinov2_vitl14_kts(pretrained=True, weights="none")
+    assert hubconf.RELEASED["dinov2_vitl14_kts"] in str(err.value)
+    assert hubconf.cache_path(hubconf.RELEASED["dinov2_vitl14_kts"]) in str(err.value)
+
+
+def test_two_urls_with_one_file_name_are_two_cache_entries(ckpt, official, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    a, b = "http://127.0.0.1:9/run_a/ckpt.pt", "http://127.0.0.1:9/run_b/ckpt.pt"
+    assert hubconf.cache_path(a) != hubconf.cache_path(b)
+    os.makedirs(os.path.dirname(hubconf.cache_path(a)))
+    shutil.copy(ckpt, hubconf.cache_path(a))
+    shutil.copy(official, hubconf.cache_path(b))
+    assert hubconf.read_lila_checkpoint(a)["kind"] == "lila"
+    assert hubconf.read_lila_checkpoint(b)["kind"] == "official"
+
+
+def test_probe_reads_and_builds_an_official_file(official):
+    import probe
+    args = argparse.Namespace(ckpt=official, weights="none", backbone="dinov2_vitb14", preset="tiny", seed=0)
+    kw, cfg, state = probe.read_checkpoint(args)
+    assert kw == dict(backbone="dinov2_vits14", weights="none", preset="paper", seed=0)
+    assert cfg["source"] == "official"
+    lila = probe.build_model(kw, state, "cpu")
+    assert_official_numbers(lila, official_state())
