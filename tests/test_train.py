@@ -1,5 +1,6 @@
 """train.py end to end: smoke run, exact resume, SIGKILL resume, overfit one batch, torchrun,
 non-finite loss, and the on-the-fly cue path (--cues hub) with stand-in networks."""
+import inspect
 import json
 import os
 import signal
@@ -445,3 +446,82 @@ def test_presets_carry_run_lengths_that_fit_them():
     assert (tiny.steps, tiny.save_every, tiny.size, tiny.batch, tiny.lr) == (200, 25, 112, 8, 1e-3)
     assert (paper.steps, paper.save_every, paper.size, paper.batch, paper.lr) == (100_000, 1000, 224, 32, 1e-4)
     assert train.get_args(["--preset", "tiny", "--steps", "7", "--lr", "2e-4"]).steps == 7  # flags win
+
+
+# -----------------------------------------------------------------------------------------
+# The paper's values, pinned: a default that drifts fails here, not in a month's training.
+
+# Official lila/configs/train_ytvos.yaml (opt, model, train_loader, train_dataset) and
+# lila/train_lila.py (Trainer(max_epochs=50, limit_train_batches=2000): 100k steps, no warm-up).
+PAPER = dict(lr=1e-4, wd=1e-4, batch=32, steps=100_000, warmup=0,   # opt.lr/weight_decay, loader
+             lam=0.1,              # model.ridge
+             gamma=1.0,            # model.w_edge
+             sd_channels=32,       # model.num_fts
+             gap=5,                # train_dataset.T: Δ in 1..5
+             size=224, base=224,   # crop_w_tf: 224² views; base crops resized to 224²
+             backbone="dinov2_vits14", preset="paper")
+ABLATIONS = ("no_pamr", "no_edge", "no_crop", "erm", "no_depth", "no_flow", "no_sd")
+
+
+def test_every_method_default_is_the_papers():
+    paper, tiny = train.get_args([]), train.get_args(["--preset", "tiny"])
+    for k, v in PAPER.items():
+        assert getattr(paper, k) == v, (k, getattr(paper, k), v)
+    for k in ABLATIONS:                                   # the method as published by default
+        assert getattr(paper, k) is False and getattr(tiny, k) is False, k
+    # The tiny preset shrinks the run (views, pairs, steps, lr), never the method.
+    assert (tiny.size, tiny.base, tiny.batch, tiny.steps, tiny.lr) == (112, 112, 8, 200, 1e-3)
+    for k in ("wd", "warmup", "lam", "gamma", "sd_channels", "gap", "backbone"):
+        assert getattr(tiny, k) == PAPER[k], k
+    # The crops train.py asks data.py for: query area in [0.3, 1] with its own flip, context a
+    # fixed 0.8 of the area (YTVOS crop_range [0.3, 1.0], mask_ratio 0.8, aspect [1, 1]).
+    s = train.make_dataset(train.get_args(["--preset", "tiny", "--synthetic-videos", "1"])).sampler
+    assert (s.query_area, s.ctx_area, s.gap, s.crop) == ((0.3, 1.0), 0.8, 5, True)
+    # Z-scoring: (x - mean) / (1e-3 + std), official RFFEncoder.renorm.
+    assert inspect.signature(train.zscore).parameters["eps"].default == 1e-3
+
+
+def test_the_loss_gets_the_papers_constants(monkeypatch):
+    """train.py passes lam, gamma and the edge switch; everything else (sigma, pool, the two
+    confidence cut-offs) is incontext.py's default, which must be the official value."""
+    import incontext
+    seen = {}
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return torch.zeros(()), {"l1_channels": torch.zeros(3)}
+    monkeypatch.setattr(incontext, "incontext_loss", spy)
+    v = dict(feats_q=None, feats_c=None, cue_q=None, cue_c=None, conf_q=None, conf_c=None,
+             names=["flow_x", "flow_y", "depth"])
+    train.lila_loss(v, train.get_args([]))
+    assert seen == dict(lam=0.1, gamma=1.0, edge=True), seen
+    monkeypatch.undo()
+    d = {k: p.default for k, p in inspect.signature(incontext.incontext_loss).parameters.items()}
+    # model.sigma_edge 0.1, lstsq_cutoff 0.5, conf_cutoff 0.0; forward_cross: lowres 32 x 32.
+    assert (d["sigma"], d["pool"], d["lstsq_cutoff"], d["conf_cutoff"]) == (0.1, 32, 0.5, 0.0)
+
+
+def test_zscoring_is_one_affine_map_shared_by_both_views():
+    """The flow (and the depth) cue of the query and of the context are z-scored with ONE mean
+    and std over the batch and both views (official RFFEncoder.seed on the concatenation of
+    both): a map fitted on the context then reads the query. Reference: the raw view-space
+    cues, warped here, and std_mean over both; a per-view normalisation fails."""
+    args = train.get_args(TINY + ["--no-sd", "--synthetic-videos", "3"])
+    ds = train.make_dataset(args)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    import cues
+    import model
+    lila = model.build_lila(args.backbone, "none", "tiny", seed=0)
+    with torch.no_grad():
+        v = train.views_and_cues(batch, lila, args)
+    gq, gc = batch["grid_q"], batch["grid_c"]
+    depth, _ = cues.disparity_to_depth(batch["disparity"].transpose(0, 1).flatten(0, 1))
+    d_t, d_t2 = depth.chunk(2)
+    raw = {"flow": (data.warp(batch["flow_fwd"], gq), data.warp(-batch["flow_bwd"], gc)),
+           "depth": (data.warp(d_t, gq), data.warp(d_t2, gc))}
+    got = {"flow": (v["cue_q"][:, :2], v["cue_c"][:, :2]), "depth": (v["cue_q"][:, 2:3], v["cue_c"][:, 2:3])}
+    for k, (q, c) in raw.items():
+        std, mean = torch.std_mean(torch.cat([q, c]))
+        assert abs(float(q.mean() - c.mean())) > 0.05 * float(std), k   # the views differ: a real test
+        for want, have in zip(((q - mean) / (1e-3 + std), (c - mean) / (1e-3 + std)), got[k]):
+            torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4, msg=k)
