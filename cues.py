@@ -34,6 +34,7 @@ import importlib
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -461,9 +462,34 @@ def _write_video(folder, paths, outs, todo, flow_cue, depth_cue, size, batch, de
         frames = {j: v for j, v in frames.items() if j >= keep}
 
 
+def shard_videos(videos, shard=None):
+    """The videos of shard (i, n): every n-th of the sorted names from the i-th, so the n
+    shards are disjoint and cover all videos (None: all). Several GPUs or machines each write
+    one shard into the same ROOT/Cues; no file is written by two of them."""
+    if shard is None:
+        return list(videos)
+    i, n = shard
+    if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
+        raise ValueError(f"cues.py: a shard is (i, n) with 0 <= i < n, got {shard!r}")
+    return sorted(videos)[i::n]
+
+
+def parse_shard(text, where="--shard"):
+    """'i/n' -> (i, n) with 0 <= i < n, or a cues.py error naming `where`."""
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:                                   # not two integers
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ValueError(f"cues.py: {where} must be i/n with 0 <= i < n (shard i of n; e.g. "
+                         f"0/4, 1/4, 2/4, 3/4), got {text!r}")
+    return i, n
+
+
 def write_cue_cache(root, flow_cue, depth_cue, size=224, batch=8, device="cpu", progress=True,
-                    folder=None):
-    """Write ROOT/Cues/<video>/<frame-stem>.npz for every frame of every video in ROOT.
+                    folder=None, shard=None):
+    """Write ROOT/Cues/<video>/<frame-stem>.npz for every frame of every video in ROOT (of
+    shard (i, n) only: `shard_videos`).
 
     Per file: `disparity` (size x size float16, raw depth-net output), `flow_next` /
     `flow_prev` (size x size x 2 float16, pixels, to the next / previous frame; absent at
@@ -476,7 +502,7 @@ def write_cue_cache(root, flow_cue, depth_cue, size=224, batch=8, device="cpu", 
     folder = open_videos(root) if folder is None else folder
     check_cache_writable(os.path.join(root, "Cues"))
     jobs, stats = [], {"written": 0, "skipped": 0, "failed_videos": 0}
-    for video in folder.videos:
+    for video in shard_videos(folder.videos, shard):
         paths = list(folder.frames(video))
         outs = [os.path.join(root, "Cues", video, os.path.splitext(os.path.basename(p))[0] + ".npz")
                 for p in paths]
@@ -484,7 +510,8 @@ def write_cue_cache(root, flow_cue, depth_cue, size=224, batch=8, device="cpu", 
         stats["skipped"] += len(paths) - len(todo)
         if todo:
             jobs.append((video, paths, outs, todo))
-    bar = tqdm(total=sum(len(j[3]) for j in jobs), desc="cues", unit="frame", disable=not progress)
+    bar = tqdm(total=sum(len(j[3]) for j in jobs), desc="cues" if shard is None else
+               f"cues {shard[0]}/{shard[1]}", unit=" frames", disable=not progress)  # frames/s
     with bar:                      # closed on an error too, so the error message gets its own line
         for video, paths, outs, todo in jobs:
             try:
@@ -520,8 +547,23 @@ def main(argv=None):
                         "pyramid halves that three more times)")
     p.add_argument("--batch", type=int, default=8, help="frames per network call (default 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default cuda if available)")
+                   help="torch device (default cuda if available; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--shard", default=None, metavar="i/n",
+                   help="write only shard i of n (videos i, i+n, ...; 0 <= i < n), one per GPU or "
+                        "machine, into the same ROOT/Cues (default: all; under torchrun RANK/WORLD_SIZE)")
     args = p.parse_args(argv)
+    try:
+        if args.shard is not None:
+            shard = parse_shard(args.shard)
+        elif "WORLD_SIZE" in os.environ:                               # torchrun
+            shard = parse_shard(f"{os.environ.get('RANK', '')}/{os.environ['WORLD_SIZE']}",
+                                "RANK/WORLD_SIZE (torchrun)")
+        else:
+            shard = None
+    except ValueError as err:
+        p.error(str(err)[len("cues.py: "):])
+    if "LOCAL_RANK" in os.environ and args.device == "cuda":
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"              # one GPU per torchrun rank
     if args.size < 64:
         p.error(f"--size must be at least 64 pixels, got {args.size}")
     if args.batch < 1:
@@ -541,11 +583,14 @@ def main(argv=None):
     hub = (lambda clone: os.path.join(args.hub_dir, clone)) if args.hub_dir else (lambda clone: None)
     flow = FlowCue(args.flow, source, hub("vision")).to(device)
     depth = DepthCue(args.depth, source, hub("MiDaS")).to(device)
+    t0 = time.perf_counter()
     stats = write_cue_cache(args.data, flow, depth, size=args.size, batch=args.batch,
-                            device=device, folder=folder)
-    print(f"cues: wrote {stats['written']} files, skipped {stats['skipped']} complete ones, "
-          f"{stats['failed_videos']} videos with unreadable frames, in "
-          f"{os.path.join(args.data, 'Cues')}")
+                            device=device, folder=folder, shard=shard)
+    seconds = time.perf_counter() - t0
+    print(f"cues{'' if shard is None else ' shard %d/%d' % shard}: wrote {stats['written']} files "
+          f"in {seconds:.0f} s ({stats['written'] / max(seconds, 1e-9):.1f} frames/s), skipped "
+          f"{stats['skipped']} complete ones, {stats['failed_videos']} videos with unreadable "
+          f"frames, in {os.path.join(args.data, 'Cues')}")
     return 1 if stats["failed_videos"] else 0
 
 

@@ -632,3 +632,119 @@ def test_default_confidence_threshold_is_3_9_pixels_at_224(err_px, confident):
     b[:, 0] = err_px * 2 / 224                                          # a constant x error
     assert bool(flow_confidence(f, b).all()) is confident
     assert not bool(flow_confidence(f, b, tau=0.01).any())              # the test can fail
+
+
+# --- the cue cache at scale: shards ---------------------------------------------------------
+
+def test_shards_are_disjoint_and_cover_all_videos():
+    videos = [f"v{k:03d}" for k in range(23)][::-1]                     # any order
+    for n in (1, 2, 3, 5, 23, 30):
+        shards = [cues.shard_videos(videos, (i, n)) for i in range(n)]
+        flat = [v for s in shards for v in s]
+        assert sorted(flat) == sorted(videos) and len(flat) == len(set(flat))
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1       # balanced
+    assert cues.shard_videos(videos) == videos
+    for bad in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="cues.py: a shard"):
+            cues.shard_videos(videos, bad)
+
+
+def test_sharded_writers_together_write_exactly_the_unsharded_cache(tmp_path):
+    from data import write_synthetic
+    roots = {}
+    for name in ("whole", "sharded"):
+        roots[name] = str(tmp_path / name)
+        write_synthetic(roots[name], videos=3, frames=3, size=32, seed=1)
+        shutil.rmtree(os.path.join(roots[name], "Cues"), ignore_errors=True)
+    nets = lambda: (FlowCue(net=StandInRAFT()), DepthCue(net=StandInMiDaS()))  # noqa: E731
+    write_cue_cache(roots["whole"], *nets(), size=32, progress=False)
+    seen = set()
+    for i in range(2):
+        before = set(_read_cache(roots["sharded"]))
+        stats = write_cue_cache(roots["sharded"], *nets(), size=32, progress=False, shard=(i, 2))
+        new = set(_read_cache(roots["sharded"])) - before
+        assert stats["written"] == len(new) > 0 and not {os.path.dirname(k) for k in new} & seen
+        seen |= {os.path.dirname(k) for k in new}                       # whole videos, disjoint
+    whole, sharded = _read_cache(roots["whole"]), _read_cache(roots["sharded"])
+    assert set(whole) == set(sharded) and len(whole) == 9
+    for k in whole:
+        for name in whole[k]:
+            np.testing.assert_array_equal(whole[k][name], sharded[k][name])
+    # resumable per shard: a rerun of shard 1 writes nothing
+    assert write_cue_cache(roots["sharded"], *nets(), size=32, progress=False,
+                           shard=(1, 2))["written"] == 0
+
+
+@pytest.mark.parametrize("argv, env", [(["--shard", "2/2"], {}), (["--shard", "a/b"], {}),
+                                       (["--shard", "1/0"], {}), (["--shard=-1/2"], {}),
+                                       (["--shard", "1"], {}), ([], {"RANK": "3", "WORLD_SIZE": "2"})])
+def test_a_bad_shard_is_one_clear_error(tmp_path, capsys, stand_in_hub, monkeypatch, argv, env):
+    root = _synthetic_root(tmp_path, "bad-shard")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as ex:
+        _run_cli(capsys, "--data", root, *argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ex.value.code == 2 and "Traceback" not in "\n".join(err) and stand_in_hub == []
+    assert err[-1].startswith("cues.py: error: ") and "i/n with 0 <= i < n" in err[-1]
+    assert ("RANK/WORLD_SIZE" if env else "--shard") in err[-1]
+
+
+def test_torchrun_ranks_pick_their_shard_and_the_done_line_gives_frames_per_second(
+        tmp_path, capsys, stand_in_hub, monkeypatch):
+    root = _synthetic_root(tmp_path, "ranks")                           # 2 videos, 5 frames each
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    status = cues.cli(["--device", "cpu", "--size", "64", "--batch", "2", "--data", root])
+    out = capsys.readouterr().out
+    videos = sorted(os.listdir(os.path.join(root, "JPEGImages", "480p")))
+    assert status == 0 and sorted(os.listdir(os.path.join(root, "Cues"))) == [videos[1]]
+    assert "cues shard 1/2: wrote 5 files in" in out and "frames/s" in out
+
+
+# --- every user error prints its whole message, and a load failure says what to do -----------
+
+def _hub_raising(err):
+    def load(*args, **kwargs):
+        raise err
+    return load
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("offline", ["TORCH_HOME", "--hub-dir", "name resolution"]),
+    ("corrupt weights", ["PytorchStreamReader", "deleted, then run again"]),
+    ("hub code broken", ["AttributeError", "not written for"]),
+    ("no package", ["pip install torchvision"]),
+    ("local clone missing", ["hubconf.py", "git clone https://github.com/pytorch/vision"]),
+    ("no dataset", ["does not exist"]),
+    ("cues is a file", ["is not a folder"]),
+])
+def test_every_error_path_prints_its_whole_message(tmp_path, capsys, monkeypatch, case, expect):
+    root = _synthetic_root(tmp_path, "err")
+    argv = ["--device", "cpu", "--size", "64", "--data", root]
+    monkeypatch.setattr(cues, "_import_problem", lambda name: None)
+    if case == "offline":
+        monkeypatch.setattr(torch.hub, "load", _hub_raising(URLError("[Errno -3] Temporary failure in name resolution")))
+    elif case == "corrupt weights":
+        monkeypatch.setattr(torch.hub, "load", _hub_raising(RuntimeError(
+            "PytorchStreamReader failed reading zip archive: failed finding central directory")))
+    elif case == "hub code broken":
+        monkeypatch.setattr(torch.hub, "load", _hub_raising(AttributeError("module 'timm' has no attribute 'x'")))
+    elif case == "no package":
+        monkeypatch.setattr(cues, "_import_problem", lambda name: "ModuleNotFoundError: no " + name)
+    elif case == "local clone missing":
+        argv += ["--hub-dir", str(tmp_path / "clones")]
+    elif case == "no dataset":
+        argv[-1] = str(tmp_path / "nope")
+    elif case == "cues is a file":
+        shutil.rmtree(os.path.join(root, "Cues"), ignore_errors=True)
+        open(os.path.join(root, "Cues"), "w").close()
+    with pytest.raises((OSError, ValueError, RuntimeError)) as raised:
+        cues.main(argv)
+    msg = str(raised.value)
+    assert msg.startswith("cues.py: ") and all(e in msg for e in expect), msg
+    capsys.readouterr()
+    assert cues.cli(argv) == 2
+    assert capsys.readouterr().err == "cues.py: error: " + msg[len("cues.py: "):] + "\n"
+    if case in ("offline", "corrupt weights", "hub code broken", "local clone missing"):
+        assert msg.count("\n") >= 3                                    # the how-to lines too
