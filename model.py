@@ -1,47 +1,20 @@
-"""model.py: the frozen DINOv2 encoder and the light DPT pixel decoder of LILA.
+"""model.py: LILA's pixel decoder on a frozen DINOv2 encoder (paper: "Encoder", "Decoder").
 
-What it implements (LILA, arXiv 2604.26488, "Encoder" and "Decoder"; official code
-google-research lila/lila/dpt_lila.py): a frozen DINOv2 ViT-S/B/L/14 is tapped at four blocks;
-a small DPT-style decoder (the official SmallDPTHead) turns the four patch grids into one
-D-dimensional, per-pixel LayerNormed feature per image pixel. Only the decoder trains.
+What the paper adds is the decoder: a light DPT head (the official SmallDPTHead + LILA.fnorm,
+google-research lila/lila/dpt_lila.py) turns four tapped patch grids of a frozen DINOv2
+ViT-S/B/L/14 into one D-dimensional, per-pixel LayerNormed feature for every image pixel.
+Only the decoder trains. Read top to bottom: the decoder, the encoder (DINOv2 as released),
+LILA (the two together), then the plumbing (checks, image inputs, building, DINOv2 weights).
 
 Shape legend: B batch, H x W image (sides multiples of 14), h x w = H/14 x W/14 patch grid,
 T = 1 + h*w tokens (class token first), E encoder width (384 S, 768 B, 1024 L),
 F decoder fusion width, D pixel-feature dim (F/2 in the paper).
 
-DINOv2 compatibility (facebookresearch/dinov2: models/vision_transformer.py,
-layers/{patch_embed,attention,block,mlp,layer_scale}.py, hub/backbones.py). Parameter names
-and shapes equal the official hub checkpoints (built there with img_size=518, patch 14,
-init_values=1.0, block_chunks=0, no register tokens), so `dinov2_vits14_pretrain.pth` loads
-with strict=True: cls_token (1,1,E), pos_embed (1,1+37*37,E), mask_token (1,E),
-patch_embed.proj.{weight,bias}, blocks.{i}.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2,
-mlp.fc1, mlp.fc2, ls2.gamma}, norm. `get_intermediate_layers(x, idx)` returns the numbers of
-the official `get_intermediate_layers(x, n=idx, reshape=True, norm=True)`.
-
-Encoder deviations from the official DINOv2 code (none change the numbers beyond rounding):
-- attention uses torch's scaled_dot_product_attention (same softmax(q k^T / sqrt(d)) v);
-- no xFormers, nested tensors, stochastic depth, register tokens or masking (mask_token
-  exists only so that checkpoints load strictly);
-- random init ("none") uses LayerScale 1e-5 (the DINOv2 training value); the hub builds with
-  1.0 and then overwrites it with the checkpoint;
-- intermediate layers come back in the order requested (the official code: block order).
-Decoder: the official SmallDPTHead + LILA.norm_feats (lila/lila/dpt_lila.py, util/blocks.py,
-config.py) op for op: the same convolutions, biases, ReLUs, sizes, bilinear resizes with
-align_corners=True, head F -> F/2 -> F/2 -> D = F/2, the LayerNorm last; widths per backbone
-as the official lila_config (PRESETS["paper"]). Deviations, none of which changes the function:
-- parameter names are ours (reassemble.{i}.project/resample/to_features, fusion.{i}.*,
-  head_conv1/head_conv2/head_out), so official LILA checkpoints need their keys renamed;
-- the deepest fusion block has no skip unit (the official refinenet4 owns a resConfUnit1 it
-  never calls), so it has fewer parameters and a seed draws other initial values;
-- the per-pixel LayerNorm sits inside DPTDecoder (saved with it) and has no affine weight and
-  bias; the official LILA.fnorm has them, but they never train (TrainLILA.parameters() hands
-  the optimizer only latent_head's parameters), so they stay 1 and 0;
-- the decoder always normalises (no official with_norm=False switch) and resizes the head to
-  the image size it is given (official: patch grid x 14, the same for the multiple-of-14
-  inputs the encoder accepts); no class-token readout (official use_clstoken=False);
-- no ViT-g/14 (official lila_config has it).
-The DPT paper (Ranftl et al., ICCV 2021) differs from the official LILA head in ways we follow
-LILA on: the head keeps F/2 hidden channels (DPT: 32) and ends in a LayerNorm (DPT: a ReLU).
+Images come in [0, 1] and are ImageNet-normalised inside LILA (the official LILA takes them
+normalised). The encoder's parameter names and shapes equal the official DINOv2 hub
+checkpoints, so `dinov2_vits14_pretrain.pth` loads with strict=True; the decoder computes the
+official head op for op under our names (official LILA checkpoints load through hubconf.py).
+Deviations from the official code: README's Differences.
 
 Run:  python -m pytest -q tests/test_model.py;  timings: python bench.py model
 Use:  import model; net = model.build_lila("dinov2_vits14", weights="hub", preset="paper")
@@ -88,9 +61,126 @@ PRESETS = {
         "dinov2_vitl14": dict(features=128, out_dim=64, widths=(64, 128, 256, 256)),
     },
 }
+UNIT_TOL = 1 / 255        # one 8-bit level: what rounding or a resize may add to a [0, 1] image
+MAX_PIXELS = 1920 * 1080  # LILA.features' default bound: a full-HD frame
 
 
-# ------------------------------------------------------------------ encoder: DINOv2 ViT
+# ------------------------------------------------------------------ decoder: the light DPT head
+# A ViT sees the image only as 14 x 14 px patches, at one resolution. DPT (Ranftl et al., ICCV
+# 2021) makes a pyramid out of it: it taps four blocks (shallow ones keep where things are,
+# deep ones what they are), resamples them to 4x, 2x, 1x and 1/2x the patch grid, and fuses
+# them deepest first, each fusion upsampling to the next finer level, as a CNN decoder does.
+def conv3x3(c_in, c_out, stride=1, bias=True):
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+
+
+class Reassemble(nn.Module):
+    """One tapped grid (B, E, h, w) -> one pyramid level (B, F, h*factor, w*factor): 1x1 conv to
+    `width`, resample by `factor` (4, 2: transposed conv k=s=factor; 1: identity; 0.5: 3x3 conv
+    stride 2), 3x3 conv to F without bias (official projects[i], resize_layers[i], layer{i}_rn)."""
+
+    def __init__(self, embed_dim, width, factor, features):
+        super().__init__()
+        self.project = nn.Conv2d(embed_dim, width, 1)
+        if factor > 1:
+            self.resample = nn.ConvTranspose2d(width, width, int(factor), stride=int(factor))
+        elif factor == 1:
+            self.resample = nn.Identity()
+        elif factor == 0.5:
+            self.resample = conv3x3(width, width, stride=2)
+        else:
+            raise ValueError(f"model.py: Reassemble: factor {factor} not in (4, 2, 1, 0.5)")
+        self.to_features = conv3x3(width, features, bias=False)
+
+    def forward(self, grid):
+        return self.to_features(self.resample(self.project(grid)))  # (B, F, h*factor, w*factor)
+
+
+class ResidualConvUnit(nn.Module):
+    """RefineNet's residual unit: x + conv2(relu(conv1(relu(x)))), 3x3 convs, no batch norm."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv1, self.conv2 = conv3x3(ch, ch), conv3x3(ch, ch)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))        # (B, F, h, w)
+
+
+class FusionBlock(nn.Module):
+    """y = conv1x1(resize(RCU(x + RCU_skip(skip)), size)): the coarser path x plus this level's
+    grid, bilinearly resized to the next level's size. The deepest block has no skip input
+    (the official one builds a first unit it never calls; ours does not build it)."""
+
+    def __init__(self, ch, has_skip, align_corners):
+        super().__init__()
+        self.align_corners = align_corners
+        self.skip_unit = ResidualConvUnit(ch) if has_skip else None
+        self.unit = ResidualConvUnit(ch)
+        self.out_conv = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x, skip, size):
+        if skip is not None:
+            x = x + self.skip_unit(skip)                             # (B, F, h, w)
+        x = F.interpolate(self.unit(x), size=size, mode="bilinear",
+                          align_corners=self.align_corners)          # (B, F, *size)
+        return self.out_conv(x)                                      # (B, F, *size)
+
+
+class DPTDecoder(nn.Module):
+    """Four (B, E, h, w) grids (shallow -> deep) -> (B, D, H, W) per-pixel LayerNormed features.
+
+    reassemble (factors 4, 2, 1, 1/2) -> fuse deepest first, the last fusion x2
+    (`last_upsample`) -> (B, F, 8h, 8w) -> head: 3x3 conv F -> F/2, bilinear resize to H x W,
+    3x3 conv, ReLU, 1x1 conv to D -> LayerNorm over the D channels of every pixel.
+    D = F/2: the head halves F once and keeps that width (official dec_dim = features // 2;
+    the paper's D = 128 for ViT-S). align_corners=True: every official resize of this head.
+    ln_eps: torch's LayerNorm default, as the official nn.LayerNorm(dec_dim)."""
+
+    def __init__(self, embed_dim, widths=(48, 96, 192, 384), features=256, out_dim=128,
+                 factors=(4, 2, 1, 0.5), last_upsample=2, align_corners=True, ln_eps=1e-5):
+        super().__init__()
+        if len(widths) != len(factors):
+            raise ValueError(f"model.py: DPTDecoder: {len(widths)} widths for {len(factors)} levels")
+        hidden = features // 2  # official head_features_2 = features // 2
+        self.out_dim, self.last_upsample = out_dim, last_upsample
+        self.align_corners = align_corners
+        self.reassemble = nn.ModuleList(
+            Reassemble(embed_dim, wd, f, features) for wd, f in zip(widths, factors))
+        self.fusion = nn.ModuleList(  # fusion[i] fuses level i; the deepest has no skip input
+            FusionBlock(features, has_skip=i < len(widths) - 1, align_corners=align_corners)
+            for i in range(len(widths)))
+        self.head_conv1 = conv3x3(features, features // 2)
+        self.head_conv2 = conv3x3(features // 2, hidden)
+        self.head_out = nn.Conv2d(hidden, out_dim, 1)
+        # Why a per-pixel LayerNorm last: the ridge map is fitted in closed form on these
+        # features, W* = (X^T X + lam I)^-1 X^T Y, and scaling X by s acts as lam / s^2; with
+        # every pixel's feature at zero mean and unit variance, lam means the same at every
+        # pixel and step, and the decoder cannot loosen the fit by growing its output. No
+        # affine weight: the official fnorm's never trains (the optimizer gets only the head's).
+        self.norm = nn.LayerNorm(out_dim, eps=ln_eps, elementwise_affine=False)
+
+    def forward(self, grids, size):
+        if len(grids) != len(self.reassemble):
+            raise ValueError(f"model.py: DPTDecoder: got {len(grids)} grids, expected "
+                             f"{len(self.reassemble)} (one per tapped block)")
+        levels = [r(g) for r, g in zip(self.reassemble, grids)]      # (B, F, 4h, 4w) ... (B, F, h/2, w/2)
+        x = None
+        for i in reversed(range(len(levels))):                       # deepest first
+            if i > 0:
+                out_size = levels[i - 1].shape[-2:]                  # next (shallower) level
+            else:
+                out_size = tuple(s * self.last_upsample for s in levels[0].shape[-2:])
+            x = self.fusion[i](levels[i] if x is None else x, None if x is None else levels[i],
+                               out_size)                             # (B, F, *out_size)
+        y = self.head_conv1(x)                                       # (B, F/2, 8h, 8w)
+        y = F.interpolate(y, size=tuple(size), mode="bilinear",
+                          align_corners=self.align_corners)          # (B, F/2, H, W)
+        y = self.head_out(F.relu(self.head_conv2(y)))                # (B, D, H, W)
+        return self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()  # (B, D, H, W)
+
+
+# ------------------------------------------------------------------ encoder: DINOv2 ViT, frozen, as released
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> E channels (a strided conv), flattened row-major."""
 
@@ -159,7 +249,9 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """DINOv2 ViT/14 with the official parameter names (see the header).
+    """DINOv2 ViT/14 with the official parameter names (facebookresearch/dinov2 models/
+    vision_transformer.py, layers/*.py); the same numbers up to rounding, with torch's SDPA
+    attention and no xFormers, stochastic depth, registers or masking (mask_token only loads).
 
     Defaults are ViT-S/14 as on torch.hub: img_size 518 -> a 37 x 37 position table,
     MLP ratio 4, LayerNorm eps 1e-6, interpolation offset 0.1 without antialiasing
@@ -260,246 +352,7 @@ class ViT(nn.Module):
         return self.get_intermediate_layers(x, [len(self.blocks) - 1])[0]  # (B, E, h, w)
 
 
-# ------------------------------------------------------------------ loading the weights
-def _read_state_dict(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"model.py: load_dinov2: weights file '{path}' does not exist. Pass weights='hub' for "
-            f"the official checkpoint, a path to a *_pretrain.pth file, or 'none' (random).")
-    if os.path.getsize(path) == 0:
-        raise RuntimeError(f"model.py: load_dinov2: weights file '{path}' is empty (0 bytes)")
-    try:  # weights_only: a plain tensor pickle, no code runs while reading it
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise RuntimeError(f"model.py: load_dinov2: could not read '{path}' as a torch state dict "
-                           f"({_first_sentence(e)})") from None
-
-
-def _first_sentence(e):
-    """'Type: first sentence' of an exception, so that an error stays one line."""
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0].split('. ')[0]}"
-
-
-def _fetch_hub(name):
-    """The official checkpoint through torch.hub's download-and-cache ($TORCH_HOME/hub/checkpoints).
-
-    Hash check: torch.hub's check_hash only verifies names of the form `file-<sha256 prefix>.pth`;
-    the official DINOv2 file names carry no hash, so it could check nothing and we pass False
-    rather than pretend. What we do check: the download comes over HTTPS from Meta's URL, it is
-    read with weights_only=True, every key and shape must match (strict), and load_dinov2's
-    `sha256=` argument compares the whole file against a digest you recorded."""
-    url = DINOV2_URL.format(name=name)
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    was_cached = os.path.exists(cached)
-    try:
-        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False,
-                                                   weights_only=True)
-    except Exception as e:
-        if was_cached:
-            raise RuntimeError(f"model.py: load_dinov2: the cached checkpoint '{cached}' could not be "
-                               f"read ({_first_sentence(e)}); delete it to download it again") from None
-        raise RuntimeError(
-            f"model.py: load_dinov2: could not download {url} ({_first_sentence(e)}); offline? "
-            f"fetch the file on a connected machine and either place it at {cached} (torch.hub's "
-            f"cache, $TORCH_HOME/hub/checkpoints/) or pass its path as the weights argument "
-            f"(e.g. --weights /path/{os.path.basename(url)})") from None
-    return state, cached
-
-
-def _load_strict(model, state, source, name):
-    """load_state_dict(strict=True), with an error that lists what differs and guesses why."""
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        keys = list(state)[:5] if isinstance(state, dict) else []
-        raise RuntimeError(f"model.py: load_dinov2: '{source}' is not a plain state dict "
-                           f"(name -> tensor) like the official {name}_pretrain.pth; got "
-                           f"{type(state).__name__} with keys {keys}")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs {name} {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if not (missing or unexpected or wrong):
-        model.load_state_dict(state, strict=True)
-        return
-    hints = []
-    if any("register_tokens" in k for k in unexpected):
-        hints.append("this looks like a *_reg4 checkpoint (with registers), not supported")
-    if any(k.startswith(("module.", "backbone.", "teacher.", "student.")) for k in unexpected):
-        hints.append("keys carry a wrapper prefix; save the bare backbone state dict")
-    if wrong:
-        hints.append("shapes differ: is it the checkpoint of another size (S/B/L)?")
-    show = lambda ks: f"{len(ks)} {ks[:8]}" + (" ..." if len(ks) > 8 else "")
-    raise RuntimeError(f"model.py: load_dinov2: '{source}' does not match {name} (strict loading): "
-                       f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}; "
-                       f"shape mismatches: {show(wrong)}; hint: {', '.join(hints) or '-'}")
-
-
-def _sha256(path, chunk=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-_random_weights_announced = False  # the banner below is printed once per process
-
-
-def _announce_random_weights(name, seed):
-    """Say loudly, once per process, that an encoder has random weights (a script that builds
-    several models, e.g. bench.py, would otherwise print the banner each time)."""
-    global _random_weights_announced
-    if _random_weights_announced:
-        return
-    _random_weights_announced = True
-    bar = "!" * 78
-    print(f"{bar}\n!! model.py: {name} has RANDOM weights (weights='none', seed={seed}).\n"
-          f"!! Its features are meaningless: use this for tests and smoke runs only.\n"
-          f"!! (Said once per process: later random encoders are not announced again.)\n{bar}",
-          file=sys.stderr, flush=True)
-
-
-def load_dinov2(name, weights="hub", seed=0, sha256=None):
-    """Frozen eval-mode ViT for `name` in BACKBONES. weights: "hub" (official checkpoint via
-    torch.hub's cache in $TORCH_HOME), a path to a state-dict file, or "none" (random init
-    seeded by `seed`, announced loudly). `sha256` (optional) must equal the file's digest."""
-    if name not in BACKBONES:
-        raise ValueError(f"model.py: load_dinov2: unknown backbone '{name}', choose from {list(BACKBONES)}")
-    spec = BACKBONES[name]
-    if weights != "none":  # read (and check) the file first: a bad one fails before the build
-        state, source = _fetch_hub(name) if weights == "hub" else (_read_state_dict(weights), weights)
-        if sha256 is not None and _sha256(source) != sha256.lower():
-            raise RuntimeError(f"model.py: load_dinov2: SHA-256 of '{source}' is {_sha256(source)}, "
-                               f"expected {sha256}")
-    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        model = ViT(spec.embed_dim, spec.depth, spec.heads)
-    if weights == "none":
-        _announce_random_weights(name, seed)
-    else:
-        _load_strict(model, state, source, name)
-        print(f"model.py: loaded {name} from {source}", file=sys.stderr, flush=True)
-    return model.requires_grad_(False).eval()
-
-
-# ------------------------------------------------------------------ decoder: light DPT
-# --- method ---
-def conv3x3(c_in, c_out, stride=1, bias=True):
-    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
-
-
-class Reassemble(nn.Module):
-    """One tapped layer: (B, E, h, w) -> 1x1 conv to `width` -> resample by `factor`
-    (4, 2: transposed conv k=s=factor; 1: identity; 0.5: 3x3 conv stride 2 padding 1) -> 3x3
-    conv to F without bias. Official SmallDPTHead: `projects[i]`, `resize_layers[i]` (all with
-    bias) and util/blocks.py `_make_scratch` `layer{i}_rn` (bias=False, expand=False)."""
-
-    def __init__(self, embed_dim, width, factor, features):
-        super().__init__()
-        self.project = nn.Conv2d(embed_dim, width, 1)
-        if factor > 1:
-            self.resample = nn.ConvTranspose2d(width, width, int(factor), stride=int(factor))
-        elif factor == 1:
-            self.resample = nn.Identity()
-        elif factor == 0.5:
-            self.resample = conv3x3(width, width, stride=2)
-        else:
-            raise ValueError(f"model.py: Reassemble: factor {factor} not in (4, 2, 1, 0.5)")
-        self.to_features = conv3x3(width, features, bias=False)
-
-    def forward(self, grid):
-        return self.to_features(self.resample(self.project(grid)))  # (B, F, h*factor, w*factor)
-
-
-class ResidualConvUnit(nn.Module):
-    """RefineNet / DPT residual unit: x + conv2(relu(conv1(relu(x)))), 3x3 convs with bias,
-    no batch norm (official util/blocks.py ResidualConvUnit with bn=False, ReLU not in place)."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.conv1, self.conv2 = conv3x3(ch, ch), conv3x3(ch, ch)
-
-    def forward(self, x):
-        return x + self.conv2(F.relu(self.conv1(F.relu(x))))        # (B, F, h, w)
-
-
-class FusionBlock(nn.Module):
-    """DPT FeatureFusionBlock: y = RCU(x + RCU_skip(skip)), bilinearly resized to `size`, then
-    a 1x1 conv with bias (official util/blocks.py FeatureFusionBlock, expand=False). The
-    deepest block has no skip input (the official block owns an unused first unit there)."""
-
-    def __init__(self, ch, has_skip, align_corners):
-        super().__init__()
-        self.align_corners = align_corners
-        self.skip_unit = ResidualConvUnit(ch) if has_skip else None
-        self.unit = ResidualConvUnit(ch)
-        self.out_conv = nn.Conv2d(ch, ch, 1)
-
-    def forward(self, x, skip, size):
-        if skip is not None:
-            x = x + self.skip_unit(skip)                             # (B, F, h, w)
-        x = F.interpolate(self.unit(x), size=size, mode="bilinear",
-                          align_corners=self.align_corners)          # (B, F, *size)
-        return self.out_conv(x)                                      # (B, F, *size)
-
-
-class DPTDecoder(nn.Module):
-    """Four (B, E, h, w) grids (shallow -> deep) -> (B, D, H, W) per-pixel LayerNormed features.
-
-    The official SmallDPTHead (lila/lila/dpt_lila.py) followed by LILA.norm_feats:
-      reassemble level i (factors 4, 2, 1, 1/2 of the patch grid) -> F channels;
-      fuse deepest first, each block resized to the next level's size, the last one x2
-      (`last_upsample`; official scale_factor=2) -> (B, F, 8h, 8w);
-      head: 3x3 conv F -> F/2, bilinear resize to the image size H x W (= 14h x 14w),
-      3x3 conv F/2 -> F/2, ReLU, 1x1 conv F/2 -> D (official D = F/2, no ReLU at the end);
-      LayerNorm over the D channels of every pixel.
-    align_corners: every bilinear resize of the official decoder uses True (fusion blocks built
-    by _make_fusion_block(align_corners=True); the head's F.interpolate(align_corners=True)).
-    ln_eps: torch's LayerNorm default, as the official nn.LayerNorm(dec_dim)."""
-
-    def __init__(self, embed_dim, widths=(48, 96, 192, 384), features=256, out_dim=128,
-                 factors=(4, 2, 1, 0.5), last_upsample=2, align_corners=True, ln_eps=1e-5):
-        super().__init__()
-        if len(widths) != len(factors):
-            raise ValueError(f"model.py: DPTDecoder: {len(widths)} widths for {len(factors)} levels")
-        hidden = features // 2  # official head_features_2 = features // 2
-        self.out_dim, self.last_upsample = out_dim, last_upsample
-        self.align_corners = align_corners
-        self.reassemble = nn.ModuleList(
-            Reassemble(embed_dim, wd, f, features) for wd, f in zip(widths, factors))
-        # fusion[i] fuses level i; the deepest (last) has no skip input.
-        self.fusion = nn.ModuleList(
-            FusionBlock(features, has_skip=i < len(widths) - 1, align_corners=align_corners)
-            for i in range(len(widths)))
-        self.head_conv1 = conv3x3(features, features // 2)           # official output_conv1
-        self.head_conv2 = conv3x3(features // 2, hidden)             # official output_conv2[0]
-        self.head_out = nn.Conv2d(hidden, out_dim, 1)                # official output_conv2[2]
-        # Official LILA.fnorm is an affine nn.LayerNorm, but its weight and bias never train:
-        # TrainLILA.parameters() returns only latent_head's parameters, which is all the
-        # optimizer gets, so they stay 1 and 0. A LayerNorm without affine parameters is the
-        # same function (and a weight decay cannot shrink it here).
-        self.norm = nn.LayerNorm(out_dim, eps=ln_eps, elementwise_affine=False)
-
-    def forward(self, grids, size):
-        if len(grids) != len(self.reassemble):
-            raise ValueError(f"model.py: DPTDecoder: got {len(grids)} grids, expected "
-                             f"{len(self.reassemble)} (one per tapped block)")
-        levels = [r(g) for r, g in zip(self.reassemble, grids)]      # (B, F, 4h, 4w) ... (B, F, h/2, w/2)
-        x = None
-        for i in reversed(range(len(levels))):                       # deepest first
-            if i > 0:
-                out_size = levels[i - 1].shape[-2:]                  # next (shallower) level
-            else:
-                out_size = tuple(s * self.last_upsample for s in levels[0].shape[-2:])
-            x = self.fusion[i](levels[i] if x is None else x, None if x is None else levels[i],
-                               out_size)                             # (B, F, *out_size)
-        y = self.head_conv1(x)                                       # (B, F/2, 8h, 8w)
-        y = F.interpolate(y, size=tuple(size), mode="bilinear",
-                          align_corners=self.align_corners)          # (B, F/2, H, W)
-        y = self.head_out(F.relu(self.head_conv2(y)))                # (B, D, H, W)
-        return self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()  # (B, D, H, W)
-
-
+# ------------------------------------------------------------------ LILA: frozen encoder + decoder
 class LILA(nn.Module):
     """Frozen encoder + trainable decoder. Takes images in [0, 1]; normalises them here."""
 
@@ -518,12 +371,8 @@ class LILA(nn.Module):
 
     def encode(self, img, taps=None):
         """List of (B, E, h, w) tapped grids of the frozen encoder, without gradient."""
-        if not torch.is_floating_point(img) or img.ndim != 4 or img.shape[1] != 3:
-            raise ValueError(f"model.py: LILA: expected float images (B, 3, H, W) in [0, 1], got "
-                             f"{img.dtype} {tuple(img.shape)}")
+        check_unit_images(img)
         with torch.no_grad():
-            if float(img.max()) > 2.0:
-                raise ValueError("model.py: LILA: image values exceed 2; pass images in [0, 1], not 0..255")
             x = (img - self.mean) / self.std                           # (B, 3, H, W)
             return self.encoder.get_intermediate_layers(x, taps or self.taps)
 
@@ -540,7 +389,7 @@ class LILA(nn.Module):
         return F.interpolate(grid, size=img.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.no_grad()
-    def features(self, image, short_side=None, patch=14, range_tol=1 / 255):
+    def features(self, image, short_side=None, patch=14, range_tol=1 / 255, max_pixels=MAX_PIXELS):
         """Pixel features of any image, at the image's own resolution: the documented call.
 
         image: a PIL image (any mode: L, RGB, RGBA (alpha dropped), P, I;16, I, F, ...), a numpy
@@ -551,6 +400,7 @@ class LILA(nn.Module):
         side is `short_side`, if given), run through LILA exactly as in training, and the
         features are resized back to H x W. Returns (D, H, W) for one image, (B, D, H, W) for a
         batch, D = self.decoder.out_dim (the preset's: paper 128 for ViT-S, tiny 32).
+        max_pixels: above it (run or returned size) it refuses and says the cost; None: no bound.
         """
         x, single = image_batch(image, range_tol)                   # (B, 3, H, W) in [0, 1]
         H, W = x.shape[-2:]
@@ -559,11 +409,40 @@ class LILA(nn.Module):
         scale = 1.0 if short_side is None else short_side / min(H, W)
         h = max(patch, round(H * scale / patch) * patch)
         w = max(patch, round(W * scale / patch) * patch)
+        check_pixel_budget(x.shape[0], H, W, h, w, self.decoder.out_dim, patch, max_pixels)
         dev = next(self.decoder.parameters()).device
         x = F.interpolate(x.to(dev), size=(h, w), mode="bilinear", align_corners=False)
         _, feats = self(x)                                          # (B, D, h, w)
         feats = F.interpolate(feats.float(), size=(H, W), mode="bilinear", align_corners=False)
         return feats[0] if single else feats                        # (D, H, W) / (B, D, H, W)
+
+
+# --- plumbing ---------------------------------------------------------------------------------
+# ------------------------------------------------------------------ checks of LILA's inputs
+def check_unit_images(img, tol=UNIT_TOL):
+    """LILA's input: float (B, 3, H, W) in [0, 1] up to `tol`, else one ValueError that says why."""
+    if not torch.is_floating_point(img) or img.ndim != 4 or img.shape[1] != 3:
+        raise ValueError(f"model.py: LILA: expected float images (B, 3, H, W) in [0, 1], got "
+                         f"{img.dtype} {tuple(img.shape)}")
+    lo, hi = float(img.min()), float(img.max())
+    if lo < -tol or hi > 1 + tol:
+        raise ValueError(
+            f"model.py: LILA: image values span [{lo:.3g}, {hi:.3g}], expected [0, 1]: LILA takes "
+            f"images in [0, 1] and applies the ImageNet mean and std itself, so an ImageNet-normalised "
+            f"image (the official LILA's input) would be normalised twice; pass the image before "
+            f"normalising it (0..255 values: divide by 255)")
+
+
+def check_pixel_budget(B, H, W, h, w, D, patch, max_pixels):
+    """Refuse a LILA.features call above `max_pixels`, saying what it would cost."""
+    if max_pixels is None or max(H * W, h * w) <= max_pixels:
+        return
+    out_gb = B * D * H * W * 4 / 1e9
+    raise ValueError(
+        f"model.py: LILA.features: {W}x{H} px ({H * W / 1e6:.1f} MP, run at {w}x{h}: "
+        f"{h * w // patch ** 2} tokens) is above max_pixels={max_pixels} (full HD); it would return "
+        f"{B}x{D}x{H}x{W} float32 features ({out_gb:.1f} GB) and hold several tensors that size in "
+        f"the decoder; resize the image first, or pass max_pixels=None to run it anyway")
 
 
 # ------------------------------------------------------------------ images in, for LILA.features
@@ -639,3 +518,128 @@ def build_lila(backbone="dinov2_vits14", weights="hub", preset="paper", seed=0):
         torch.manual_seed(seed)
         decoder = DPTDecoder(spec.embed_dim, **cfg)
     return LILA(encoder, decoder, spec.taps)
+
+
+# ------------------------------------------------------------------ loading the weights
+def _read_state_dict(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"model.py: load_dinov2: weights file '{path}' does not exist. Pass weights='hub' for "
+            f"the official checkpoint, a path to a *_pretrain.pth file, or 'none' (random).")
+    if os.path.getsize(path) == 0:
+        raise RuntimeError(f"model.py: load_dinov2: weights file '{path}' is empty (0 bytes)")
+    try:  # weights_only: a plain tensor pickle, no code runs while reading it
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise RuntimeError(f"model.py: load_dinov2: could not read '{path}' as a torch state dict "
+                           f"({_first_sentence(e)})") from None
+
+
+def _first_sentence(e):
+    """'Type: first sentence' of an exception, so that an error stays one line."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0].split('. ')[0]}"
+
+
+def _fetch_hub(name):
+    """The official checkpoint through torch.hub's download-and-cache ($TORCH_HOME/hub/checkpoints).
+
+    Hash check: torch.hub's check_hash only verifies names of the form `file-<sha256 prefix>.pth`;
+    the official DINOv2 file names carry no hash, so it could check nothing and we pass False
+    rather than pretend. What we do check: the download comes over HTTPS from Meta's URL, it is
+    read with weights_only=True, every key and shape must match (strict), and load_dinov2's
+    `sha256=` argument compares the whole file against a digest you recorded."""
+    url = DINOV2_URL.format(name=name)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    was_cached = os.path.exists(cached)
+    try:
+        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False,
+                                                   weights_only=True)
+    except Exception as e:
+        if was_cached:
+            raise RuntimeError(f"model.py: load_dinov2: the cached checkpoint '{cached}' could not be "
+                               f"read ({_first_sentence(e)}); delete it to download it again") from None
+        raise RuntimeError(
+            f"model.py: load_dinov2: could not download {url} ({_first_sentence(e)}); offline? "
+            f"fetch the file on a connected machine and either place it at {cached} (torch.hub's "
+            f"cache, $TORCH_HOME/hub/checkpoints/) or pass its path as the weights argument "
+            f"(e.g. --weights /path/{os.path.basename(url)})") from None
+    return state, cached
+
+
+def _load_strict(model, state, source, name):
+    """load_state_dict(strict=True), with an error that lists what differs and guesses why."""
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        keys = list(state)[:5] if isinstance(state, dict) else []
+        raise RuntimeError(f"model.py: load_dinov2: '{source}' is not a plain state dict "
+                           f"(name -> tensor) like the official {name}_pretrain.pth; got "
+                           f"{type(state).__name__} with keys {keys}")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs {name} {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if not (missing or unexpected or wrong):
+        bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise RuntimeError(f"model.py: load_dinov2: '{source}' has non-finite weights (NaN or inf) in {bad}")
+        model.load_state_dict(state, strict=True)
+        return
+    hints = []
+    if any("register_tokens" in k for k in unexpected):
+        hints.append("this looks like a *_reg4 checkpoint (with registers), not supported")
+    if any(k.startswith(("module.", "backbone.", "teacher.", "student.")) for k in unexpected):
+        hints.append("keys carry a wrapper prefix; save the bare backbone state dict")
+    if wrong:
+        hints.append("shapes differ: is it the checkpoint of another size (S/B/L)?")
+    show = lambda ks: f"{len(ks)} {ks[:8]}" + (" ..." if len(ks) > 8 else "")
+    raise RuntimeError(f"model.py: load_dinov2: '{source}' does not match {name} (strict loading): "
+                       f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}; "
+                       f"shape mismatches: {show(wrong)}; hint: {', '.join(hints) or '-'}")
+
+
+def _sha256(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_random_weights_announced = False  # the banner below is printed once per process
+
+
+def _announce_random_weights(name, seed):
+    """Say loudly, once per process, that an encoder has random weights (a script that builds
+    several models, e.g. bench.py, would otherwise print the banner each time)."""
+    global _random_weights_announced
+    if _random_weights_announced:
+        return
+    _random_weights_announced = True
+    bar = "!" * 78
+    print(f"{bar}\n!! model.py: {name} has RANDOM weights (weights='none', seed={seed}).\n"
+          f"!! Its features are meaningless: use this for tests and smoke runs only.\n"
+          f"!! (Said once per process: later random encoders are not announced again.)\n{bar}",
+          file=sys.stderr, flush=True)
+
+
+def load_dinov2(name, weights="hub", seed=0, sha256=None):
+    """Frozen eval-mode ViT for `name` in BACKBONES. weights: "hub" (official checkpoint via
+    torch.hub's cache in $TORCH_HOME), a path to a state-dict file, or "none" (random init
+    seeded by `seed`, announced loudly). `sha256` (optional) must equal the file's digest."""
+    if name not in BACKBONES:
+        raise ValueError(f"model.py: load_dinov2: unknown backbone '{name}', choose from {list(BACKBONES)}")
+    spec = BACKBONES[name]
+    if weights != "none":  # read (and check) the file first: a bad one fails before the build
+        state, source = _fetch_hub(name) if weights == "hub" else (_read_state_dict(weights), weights)
+        if sha256 is not None and _sha256(source) != sha256.lower():
+            raise RuntimeError(f"model.py: load_dinov2: SHA-256 of '{source}' is {_sha256(source)}, "
+                               f"expected {sha256}")
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = ViT(spec.embed_dim, spec.depth, spec.heads)
+    if weights == "none":
+        _announce_random_weights(name, seed)
+    else:
+        _load_strict(model, state, source, name)
+        print(f"model.py: loaded {name} from {source}", file=sys.stderr, flush=True)
+    return model.requires_grad_(False).eval()

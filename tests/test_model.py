@@ -729,3 +729,56 @@ def test_lila_taps_exactly_the_named_blocks_through_the_final_norm(backbone):
     for blk in lila.encoder.blocks[1:taps[0] + 1]:
         raw = blk(raw)
     assert (raw[:, 1:].transpose(1, 2).reshape_as(got[0]) - got[0]).abs().max() > 0.05
+
+
+# ------------------------------------------------------------------ inputs and weights that cannot be right
+def test_encode_refuses_images_outside_unit_range_saying_which_convention():
+    lila = tiny_lila()
+    dark = torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 0.3
+    mean = torch.tensor(model.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(model.IMAGENET_STD).view(1, 3, 1, 1)
+    normalised = (dark - mean) / std                  # the official input: max < 2, min < 0
+    assert normalised.max() < 2 < -normalised.min()
+    for bad in (normalised, dark + 0.75, dark - 0.1):
+        with pytest.raises(ValueError) as err:
+            lila(bad)
+        msg = str(err.value)
+        assert msg.startswith("model.py: LILA: image values span") and "expected [0, 1]" in msg, msg
+        assert "ImageNet-normalised" in msg and "normalised twice" in msg and "\n" not in msg
+    # Rounding and resizing may step one 8-bit level outside: accepted.
+    edge = dark.clone()
+    edge[0, 0, 0, 0], edge[0, 1, 0, 0] = 1 + 0.9 / 255, -0.9 / 255
+    lila(edge)
+    assert model.UNIT_TOL == 1 / 255
+
+
+def test_features_refuse_a_12_megapixel_photo_before_spending_anything(small_lila):
+    photo = torch.zeros(3, 1, 1).expand(3, 3000, 4000)  # 12 MP that take no memory
+    with pytest.raises(ValueError) as err:
+        small_lila.features(photo)
+    msg = str(err.value)
+    assert msg.startswith("model.py: LILA.features: 4000x3000 px (12.0 MP") and "\n" not in msg, msg
+    assert "max_pixels=2073600" in msg and "1x32x3000x4000 float32 features (1.5 GB)" in msg
+    assert "max_pixels=None" in msg
+    # A lower run size does not help: the features still come back at 3000 x 4000.
+    with pytest.raises(ValueError, match="run at 42x28"):
+        small_lila.features(photo, short_side=28)
+    # The bound is an argument: None runs it, a smaller one refuses a smaller image.
+    img = torch.rand(3, 28, 42)
+    assert small_lila.features(img, max_pixels=None).shape == (32, 28, 42)
+    with pytest.raises(ValueError, match="max_pixels=1000"):
+        small_lila.features(img, max_pixels=1000)
+    assert model.MAX_PIXELS == 1920 * 1080
+
+
+def test_dinov2_file_with_non_finite_weights_is_refused_naming_the_tensor(official_file, tmp_path):
+    _, sd = official_file
+    bad = dict(sd)
+    bad["blocks.7.mlp.fc2.weight"] = sd["blocks.7.mlp.fc2.weight"].clone()
+    bad["blocks.7.mlp.fc2.weight"][3, 3] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(bad, path)
+    with pytest.raises(RuntimeError) as err:
+        model.load_dinov2("dinov2_vits14", str(path))
+    msg = str(err.value)
+    assert str(path) in msg and "blocks.7.mlp.fc2.weight" in msg and "non-finite" in msg
