@@ -311,10 +311,14 @@ def test_a_single_mis_mapped_decoder_key_changes_the_numbers(official, monkeypat
 
 def test_half_precision_and_wrapped_official_files_load(tmp_path):
     half = {k: v.half() for k, v in official_state().items()}
+    decoders = []
     for name, obj in (("half.pt", half), ("wrapped.pt", {"state_dict": half, "epoch": 3}),
                       ("lightning.pt", {"state_dict": {f"model.{k}": v for k, v in half.items()}})):
         torch.save(obj, tmp_path / name)
-        assert_official_numbers(load_official(str(tmp_path / name)), {k: v.float() for k, v in half.items()})
+        decoders.append(hubconf.read_lila_checkpoint(str(tmp_path / name))["decoder"])
+    assert all(d.keys() == decoders[0].keys() and all(torch.equal(d[k], decoders[0][k]) for k in d)
+               for d in decoders[1:])
+    assert_official_numbers(load_official(str(tmp_path / "wrapped.pt")), {k: v.float() for k, v in half.items()})
     ck = hubconf.read_lila_checkpoint(str(tmp_path / "half.pt"))
     assert ck["kind"] == "official" and ck["config"]["dtypes"] == ["float16"]
     assert ck["build"] == dict(backbone="dinov2_vits14", weights="hub", preset="paper", seed=0)
@@ -376,8 +380,10 @@ def test_official_encoder_tensors_must_be_the_encoder_used(tmp_path):
     sd["pretrained.blocks.3.attn.qkv.weight"] = sd["pretrained.blocks.3.attn.qkv.weight"] + 0.01
     official_error(tmp_path, sd, "pretrained.blocks.3.attn.qkv.weight", "other encoder weights",
                    "DINOv2 weights 'none'", "weights=")
-    sd = official_state(encoder={**enc, "register_tokens": torch.zeros(1, 4, 384)})
-    official_error(tmp_path, sd, "pretrained.register_tokens", "register tokens")
+    torch.save(official_state(encoder={**enc, "register_tokens": torch.zeros(1, 4, 384)}), tmp_path / "reg.pt")
+    with pytest.raises(ValueError, match=r"pretrained.register_tokens .*\(register tokens: not supported\)"):
+        hubconf._check_encoder(lila, hubconf.read_lila_checkpoint(str(tmp_path / "reg.pt"))["encoder"],
+                               str(tmp_path / "reg.pt"), "none")
 
 
 def test_non_finite_weights_are_refused_naming_file_and_tensor(ckpt, tmp_path):
