@@ -161,7 +161,7 @@ def _from_official(sd, path):
     for key, ref in want.items():
         mod = max((m for m in names if key.startswith(m + ".")), key=len)
         src = f"latent_head.{names[mod]}{key[len(mod):]}"
-        if src not in sd:
+        if not torch.is_tensor(sd.get(src)):
             raise _bad(path, f"is an official {backbone} file without the decoder tensor {src} "
                              f"(our {key}): truncated or another head?")
         if tuple(sd[src].shape) != tuple(ref.shape):
@@ -231,7 +231,8 @@ def read_lila_checkpoint(path_or_url):
         state = {k[len("model."):]: v for k, v in state.items()}  # a Lightning module's keys
     if isinstance(state, dict) and any(str(k).startswith("latent_head.") for k in state):
         backbone, decoder, encoder, note = _from_official(state, path)
-        dtypes = sorted({str(v.dtype)[6:] for k, v in state.items() if k.startswith("latent_head.")})
+        dtypes = sorted({str(v.dtype)[6:] for k, v in state.items()
+                         if k.startswith("latent_head.") and torch.is_tensor(v)})
         return dict(kind="official", build=dict(backbone=backbone, weights="hub", preset="paper", seed=0),
                     decoder=decoder, encoder=encoder, note=note, path=path,
                     config=dict(source="official", backbone=backbone, preset="paper", dtypes=dtypes))

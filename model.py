@@ -440,7 +440,7 @@ def check_pixel_budget(B, H, W, h, w, D, patch, max_pixels):
     out_gb = B * D * H * W * 4 / 1e9
     raise ValueError(
         f"model.py: LILA.features: {W}x{H} px ({H * W / 1e6:.1f} MP, run at {w}x{h}: "
-        f"{h * w // patch ** 2} tokens) is above max_pixels={max_pixels} (full HD); it would return "
+        f"{h * w // patch ** 2} tokens) is above max_pixels={max_pixels}; it would return "
         f"{B}x{D}x{H}x{W} float32 features ({out_gb:.1f} GB) and hold several tensors that size in "
         f"the decoder; resize the image first, or pass max_pixels=None to run it anyway")
 
