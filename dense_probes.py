@@ -231,6 +231,9 @@ class Scores:
         return r
 
 
+# Evaluation view of the official protocol: short side int(size * EVAL_SCALE), centre crop size
+# (dataload.NormalsDataset val: Resize(int(504 * 1.1)) + CenterCrop(504); segmentation: 1.0).
+EVAL_SCALE = {"normals": 1.1, "semseg": 1.0, "zeroshot": 1.0}
 BEST = {"normals": ("rmse", min), "semseg": ("miou", max), "zeroshot": ("miou_harmonic", max)}
 
 
@@ -467,7 +470,7 @@ def prepare(args):
         fail(f"--data {args.data}: need training and held-out frames (got {len(train)} / {len(val)}; "
              "video layout: ImageSets/2017/train.txt, or --val-videos N below the number of videos)")
     if isinstance(train, evaldata.VideoDense):
-        train.repeat = 10 if args.cmd == "normals" else 1             # an epoch as NYU's: ten passes
+        train.repeat = evaldata.NYU.repeat if args.cmd == "normals" else 1   # an epoch as NYU's: ten passes
         train.hide = train.unseen if args.cmd == "zeroshot" else ()   # unseen: ignored in training
     text, n_cls = None, 3
     if args.cmd == "zeroshot":
@@ -511,7 +514,7 @@ def run(args, encode, plan):
                                          "seed", "text_embeddings", "unseen", "num_classes")}
     cfg = dict(epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.probe_lr,
                wd=args.probe_weight_decay, seed=args.seed, workers=args.workers, train_size=args.train_size,
-               size=args.size, eval_scale=1.1 if task == "normals" else 1.0, num_classes=plan["num_classes"],
+               size=args.size, eval_scale=EVAL_SCALE[task], num_classes=plan["num_classes"],
                unseen=plan["unseen"], save_every=args.save_every, signature={**sig, "repeat": train.repeat})
     m = train_official(task, head, encode, train, val, cfg, args.out, device)
     return {**m, "train_frames": len(train), "eval_frames": len(val), "layout": train.layout}

@@ -202,3 +202,24 @@ def test_bilinear_taps_read_the_upsampled_map():
     idx, wts = dp.bilinear_taps(H, W, 4, 5, ys, xs)
     got = (m.flatten(1).T[idx] * wts[..., None]).sum(1)  # (50, C)
     assert torch.allclose(got, up[:, ys, xs].T, atol=1e-5)
+
+
+def test_every_method_default_is_the_official_value():
+    import inspect
+    d = lambda fn: {k: p.default for k, p in inspect.signature(fn).parameters.items()  # noqa: E731
+                    if p.default is not p.empty}
+    assert d(dp.AttentionHead.__init__) == dict(heads=8, downscale=4)   # AttentionProbe, CrossAttention
+    assert d(dp.CrossAttention.__init__) == dict(heads=8)
+    assert d(dp.ZeroShotHead.__init__) == dict(logit_scale=pytest.approx(4.6052, abs=1e-4))  # ln 100
+    assert d(dp.LinearHead.__init__) == dict(dec_kernel=1)             # the VOS probe: kernel_size=1
+    assert dp.build_head("conv", 4, 4, 3).dec.kernel_size == (5, 5)    # normals: LinearCat default 5
+    assert dp.build_head("conv", 4, 4, 3).dec.padding == (2, 2)
+    assert d(dp.loss_sums) == dict(seen=None, eps=1e-4)                # angular_loss eps
+    assert d(dp.combine) == dict(ce_weight=0.1)                        # eval_openseg: 0.1 * CE + neg
+    assert d(dp.Scores.__init__) == dict(n_cls=None, unseen=(), thresholds=(11.25, 22.5, 30))
+    assert dp.EVAL_SCALE == {"normals": 1.1, "semseg": 1.0, "zeroshot": 1.0}
+    assert dp.BEST == {"normals": ("rmse", min), "semseg": ("miou", max), "zeroshot": ("miou_harmonic", max)}
+    head = dp.AttentionHead(4, 16, 3)
+    assert head.attn.q.bias is None and head.attn.proj.bias is not None         # qkv_bias=False
+    zs = dp.ZeroShotHead(4, 6, torch.randn(3, 8))
+    assert isinstance(zs.enc[0], torch.nn.BatchNorm2d) and zs.dec.bias is None and zs.enc[1].bias is None

@@ -195,3 +195,14 @@ def test_clip_text_embeddings_average_the_normalised_template_embeddings(monkeyp
         for c in ("cow", "road")]
     assert np.allclose(e, torch.stack(want).numpy(), atol=1e-6) and seen[:2] == ["a cow.", "the big cow here."]
     assert len(bm.CLIP_TEMPLATES) == 85 and all(t.count("{}") == 1 for t in bm.CLIP_TEMPLATES)
+
+
+def test_every_augmentation_default_is_the_official_value():
+    import inspect
+    d = lambda fn: {k: p.default for k, p in inspect.signature(fn).parameters.items()  # noqa: E731
+                    if p.default is not p.empty}
+    assert d(bm.rrc_box) == dict(scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), attempts=10)   # RandomResizedCrop
+    assert d(bm.colour_jitter) == dict(brightness=0.3, contrast=0.3, saturation=0.2)    # NormalsDataset
+    assert d(bm.patch_hw) == dict(patch=14)
+    assert bm.NYU.repeat == 10                                            # NormalsDataset.mult
+    assert len(bm.COCO_UNSEEN) == 15 and bm.VOID == 255

@@ -359,6 +359,57 @@ def test_davis2016_binary_masks_are_one_object_per_sequence(synth, tmp_path):
     assert 0 <= m["JF"] <= 1
 
 
+# --- every default is the official one (lila/configs/eval.yaml, eval_*.py, probes/*.py) ---
+
+def defaults(fn):
+    import inspect
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
+# command -> the resolved settings of `probe.py CMD --data ROOT` (the official values, each cited)
+OFFICIAL_CLI = {
+    "vos-knn": dict(size=476,            # eval_vosknn.eval_sequence: PatchResample(..., 476)
+                    grid=60, context=7,  # eval.yaml vos_knn: feat_grid_size 60, context_size 7
+                    radius=12, topk=5,   # attn_window 25 = 2 * 12 + 1, num_nn 5
+                    temperature=0.1,     # temp 0.1
+                    norm_mask=0, void="background",   # no DINO min-max; davis_eval: 255 -> 0
+                    features="encoder", ckpt="none", backbone="dinov2_vits14", preset="paper"),
+    "vos-lp": dict(size=476,             # deviation kept: eval.yaml resize_input_size 224 (GUIDE)
+                   lp_steps=2000, lp_lr=5e-4, lp_weight_decay=1e-4,   # eval.yaml vos: AdamW
+                   lp_optimizer="adamw", features="encoder"),
+    "normals": dict(size=504, train_size=448,   # eval_norml.py: NormalsDataset 448 train / 504 val
+                    head="conv",                 # LinearCat(kernel_size=5) on the decoder
+                    epochs=10, batch=96, probe_lr=1e-3,   # eval.yaml eval: num_epochs, batch_size, lr
+                    probe_weight_decay=1e-2,     # AdamW(lr=...) without weight_decay: torch's 1e-2
+                    protocol="official", repeat=None, micro_batch=0),
+    "semseg": dict(size=224, train_size=224, head="attention",   # SegDataset 224 crops, AttentionProbe
+                   epochs=10, batch=96, probe_lr=1e-3, probe_weight_decay=1e-2),
+    "zeroshot": dict(size=224, train_size=224, head="zeroshot", epochs=10, batch=96, probe_lr=1e-3,
+                     probe_weight_decay=1e-5),   # eval_openseg.py: AdamW(weight_decay=eval.weight_decay)
+    "pca": dict(size=476, max_frames=8, pca_samples=200000),
+}
+
+
+@pytest.mark.parametrize("cmd", list(OFFICIAL_CLI))
+def test_every_cli_default_is_the_official_value(cmd, synth, tmp_path):
+    a = probe.parse_args([cmd, "--frames", str(tmp_path)] if cmd == "pca" else [cmd, "--data", str(synth)])
+    assert {k: getattr(a, k) for k in OFFICIAL_CLI[cmd]} == OFFICIAL_CLI[cmd]
+    ck = probe.parse_args([cmd, "--data", str(synth), "--ckpt", "x.pt"]) if cmd != "pca" else None
+    assert ck is None or ck.features == "full"        # alpha_enc = alpha_dec = 1: both sources summed
+
+
+def test_every_method_default_is_the_official_value():
+    assert defaults(probe.knn_step) == dict(radius=12, topk=5, temperature=0.1, tile=8)
+    assert defaults(probe.propagate)["n_context"] == 7 and defaults(probe.propagate)["step"] is probe.knn_step
+    assert defaults(probe.frame_jf) == dict(bound_th=0.008)                  # davis2017 db_eval_boundary
+    assert defaults(probe.davis_jf) == dict(bound_th=0.008, void="background", chunk=16)
+    assert defaults(probe.soft_to_labels) == dict(norm_mask=False)
+    assert defaults(probe.davis_val) == dict(videos=6, kind="lp", size=None, device="cpu", progress=False)
+    assert probe.TRAIN_VAL_SEQUENCES == ("bike-packing", "india", "dog", "motocross-jump", "shooting",
+                                         "horsejump-high")               # configs/train_ytvos.yaml eval_vos
+    assert probe.grid_hw(480, 854, 60) == (60, 106) and probe.grid_hw(854, 480, 60) == (106, 60)
+
+
 # --- davis_val: validation during training, through the vos-lp / vos-knn code ---
 
 @pytest.fixture(scope="module")
