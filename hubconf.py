@@ -120,9 +120,9 @@ def _lila(backbone, ckpt, weights, preset, seed):
     ck = read_lila_checkpoint(ckpt)
     if ck["build"]["backbone"] != backbone:
         have = ck["build"]["backbone"].replace("dinov2_", "")
-        raise _bad(ck["path"], f"{'is an official' if ck['kind'] == 'official' else 'was trained on a'}"
-                               f" {have} file; load it with the entry 'lila_{have}' or "
-                               f"'lila_dinov2_{have}', not one for {backbone}")
+        kind = "an official" if ck["kind"] == "official" else "a train.py"
+        raise _bad(ck["path"], f"is {kind} checkpoint of {ck['build']['backbone']}; load it with the "
+                               f"entry 'lila_{have}' or 'lila_dinov2_{have}', not one for {backbone}")
     return load_lila(ck, weights, preset, seed)
 
 

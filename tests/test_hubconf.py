@@ -351,7 +351,7 @@ def test_official_missing_or_mis_shaped_decoder_tensor_is_named(tmp_path):
 
 
 def test_official_file_of_another_backbone_names_the_entry(tmp_path):
-    official_error(tmp_path, official_state(), "vits14 file", "lila_dinov2_vits14", "dinov2_vitb14",
+    official_error(tmp_path, official_state(), "an official checkpoint of dinov2_vits14", "lila_dinov2_vits14", "dinov2_vitb14",
                    entry="lila_dinov2_vitb14")
     sd = official_state()
     sd["latent_head.projects.0.weight"] = torch.zeros(48, 1536, 1, 1)  # ViT-g/14's width
