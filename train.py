@@ -1,35 +1,30 @@
-"""Train LILA: the training loop, written out top to bottom.
+"""Train LILA: the method first, then the loop written out, then the plumbing.
 
 Paper: "Featurising Pixels from Dynamic 3D Scenes with Linear In-Context Learners"
-(Araslanov et al., CVPR 2026), section 3 (method) and the training details of section 4;
-official code: lila/train_lila.py, lila/lila/dpt_lila.py (TrainLILA), lila/dataload.py.
+(Araslanov et al., CVPR 2026), section 3 and the training details of section 4; official
+code: lila/train_lila.py, lila/lila/dpt_lila.py (TrainLILA.forward_cross).
 
-One step, for a batch of B frame pairs (t, t+Δ) of the same video:
-  1. two views per pair (data.py): the *query* view is a random crop of frame t, the *context*
-     view a crop of frame t+Δ, both cut sharp from the 480 px base frames, with their grids;
-  2. cues on the base frames at the cue resolution (RAFT flow + MiDaS depth on the fly, the cue
-     cache, or the exact cues of the synthetic scenes), warped into each view with its grid;
-  3. the frozen DINOv2 encoder and the trainable DPT decoder give pixel features of both views
-     (model.py); the self-distillation cue is made from the encoder grid (cues.py, PAMR);
-  4. the linear in-context loss (incontext.py): a ridge map fitted on the context view's
-     features -> cues, applied to the query view's features, L1 + edge loss against the
-     query's cues. Only the decoder learns.
+One step, for B frame pairs (t, t+Δ), each of one video:
+  views     query q: a crop of frame t (own flip); context c: a crop of frame t+Δ (data.py)
+  cues      g: flow and depth of the base frames warped into each view and z-scored, plus the
+            self-distillation (SD) cue of the encoder grid (cues.py, pamr.py)
+  features  f = decoder(encoder(view)): the DINOv2 encoder frozen, the DPT decoder trains
+  loss      W* = ridge fit of g_c on f_c (closed form), L = L1(f_q W*, g_q) + γ edge
+            (incontext.py); the gradient reaches f_q directly and f_c through W*.
 
 Shapes: B pairs, S view side (224 paper, 112 tiny), Hb base-frame side, E encoder width,
-D pixel-feature width, K cue channels (2 flow + 1 depth + 32 SD = 35).
-
-Differences from the official code (README "Differences" lists them all): the ridge system is
-solved by Cholesky instead of LU; the learning rate is constant (official: x0.99 every 10
-epochs of 2000 steps, 5-10 % over the whole run); frame t is drawn from 0..T-2, so t+Δ is always
-another frame (official: 0..T-1, clamped, so the last frame pairs with itself).
+h x w patch grid, D pixel-feature width, K cue channels (2 flow + 1 depth + 32 SD = 35),
+Cm masked cue channels ([flow-x, flow-y, depth]). Deviations: README, "Differences".
 
 Run:
   python train.py --preset tiny --weights none        # CPU, synthetic scenes, ~4 min
   python train.py --data ytvos/                       # one GPU, YouTube-VOS, RAFT + MiDaS
-  torchrun --nproc_per_node 4 train.py --data ytvos/  # several GPUs (gradients all-reduced)
+  python train.py --data ytvos/ --micro-batch 8       # the same steps in chunks: less memory
+  torchrun --nproc_per_node 4 train.py --data ytvos/  # several GPUs (DDP; GUIDE.md: machines)
 Ctrl-C (or SIGTERM) saves a checkpoint at the current step; add --resume to continue.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -42,6 +37,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from tqdm import tqdm
 
 import data
@@ -53,7 +49,233 @@ from runs import (FeaturePicture, RunFolder, StopOnSignal, UserError, atomic_sav
 
 
 # -----------------------------------------------------------------------------------------
-# Config: one argparse surface, grouped, paper defaults.
+# The method: from a batch of frame pairs to the LILA loss.
+
+def zscore(q, c, eps=1e-3):
+    """One cue of the query and of the context view, (B, C, S, S) each, z-scored with ONE
+    scalar mean and std over the batch, both views and all channels: (x - mean) / (eps + std)
+    (official dpt_lila.py RFFEncoder.seed / renorm, eps 1e-3).
+    One scalar per cue: flow (image units) and depth (log units) come out on one scale, so the
+    L1 weighs them alike, and flow-x : flow-y keeps its ratio (the direction of motion).
+    Shared by both views: W* is fitted on the context and read on the query, so a value must
+    mean the same in both; a mean and std per view would shift and stretch one view's cue
+    against the other's, and the map fitted on one would be wrong on the other."""
+    std, mean = torch.std_mean(torch.cat([c, q]))
+    return (q - mean) / (eps + std), (c - mean) / (eps + std)
+
+
+def step_cues(batch, args, flow_cue=None, depth_cue=None, sd_gen=None):
+    """What a step learns from, for the WHOLE batch (also in micro-batches) and without
+    gradient. batch (data.PairDataset): views (B, 2, 3, S, S) [query of frame t, context of
+    frame t+Δ]; frames (B, 2, 3, Hb, Wb) the base frames; grid_q, grid_c (B, S, S, 2).
+    Returns img_q, img_c (B, 3, S, S); the z-scored flow and depth cue_q, cue_c (B, Cm, S, S)
+    and their confidences conf_q, conf_c (B, Cm, S, S); the SD channels of each pair (B, C);
+    the K cue names; shares (confident query pixels) and spread (std before z-scoring): logged."""
+    img_q, img_c = batch["views"][:, 0], batch["views"][:, 1]          # (B, 3, S, S)
+    f_t, f_t2 = batch["frames"][:, 0], batch["frames"][:, 1]            # (B, 3, Hb, Wb)
+    grid_q, grid_c = batch["grid_q"], batch["grid_c"]                   # (B, S, S, 2)
+    # Flow and depth on the BASE frames (never on the crops), then warped into each view. The
+    # cue networks run in float32 even inside the step's autocast, so on-the-fly cues equal
+    # the cached ones (cues.py).
+    with torch.no_grad(), torch.autocast(img_q.device.type, enabled=False):
+        if args.cues == "hub":
+            flow_fwd, flow_bwd = flow_cue(f_t, f_t2)                   # (B, 2, Hb, Wb) each
+            disp_t, disp_t2 = depth_cue(torch.cat([f_t, f_t2])).chunk(2)  # (B, 1, Hb, Wb) each
+        else:
+            flow_fwd, flow_bwd = batch["flow_fwd"], batch["flow_bwd"]
+            disp_t, disp_t2 = batch["disparity"][:, 0], batch["disparity"][:, 1]
+        conf_t = cuelib.flow_confidence(flow_fwd, flow_bwd)             # (B, 1, Hb, Wb)
+        conf_t2 = cuelib.flow_confidence(flow_bwd, flow_fwd)            # (B, 1, Hb, Wb)
+        depth, valid = cuelib.disparity_to_depth(torch.cat([disp_t, disp_t2]))
+        depth_t, depth_t2 = depth.chunk(2)                              # (B, 1, Hb, Wb)
+        valid_t, valid_t2 = valid.chunk(2)
+        # Query = frame t with its FORWARD flow; context = frame t+Δ with its NEGATED backward
+        # flow: a point's two values then say the same ("where this point is heading", t -> t+Δ),
+        # so one linear map reads both views. Warping copies values: a view's own flip or zoom
+        # leaves them alone, as the cue networks never saw the crop (data.warp).
+        flow_q, flow_c = data.warp(flow_fwd, grid_q), data.warp(-flow_bwd, grid_c)  # (B, 2, S, S)
+        depth_q, depth_c = data.warp(depth_t, grid_q), data.warp(depth_t2, grid_c)  # (B, 1, S, S)
+        fconf_q, fconf_c = data.warp(conf_t, grid_q), data.warp(conf_t2, grid_c)
+        dval_q, dval_c = data.warp(valid_t, grid_q), data.warp(valid_t2, grid_c)
+
+        cue_q, cue_c, conf_q, conf_c, names, spread = [], [], [], [], [], {}
+        if not args.no_flow:                         # masked channels first, one conf each
+            spread["flow"] = float(torch.cat([flow_c, flow_q]).std())
+            q, c = zscore(flow_q, flow_c)
+            cue_q.append(q), cue_c.append(c), names.extend(["flow_x", "flow_y"])
+            conf_q.extend([fconf_q, fconf_q]), conf_c.extend([fconf_c, fconf_c])
+        if not args.no_depth:
+            spread["depth"] = float(torch.cat([depth_c, depth_q]).std())
+            q, c = zscore(depth_q, depth_c)
+            cue_q.append(q), cue_c.append(c), names.append("depth")
+            conf_q.append(dval_q), conf_c.append(dval_c)
+        B, E = img_q.shape[0], model.BACKBONES[args.backbone].embed_dim
+        # SD: a random subset of the encoder's channels PER PAIR (official random_subset), the
+        # same for both views of the pair.
+        sd_channels = None if args.no_sd else cuelib.sd_channels(E, args.sd_channels, sd_gen, batch=B)
+        names.extend([] if args.no_sd else ["sd"] * args.sd_channels)
+        empty = img_q.new_zeros(B, 0, *img_q.shape[-2:])
+        cat = lambda maps: torch.cat(maps, 1) if maps else empty  # noqa: E731
+        shares = {n: float((k > 0).float().mean()) for n, k in (("flow", fconf_q), ("depth", dval_q))
+                  if not getattr(args, f"no_{n}")}
+    return dict(img_q=img_q, img_c=img_c, cue_q=cat(cue_q), cue_c=cat(cue_c),  # (B, Cm, S, S)
+                conf_q=cat(conf_q), conf_c=cat(conf_c), sd_channels=sd_channels, names=names,
+                shares=shares, spread=spread)
+
+
+def features_and_sd(cues, lila, args, decoder=None):
+    """`step_cues` (or a chunk of them) + feats_q, feats_c (B, D, S, S) and the SD cue appended
+    to cue_q, cue_c (B, K, S, S): both need the encoder. decoder: lila.decoder as it trains."""
+    img = torch.cat([cues["img_q"], cues["img_c"]])                    # (2B, 3, S, S)
+    grids = lila.encode(img)                                            # 4 x (2B, E, h, w), frozen
+    feats = (decoder or lila.decoder)(grids, size=img.shape[-2:])       # (2B, D, S, S)
+    feats_q, feats_c = feats.float().chunk(2)
+    v = dict(cues, feats_q=feats_q, feats_c=feats_c)
+    if not args.no_sd:
+        # L2-normalised per pixel, not z-scored: only its direction means something (cues.py).
+        ch = cues["sd_channels"].to(img.device)                         # (B, C)
+        with torch.no_grad():
+            sd = cuelib.sd_cue(grids[-1].float(), img, channels=torch.cat([ch, ch]),
+                               use_pamr=not args.no_pamr)               # (2B, C, S, S)
+        sd_q, sd_c = sd.chunk(2)
+        v["cue_q"], v["cue_c"] = torch.cat([cues["cue_q"], sd_q], 1), torch.cat([cues["cue_c"], sd_c], 1)
+    return v
+
+
+def views_and_cues(batch, lila, args, flow_cue=None, depth_cue=None, sd_gen=None):
+    """A batch of pairs -> the two views' features, cue maps (B, K, S, S) and confidences
+    (B, Cm, S, S) in one go: `step_cues` then `features_and_sd`."""
+    return features_and_sd(step_cues(batch, args, flow_cue, depth_cue, sd_gen), lila, args)
+
+
+def lila_loss(v, args, erm_head=None, norms=None):
+    """The in-context loss (or, with --erm, the ablation without the in-context step).
+    Why the closed-form W* trains the features: W* = (X_c^T C X_c / N + λI)^-1 X_c^T C Y_c / N is
+    a differentiable function of the context features (nothing is detached, as in the official
+    forward_cross), so the gradient reaches BOTH views: the query features directly through
+    f_q W*, the context features through the solve. The decoder thus learns features on which
+    a map fitted on one frame predicts the cues of another: that transfer is all that is scored.
+    norms: the whole batch's element counts for a chunk of it (incontext.loss_norms). Returns
+    (loss, parts): scalar tensors "l1", "edge" and each cue's L1 ("l1_sd": over its channels)."""
+    kw = dict(lam=args.lam, gamma=args.gamma,
+              edge=not args.no_edge)     # --no-edge skips the edge terms, not just their weight
+    if norms is not None:
+        kw["norms"] = norms
+    if args.erm:
+        loss, parts = incontext.erm_loss(erm_head, v["feats_q"], v["feats_c"], v["cue_q"],
+                                         v["cue_c"], v["conf_q"], v["conf_c"], **kw)
+    else:
+        loss, parts = incontext.incontext_loss(v["feats_q"], v["feats_c"], v["cue_q"], v["cue_c"],
+                                               v["conf_q"], v["conf_c"], **kw)
+    per_channel = parts.pop("l1_channels")                              # (K,)
+    for name in dict.fromkeys(v["names"]):
+        idx = [i for i, n in enumerate(v["names"]) if n == name]
+        parts[f"l1_{name}"] = per_channel[idx].mean()
+    return loss, parts
+
+
+# -----------------------------------------------------------------------------------------
+# The loop.
+
+def train(args, run, rank, world, cli, cue_nets=None):
+    """The run: set-up, the loop, checkpoints. cli: the command-line arguments (for the line
+    that says how to resume); cue_nets: stand-ins for RAFT and MiDaS (tests)."""
+    device = pick_device(args.device, rank)
+    cuda = device.type == "cuda"
+    config = dict(vars(args))
+    ckpt = run.check(args, config, RESUMABLE)  # the checkpoint decides step, weights, optimizer, RNG
+    start = ckpt["step"] if ckpt else 0
+    torch.manual_seed(args.seed), np.random.seed(args.seed), random.seed(args.seed)
+
+    # Data: the data order is a function of (seed, step), the same split on every rank.
+    dataset = make_dataset(args)
+    sampler = StepSampler(len(dataset), args.batch, start, args.steps, args.seed, rank, world)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch // world, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=cuda, drop_last=True,
+                                         worker_init_fn=StopOnSignal.ignore_in_worker)
+    flow_cue, depth_cue = make_cue_nets(args, device, cue_nets)
+
+    # Model: frozen encoder + trainable decoder (+ the ERM head of the ablation).
+    lila = model.build_lila(args.backbone, args.weights, args.preset, seed=args.seed).to(device)
+    n_cues = (0 if args.no_flow else 2) + (0 if args.no_depth else 1) + (0 if args.no_sd else args.sd_channels)
+    erm_head = incontext.ERMHead(lila.decoder.out_dim, n_cues).to(device) if args.erm else None
+    trainable = Trainable(lila.decoder, erm_head)
+    opt = torch.optim.AdamW(trainable.parameters(), lr=args.lr, weight_decay=args.wd)
+    if ckpt:   # the decoder, the optimizer and the random streams go on where they stopped
+        trainable.load(ckpt)
+        opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+    decoder = distributed(trainable, device, world)    # the decoder as it trains (DDP or itself)
+
+    n_params = sum(p.numel() for p in trainable.parameters())
+    out = RunOutput(run, args, config, rank, world, device, dataset, ckpt, start, n_params)
+    stop = StopOnSignal()
+    lila.train()  # the decoder trains; LILA keeps its frozen encoder in eval mode
+    step, loss = start, torch.tensor(float("nan"))
+    batches = iter(loader)
+    try:
+        while step < args.steps and not agree(stop.name is not None, device, world):
+            batch = next_batch(batches, stop)
+            if batch is None:
+                break
+            # Everything random in a step is a function of (seed, step): exact resumes.
+            sd_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+            # --- the step: cues of the whole batch, then features and loss chunk by chunk ---
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                cues = step_cues(batch, args, flow_cue, depth_cue, sd_gen)     # no gradient
+            chunks, norms = micro_batches(cues, args)       # [cues], None without --micro-batch
+            opt.zero_grad(set_to_none=True)
+            loss, parts = 0.0, {}
+            for i, chunk in enumerate(chunks):
+                last = i == len(chunks) - 1     # DDP averages the gradients once, after the last
+                with (contextlib.nullcontext() if last or world == 1 else decoder.no_sync()):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                        v = features_and_sd(chunk, lila, args, decoder)         # (B', D, S, S) x 2
+                    chunk_loss, chunk_parts = lila_loss(v, args, erm_head, norms)   # fp32
+                    check_finite(step, chunk_loss, chunk_parts, out.ckpt_path, device, world)
+                    chunk_loss.backward()
+                loss = loss + chunk_loss.detach()
+                parts = {k: parts.get(k, 0.0) + x for k, x in chunk_parts.items()}
+            opt.step()
+            check_weights(step, trainable, args, out.ckpt_path, device, world)
+            step += 1
+
+            if rank == 0:
+                out.after_step(step, loss, parts, cues, int(batch["skipped"].sum()), lr)
+                if step % args.save_every == 0 or step == args.steps:
+                    out.save(step, lila, trainable, opt, device)
+    finally:
+        del batches   # shuts the DataLoader workers down now, also when an error ends the run
+    return out.finish(step, loss, stop, cli, lila, trainable, opt, device)
+
+
+def main(argv=None, cue_nets=None):
+    """cue_nets: optional (flow_net, depth_net) stand-ins for --cues hub (tests inject them
+    so the real pre- and post-processing of cues.py runs without downloads)."""
+    cli = sys.argv[1:] if argv is None else list(argv)
+    args = get_args(cli)
+    rank, world = setup_distributed()
+    if args.batch % world:
+        raise UserError(f"--batch {args.batch} must be divisible by the {world} processes")
+    run = RunFolder(args.out)
+    if rank == 0:
+        run.acquire(args.resume)        # one run per folder; released on exit (and on kill)
+    try:
+        return train(args, run, rank, world, cli, cue_nets)
+    finally:
+        if rank == 0:
+            run.release()
+        if world > 1:
+            dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------------------
+# --- plumbing --- config, data and cue networks, micro-batches, processes, checks, run files.
 
 # Per preset: the view side, pairs per step, and a run that fits the machine it is for.
 # paper: the paper's 100k steps of 32 pairs at 224², AdamW 1e-4 (one GPU, about a day); tiny: a
@@ -63,6 +285,9 @@ PRESET_RUN = {
     "paper": dict(size=224, batch=32, steps=100_000, lr=1e-4, save_every=1000),
     "tiny": dict(size=112, batch=8, steps=200, lr=1e-3, save_every=25),
 }
+
+# Flags that may change between a run and its --resume; every other flag must match.
+RESUMABLE = {"steps", "out", "resume", "device", "workers", "log_every", "save_every", "micro_batch"}
 
 
 def get_args(argv=None):
@@ -120,6 +345,9 @@ def get_args(argv=None):
                    "100k as the paper, tiny 200)")
     g.add_argument("--batch", type=int, default=None, help="frame pairs per step, all "
                    "processes together (paper preset 32, tiny 8)")
+    g.add_argument("--micro-batch", type=int, default=0, help="pairs per chunk of a step "
+                   "(gradients accumulated, z-scoring and loss over the whole batch: the same "
+                   "step in less memory); 0: the whole batch at once")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper preset "
                    "1e-4 as the paper; tiny 1e-3, for its 200 steps)")
     g.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay (paper 1e-4)")
@@ -154,6 +382,7 @@ def check_args(p, args):
         (args.size > 0 and args.size % 14 == 0, f"--size {args.size} must be a positive multiple of 14 (ViT patch size)"),
         (args.base >= 8, f"--base {args.base} must be at least 8 px"),
         (args.batch >= 1, f"--batch {args.batch} must be >= 1"),
+        (args.micro_batch >= 0, f"--micro-batch {args.micro_batch} must be >= 0 (0: the whole batch at once)"),
         (args.steps >= 1, f"--steps {args.steps} must be >= 1"),
         (finite(args.lr) and args.lr > 0, f"--lr {args.lr} must be a finite number > 0"),
         (finite(args.wd) and args.wd >= 0, f"--wd {args.wd} must be a finite number >= 0"),
@@ -192,9 +421,63 @@ def check_args(p, args):
             p.error(f"--device {args.device}: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
 
 
-# -----------------------------------------------------------------------------------------
-# Plumbing: distributed set-up, the step sampler (the run folder, checkpoints, signals and
-# pictures are in runs.py).
+def make_dataset(args):
+    """The frame-pair dataset of data.py for the chosen source of frames and cues."""
+    common = dict(size=args.size, base=args.base, gap=args.gap, crop=not args.no_crop,
+                  seed=args.seed)
+    if args.cues == "synthetic":
+        return data.PairDataset.synthetic(args.synthetic_videos, args.synthetic_frames,
+                                          args.synthetic_seed, cue_noise=args.cue_noise, **common)
+    folder = data.VideoFolder(args.data)
+    return data.PairDataset(folder, with_cues=args.cues == "files", **common)
+
+
+def make_cue_nets(args, device, cue_nets=None):
+    """RAFT and MiDaS for --cues hub (cue_nets: stand-ins), else (None, None)."""
+    if args.cues != "hub":
+        return None, None
+    nets = cue_nets or (None, None)
+    return (cuelib.FlowCue(args.flow_net, hub_dir=args.hub_dir, net=nets[0]).to(device),
+            cuelib.DepthCue(args.depth_net, hub_dir=args.hub_dir, net=nets[1]).to(device))
+
+
+def micro_batches(cues, args):
+    """The chunks of --micro-batch pairs of a step's cues, and the whole batch's normalisers
+    (incontext.loss_norms) so that the chunks' losses sum to the whole batch's loss; without
+    --micro-batch (or when one chunk holds the batch): ([cues], None), the plain step."""
+    B, n = cues["img_q"].shape[0], args.micro_batch
+    if n <= 0 or n >= B:
+        return [cues], None
+    K, (H, W) = len(cues["names"]), cues["img_q"].shape[-2:]
+    norms = incontext.loss_norms(cues["conf_q"], K, H, W)
+    if args.erm:     # the ERM ablation scores both views, each with its own confidence
+        norms = (norms, incontext.loss_norms(cues["conf_c"], K, H, W))
+    cut = lambda x: [x[i:i + n] for i in range(0, B, n)]  # noqa: E731
+    split = {k: cut(x) for k, x in cues.items() if torch.is_tensor(x)}
+    return [dict(cues, **{k: x[j] for k, x in split.items()}) for j in range(len(split["img_q"]))], norms
+
+
+class Trainable(nn.Module):
+    """What learns, as one module: the decoder, and the ERM head with --erm. Called as the
+    decoder (the head is applied by incontext.erm_loss), so DistributedDataParallel around it
+    averages the gradients of both; the frozen encoder stays outside."""
+
+    def __init__(self, decoder, erm_head=None):
+        super().__init__()
+        self.decoder, self.erm_head = decoder, erm_head
+
+    def forward(self, grids, size):
+        return self.decoder(grids, size=size)                         # (B, D, S, S)
+
+    def state(self):
+        return {"decoder": self.decoder.state_dict(),
+                "erm_head": self.erm_head.state_dict() if self.erm_head is not None else {}}
+
+    def load(self, ckpt):
+        self.decoder.load_state_dict(ckpt["decoder"])
+        if self.erm_head is not None:
+            self.erm_head.load_state_dict(ckpt["erm_head"])
+
 
 def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is rank 0 of 1."""
@@ -207,8 +490,28 @@ def setup_distributed():
 
 def pick_device(name, rank):
     if name == "auto":
-        name = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+        local = int(os.environ.get("LOCAL_RANK", rank))     # the GPU of this process on its machine
+        name = f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def distributed(trainable, device, world):
+    """DistributedDataParallel around what learns (bucketed all-reduce of the gradients during
+    backward; it also starts every rank from rank 0's weights), or the module itself alone."""
+    if world == 1:
+        return trainable
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(trainable, device_ids=ids)
+
+
+def agree(flag, device, world):
+    """True on every rank if it is true on any (a stop, a non-finite loss): the ranks must take
+    the same branch, or the next collective operation would wait forever."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t)
+    return bool(t > 0)
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -234,203 +537,56 @@ class StepSampler(torch.utils.data.Sampler):
         return (self.steps - self.start) * self.batch // self.world
 
 
+def next_batch(batches, stop):
+    """The next batch, or None when a stop signal ended the DataLoader workers."""
+    try:
+        return next(batches)
+    except Exception:       # a worker died because of the signal: stop as asked
+        if stop.name is None:
+            raise
+        return None
+
+
+def check_finite(step, loss, parts, ckpt_path, device, world):
+    """A non-finite loss (or part) stops the run before the update, on every rank."""
+    bad = [k for k, x in {"loss": loss.detach(), **parts}.items() if not math.isfinite(float(x))]
+    if agree(bool(bad), device, world):
+        raise UserError(f"step {step}: non-finite {', '.join(bad) or 'loss on another process'} "
+                        f"(loss {float(loss.detach())}); stopping, nothing saved. Last "
+                        f"checkpoint: {ckpt_path}. A smaller --lr (or a --warmup) usually helps")
+
+
+def check_weights(step, trainable, args, ckpt_path, device, world):
+    """Weights made non-finite by an update are never saved."""
+    ok = bool(torch.stack([p.isfinite().all() for p in trainable.parameters()]).all())
+    if agree(not ok, device, world):
+        raise UserError(f"step {step}: the update made the weights non-finite (--lr "
+                        f"{args.lr}); stopping, nothing saved. Last checkpoint: {ckpt_path}")
+
+
 def warn(message):
     """A warning on stderr that does not break the progress bar."""
     tqdm.write(message, file=sys.stderr)
 
 
-# -----------------------------------------------------------------------------------------
-# --- method --- from a batch of base-frame pairs to the LILA loss.
+class RunOutput:
+    """What a run writes (rank 0; the other ranks write nothing): the start lines, config.json,
+    the progress bar, log.jsonl rows with the warnings of each log interval, the checkpoints
+    with their feature pictures, and the last line."""
 
-def zscore(a, b, eps=1e-3):
-    """Z-score two cue maps (B, C, S, S) of the context and the query with ONE scalar mean and
-    std over the batch, both views and all channels (official dpt_lila.py RFFEncoder.seed /
-    renorm: (x - mean) / (eps + std), eps 1e-3): the same affine map for both views, so a
-    linear map fitted on one still reads the other."""
-    both = torch.cat([a, b])
-    std, mean = torch.std_mean(both)
-    return (a - mean) / (eps + std), (b - mean) / (eps + std)
-
-
-def views_and_cues(batch, lila, args, flow_cue=None, depth_cue=None, sd_gen=None):
-    """A batch of pairs -> the two views' features, cue maps and confidences.
-
-    batch (data.PairDataset): views (B, 2, 3, S, S) query view of frame t and context view of
-    frame t+Δ; frames (B, 2, 3, Hb, Wb) the base frames at the cue resolution; grid_q/grid_c.
-    Returns a dict with feats_q/feats_c (B, D, S, S), cue_q/cue_c (B, K, S, S), conf_q/conf_c
-    (B, Cm, S, S) the confidence of each masked cue channel ([flow, flow, depth-valid]; SD
-    channels need none), the views, and the names of the K cue channels.
-    """
-    img_q, img_c = batch["views"][:, 0], batch["views"][:, 1]          # (B, 3, S, S)
-    f_t, f_t2 = batch["frames"][:, 0], batch["frames"][:, 1]            # (B, 3, Hb, Wb)
-    gq, gc = batch["grid_q"], batch["grid_c"]                           # (B, S, S, 2)
-
-    # Flow and depth on the BASE frames (never on the crops), then warped into each view. The
-    # cue networks run in float32 even inside the step's autocast, so on-the-fly cues equal
-    # the cached ones (cues.py).
-    with torch.no_grad(), torch.autocast(img_q.device.type, enabled=False):
-        if args.cues == "hub":
-            flow_fwd, flow_bwd = flow_cue(f_t, f_t2)                   # (B, 2, Hb, Wb) each
-            disp = depth_cue(torch.cat([f_t, f_t2]))                   # (2B, 1, Hb, Wb)
-            disp_t, disp_t2 = disp.chunk(2)
-        else:
-            flow_fwd, flow_bwd = batch["flow_fwd"], batch["flow_bwd"]
-            disp_t, disp_t2 = batch["disparity"][:, 0], batch["disparity"][:, 1]
-        conf_t = cuelib.flow_confidence(flow_fwd, flow_bwd)             # (B, 1, Hb, Wb)
-        conf_t2 = cuelib.flow_confidence(flow_bwd, flow_fwd)            # (B, 1, Hb, Wb)
-        depth, valid = cuelib.disparity_to_depth(torch.cat([disp_t, disp_t2]))
-        depth_t, depth_t2 = depth.chunk(2)                              # (B, 1, Hb, Wb)
-        valid_t, valid_t2 = valid.chunk(2)
-        # --- method ---
-        # Query = frame t with the forward flow; context = frame t+Δ with the NEGATED
-        # backward flow: both then say "where this point is heading", one map reads both.
-        # Warping copies values: a view's own flip or zoom never changes them (data.warp).
-        flow_q, flow_c = data.warp(flow_fwd, gq), data.warp(-flow_bwd, gc)  # (B, 2, S, S)
-        depth_q, depth_c = data.warp(depth_t, gq), data.warp(depth_t2, gc)  # (B, 1, S, S)
-        fconf_q, fconf_c = data.warp(conf_t, gq), data.warp(conf_t2, gc)
-        dval_q, dval_c = data.warp(valid_t, gq), data.warp(valid_t2, gc)
-
-    # Features of both views in one pass (the encoder is frozen, the decoder trains).
-    enc, feats = lila(torch.cat([img_q, img_c]))                       # (2B,E,h,w) (2B,D,S,S)
-    feats_q, feats_c = feats.float().chunk(2)
-
-    cq, cc, kq, kc, names = [], [], [], [], []   # cues and confidences, masked channels first
-    spread = {}   # each cue's std over the batch before z-scoring: 0 means it teaches nothing
-    with torch.no_grad():
-        if not args.no_flow:
-            spread["flow"] = float(torch.cat([flow_c, flow_q]).std())
-            a, b = zscore(flow_c, flow_q)
-            cc.append(a), cq.append(b), names.extend(["flow_x", "flow_y"])
-            kc.extend([fconf_c, fconf_c]), kq.extend([fconf_q, fconf_q])  # one per flow channel
-        if not args.no_depth:
-            spread["depth"] = float(torch.cat([depth_c, depth_q]).std())
-            a, b = zscore(depth_c, depth_q)
-            cc.append(a), cq.append(b), names.append("depth")
-            kc.append(dval_c), kq.append(dval_q)
-        if not args.no_sd:
-            # A random subset of the encoder's channels PER PAIR (official random_subset), the
-            # same subset for both views of the pair, upsampled by PAMR, L2-normalised.
-            E, B = enc.shape[1], img_q.shape[0]
-            ch = cuelib.sd_channels(E, args.sd_channels, sd_gen, batch=B).to(enc.device)  # (B, C)
-            sd = cuelib.sd_cue(enc.float(), torch.cat([img_q, img_c]), channels=torch.cat([ch, ch]),
-                               use_pamr=not args.no_pamr)               # (2B, C, S, S)
-            a, b = sd.chunk(2)
-            cq.append(a), cc.append(b), names.extend(["sd"] * args.sd_channels)
-        empty = img_q.new_zeros(img_q.shape[0], 0, *img_q.shape[-2:])
-        # The share of query pixels each masked cue may teach from (for the log).
-        shares = {n: float((k > 0).float().mean()) for n, k in
-                  (("flow", fconf_q), ("depth", dval_q)) if not getattr(args, f"no_{n}")}
-        out = dict(shares=shares, spread=spread, feats_q=feats_q, feats_c=feats_c, img_q=img_q, img_c=img_c,
-                   cue_q=torch.cat(cq, 1), cue_c=torch.cat(cc, 1),      # (B, K, S, S)
-                   conf_q=torch.cat(kq, 1) if kq else empty,            # (B, Cm, S, S)
-                   conf_c=torch.cat(kc, 1) if kc else empty, names=names)
-    return out
-
-
-def lila_loss(v, args, erm_head=None):
-    """The in-context loss (or, with --erm, the ablation without the in-context step).
-    Returns (loss, parts): parts holds scalar tensors "l1", "edge", and the L1 of each cue
-    ("l1_flow_x", "l1_flow_y", "l1_depth", "l1_sd": the mean over the SD channels)."""
-    kw = dict(lam=args.lam, gamma=args.gamma,
-              edge=not args.no_edge)     # --no-edge skips the edge terms, not just their weight
-    if args.erm:
-        loss, parts = incontext.erm_loss(erm_head, v["feats_q"], v["feats_c"], v["cue_q"],
-                                         v["cue_c"], v["conf_q"], v["conf_c"], **kw)
-    else:
-        loss, parts = incontext.incontext_loss(v["feats_q"], v["feats_c"], v["cue_q"], v["cue_c"],
-                                               v["conf_q"], v["conf_c"], **kw)
-    per_channel = parts.pop("l1_channels")                              # (K,)
-    for name in dict.fromkeys(v["names"]):
-        idx = [i for i, n in enumerate(v["names"]) if n == name]
-        parts[f"l1_{name}"] = per_channel[idx].mean()
-    return loss, parts
-
-
-# -----------------------------------------------------------------------------------------
-# The loop.
-
-# Flags that may change between a run and its --resume; every other flag must match.
-RESUMABLE = {"steps", "out", "resume", "device", "workers", "log_every", "save_every"}
-
-
-def make_dataset(args):
-    """The frame-pair dataset of data.py for the chosen source of frames and cues."""
-    common = dict(size=args.size, base=args.base, gap=args.gap, crop=not args.no_crop,
-                  seed=args.seed)
-    if args.cues == "synthetic":
-        return data.PairDataset.synthetic(args.synthetic_videos, args.synthetic_frames,
-                                          args.synthetic_seed, cue_noise=args.cue_noise, **common)
-    folder = data.VideoFolder(args.data)
-    return data.PairDataset(folder, with_cues=args.cues == "files", **common)
-
-
-def main(argv=None, cue_nets=None):
-    """cue_nets: optional (flow_net, depth_net) stand-ins for --cues hub (tests inject them
-    so the real pre- and post-processing of cues.py runs without downloads)."""
-    cli = sys.argv[1:] if argv is None else list(argv)
-    args = get_args(cli)
-    rank, world = setup_distributed()
-    if args.batch % world:
-        raise UserError(f"--batch {args.batch} must be divisible by the {world} processes")
-    run = RunFolder(args.out)
-    if rank == 0:
-        run.acquire(args.resume)        # one run per folder; released on exit (and on kill)
-    try:
-        return train(args, run, rank, world, cli, cue_nets)
-    finally:
-        if rank == 0:
-            run.release()
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def train(args, run, rank, world, cli, cue_nets=None):
-    """The run itself: set-up, the loop, checkpoints. cli: the command-line arguments (for the
-    line that says how to resume)."""
-    device = pick_device(args.device, rank)
-    cuda = device.type == "cuda"
-    config = dict(vars(args))
-    ckpt = run.check(args, config, RESUMABLE)  # the checkpoint decides step, weights, optimizer, RNG
-    start = ckpt["step"] if ckpt else 0
-    ckpt_path = run.file("ckpt.pt")
-    torch.manual_seed(args.seed), np.random.seed(args.seed), random.seed(args.seed)
-
-    # Data: a deterministic sampler, so the data order is a function of (seed, step).
-    dataset = make_dataset(args)
-    sampler = StepSampler(len(dataset), args.batch, start, args.steps, args.seed, rank, world)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch // world,
-                                         sampler=sampler, num_workers=args.workers,
-                                         pin_memory=cuda, drop_last=True,
-                                         worker_init_fn=StopOnSignal.ignore_in_worker)
-    flow_cue = depth_cue = None
-    if args.cues == "hub":
-        nets = cue_nets or (None, None)
-        flow_cue = cuelib.FlowCue(args.flow_net, hub_dir=args.hub_dir, net=nets[0]).to(device)
-        depth_cue = cuelib.DepthCue(args.depth_net, hub_dir=args.hub_dir,
-                                    net=nets[1]).to(device)
-
-    # Model: frozen encoder + trainable decoder (+ the ERM head for the ablation).
-    lila = model.build_lila(args.backbone, args.weights, args.preset, seed=args.seed).to(device)
-    n_cues = (0 if args.no_flow else 2) + (0 if args.no_depth else 1) + \
-             (0 if args.no_sd else args.sd_channels)
-    erm_head = incontext.ERMHead(lila.decoder.out_dim, n_cues).to(device) if args.erm else None
-    params = [p for p in lila.parameters() if p.requires_grad]
-    params += list(erm_head.parameters()) if erm_head is not None else []
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd)
-    if ckpt:
-        lila.decoder.load_state_dict(ckpt["decoder"])
-        if erm_head is not None:
-            erm_head.load_state_dict(ckpt["erm_head"])
-        opt.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-
-    # Everything is checked and built: only now the config (the one used) and the run files.
-    if rank == 0:
-        print(f"device {device}, precision {'bf16 autocast' if cuda else 'fp32'}, "
+    def __init__(self, run, args, config, rank, world, device, dataset, ckpt, start, n_params):
+        self.run, self.args, self.config, self.rank = run, args, config, rank
+        self.ckpt_path = run.file("ckpt.pt")
+        self.t0, self.last_log = time.time(), start
+        self.shares, self.spreads, self.skipped, self.skipped_all = [], [], 0, 0  # per interval
+        if rank != 0:
+            return
+        # Everything is checked and built: only now the config (the one used) and the run files.
+        print(f"device {device}, precision {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
               f"{world} process(es)")
         print("config " + json.dumps(config))
-        print(f"{len(dataset)} videos per epoch, {sum(p.numel() for p in params) / 1e6:.2f}M "
-              f"trainable parameters, steps {start} -> {args.steps}")
+        print(f"{len(dataset)} videos per epoch, {n_params / 1e6:.2f}M trainable parameters, "
+              f"steps {start} -> {args.steps}")
         if run.rewind_log(start):
             print(f"{run.file('log.jsonl')}: dropped a damaged line (a run killed mid-write)")
         try:
@@ -439,131 +595,92 @@ def train(args, run, rank, world, cli, cue_nets=None):
             os.replace(run.file("config.json") + ".tmp", run.file("config.json"))
         except OSError as e:
             raise write_error(run.file("config.json"), e) from None
-        log = open(run.file("log.jsonl"), "a")
-        picture = FeaturePicture(dataset[0], ckpt.get("picture") if ckpt else None)
+        self.log = open(run.file("log.jsonl"), "a")
+        self.picture = FeaturePicture(dataset[0], ckpt.get("picture") if ckpt else None)
+        self.bar = tqdm(total=args.steps, initial=start, dynamic_ncols=True)
 
-    def save(step):
-        atomic_save({"decoder": lila.decoder.state_dict(), "optimizer": opt.state_dict(),
-                     "erm_head": erm_head.state_dict() if erm_head is not None else {},
-                     "step": step, "rng": rng_state(), "config": config,
-                     "picture": picture.state}, ckpt_path)
+    def after_step(self, step, loss, parts, cues, skipped, lr):
+        """The bar; every --log-every steps a log.jsonl row and the interval's warnings."""
+        self.shares.append(cues["shares"]), self.spreads.append(cues["spread"])
+        self.skipped += skipped                         # pairs that failed to load, replaced
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{float(loss):.4f}")
+        if not (step % self.args.log_every == 0 or step == self.args.steps):
+            return
+        dt, steps = time.time() - self.t0, f"steps {self.last_log + 1}-{step}"
+        conf = {f"conf_{k}": float(np.mean([s[k] for s in self.shares])) for k in self.shares[-1]}
+        row = {"step": step, "loss": float(loss), **{k: float(x) for k, x in parts.items()},
+               **conf, "skipped_pairs": self.skipped, "lr": lr, "seconds": round(dt, 3),
+               "pairs_per_s": round((step - self.last_log) * self.args.batch / max(dt, 1e-9), 2)}
+        try:
+            self.log.write(json.dumps(row) + "\n")
+            self.log.flush()
+        except OSError as e:
+            raise write_error(self.log.name, e, f"the last checkpoint {self.ckpt_path} is intact "
+                              f"(a line cut off is dropped on resume)") from None
+        # A broken cue cache shows here: a cue that teaches nothing.
+        for k, x in conf.items():
+            if x < 0.1:  # healthy cues: most pixels; broken ones: almost none
+                warn(f"train.py: warning: {steps}: only {100 * x:.2f} % of the query pixels "
+                     f"have a confident {k[5:]} cue; check the cues (python data.py --preview)")
+        for k in self.spreads[-1]:
+            if max(sp[k] for sp in self.spreads) < 1e-6:   # e.g. one disparity everywhere
+                warn(f"train.py: warning: {steps}: the {k} cue is constant in every batch, so it "
+                     f"teaches nothing; check the cues (python data.py --preview)")
+        if self.skipped:
+            warn(f"train.py: warning: {steps}: {self.skipped} pairs failed to load and were "
+                 f"replaced (the messages above name them)")
+        self.t0, self.last_log, self.shares, self.spreads = time.time(), step, [], []
+        self.skipped_all, self.skipped = self.skipped_all + self.skipped, 0
 
-    stop = StopOnSignal()
+    def save(self, step, lila, trainable, opt, device, picture=True):
+        """ckpt.pt (atomic), then the feature picture of this step."""
+        atomic_save({**trainable.state(), "optimizer": opt.state_dict(), "step": step,
+                     "rng": rng_state(), "config": self.config, "picture": self.picture.state},
+                    self.ckpt_path)
+        if not picture:
+            return
+        path = self.run.file(f"feats_{step:07d}.png")
+        try:
+            self.picture.save(lila, path, step, device)
+        except OSError as e:
+            raise write_error(path, e, f"the checkpoint of step {step} is saved") from None
 
-    def stopping():             # every process must agree, or the next all_reduce would hang
-        flag = torch.tensor(float(stop.name is not None), device=device)
-        if world > 1:
-            dist.all_reduce(flag)
-        return bool(flag > 0)
-
-    lila.train()  # the decoder trains; LILA keeps its frozen encoder in eval mode
-    bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    t0, step, last_log, loss = time.time(), start, start, torch.tensor(float("nan"))
-    shares, spreads, skipped, skipped_all = [], [], 0, 0   # per log interval (skipped_all: run)
-    batches = iter(loader)
-    try:
-        while step < args.steps and not stopping():
-            try:
-                batch = next(batches)
-            except Exception:       # a worker died because of the signal: stop as asked
-                if stop.name is None:
-                    raise
-                break
-            # Everything random in a step is a function of (seed, step): exact resumes.
-            sd_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
-            for group in opt.param_groups:
-                group["lr"] = lr
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                v = views_and_cues(batch, lila, args, flow_cue, depth_cue, sd_gen)
-            loss, parts = lila_loss(v, args, erm_head)                     # fp32
-
-            bad = [k for k, x in {"loss": loss.detach(), **parts}.items()
-                   if not math.isfinite(float(x))]
-            if bad:
-                raise UserError(f"step {step}: non-finite {', '.join(bad)} (loss "
-                                f"{float(loss.detach())}); stopping, nothing saved. Last checkpoint: "
-                                f"{ckpt_path}. A smaller --lr (or a --warmup) usually helps")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:  # average gradients over processes (what DDP does, spelled out)
-                for p in params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
-            opt.step()
-            if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
-                raise UserError(f"step {step}: the update made the weights non-finite (--lr "
-                                f"{args.lr}); stopping, nothing saved. Last checkpoint: {ckpt_path}")
-            step += 1
-            loss = loss.detach()
-            shares.append(v["shares"]), spreads.append(v["spread"])
-            skipped += int(batch["skipped"].sum())       # pairs that failed to load, replaced
-
-            if rank == 0:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4f}")
-                if step % args.log_every == 0 or step == args.steps:
-                    dt = time.time() - t0
-                    conf = {f"conf_{k}": float(np.mean([s[k] for s in shares])) for k in shares[-1]}
-                    row = {"step": step, "loss": float(loss), **{k: float(x) for k, x in parts.items()},
-                           **conf, "skipped_pairs": skipped, "lr": lr, "seconds": round(dt, 3),
-                           "pairs_per_s": round((step - last_log) * args.batch / max(dt, 1e-9), 2)}
-                    try:
-                        log.write(json.dumps(row) + "\n")
-                        log.flush()
-                    except OSError as e:
-                        raise write_error(log.name, e, f"the last checkpoint {ckpt_path} is intact "
-                                          f"(a line cut off is dropped on resume)") from None
-                    # A broken cue cache shows here: a cue that teaches nothing.
-                    for k, x in conf.items():
-                        if x < 0.1:  # healthy cues: most pixels; broken ones: almost none
-                            warn(f"train.py: warning: steps {last_log + 1}-{step}: only "
-                                 f"{100 * x:.2f} % of the query pixels have a confident "
-                                 f"{k[5:]} cue; check the cues (python data.py --preview)")
-                    for k in spreads[-1]:
-                        if max(sp[k] for sp in spreads) < 1e-6:   # e.g. one disparity everywhere
-                            warn(f"train.py: warning: steps {last_log + 1}-{step}: the {k} "
-                                 f"cue is constant in every batch, so it teaches nothing; "
-                                 f"check the cues (python data.py --preview)")
-                    if skipped:
-                        warn(f"train.py: warning: steps {last_log + 1}-{step}: {skipped} pairs "
-                             f"failed to load and were replaced (the messages above name them)")
-                    t0, last_log, shares, spreads = time.time(), step, [], []
-                    skipped_all, skipped = skipped_all + skipped, 0
-                if step % args.save_every == 0 or step == args.steps:
-                    save(step)
-                    try:
-                        picture.save(lila, run.file(f"feats_{step:07d}.png"), step, device)
-                    except OSError as e:
-                        raise write_error(run.file(f"feats_{step:07d}.png"), e,
-                                          f"the checkpoint of step {step} is saved") from None
-    finally:
-        del batches   # shuts the DataLoader workers down now, also when an error ends the run
-    bar.close()
-    if stop.name is not None:
-        if rank == 0:
-            save(step)
-            again = shlex.join(["python", "train.py"] + [a for a in cli if a != "--resume"]
-                               + ["--resume"])
-            print(f"train.py: stopped by {stop.name} at step {step}; checkpoint {ckpt_path}. "
-                  f"Continue with: {again}", file=sys.stderr)
-        raise SystemExit(128 + getattr(signal, stop.name))
-    if rank == 0:
-        replaced = f", {skipped_all + skipped} pairs replaced (failed to load)" if skipped_all + skipped else ""
-        print(f"done: step {step}, loss {float(loss):.4f}, checkpoint {ckpt_path}{replaced}")
-    return step
+    def finish(self, step, loss, stop, cli, lila, trainable, opt, device):
+        """The last line: done, or stopped by a signal (checkpoint saved, how to resume)."""
+        if self.rank == 0:
+            self.bar.close()
+        if stop.name is not None:
+            if self.rank == 0:
+                self.save(step, lila, trainable, opt, device, picture=False)
+                again = shlex.join(["python", "train.py"] + [a for a in cli if a != "--resume"]
+                                   + ["--resume"])
+                print(f"train.py: stopped by {stop.name} at step {step}; checkpoint "
+                      f"{self.ckpt_path}. Continue with: {again}", file=sys.stderr)
+            raise SystemExit(128 + getattr(signal, stop.name))
+        if self.rank == 0:
+            n = self.skipped_all + self.skipped
+            replaced = f", {n} pairs replaced (failed to load)" if n else ""
+            print(f"done: step {step}, loss {float(loss):.4f}, checkpoint {self.ckpt_path}{replaced}")
+        return step
 
 
 if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:   # a second Ctrl-C: quit now, the last checkpoint stays
-        sys.exit("train.py: interrupted; the last checkpoint is kept (add --resume to continue)")
-    except Exception as e:      # noqa: BLE001 - the user's errors in one line, bugs in full
+        print("train.py: interrupted; the last checkpoint is kept (add --resume to continue)",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Exception as e:      # noqa: BLE001 - the user's errors in full, bugs with a traceback
         msg = user_message(e)
         if msg is None:
             raise
+        a = get_args(sys.argv[1:]) if msg.startswith("cues.py:") else None
+        if a is not None and a.cues == "hub":   # a cue network failed: why hub, the other way
+            auto = "--cues" not in [x.split("=")[0] for x in sys.argv]
+            msg += (f"\n--cues {'auto chose hub' if auto else 'hub'} (RAFT and MiDaS during "
+                    f"training){': there is no cue cache ' + os.path.join(a.data, 'Cues') if auto else ''}. "
+                    f"The other way needs no cue network here: write the cache once where they "
+                    f"run (`python cues.py --data {a.data}`), then train on it (--cues files)")
         sys.exit(f"train.py: error: {msg}")

@@ -105,19 +105,102 @@ def test_overfit_one_batch_halves_the_incontext_loss():
     assert last < 0.5 * first, (first, last)
 
 
-def test_torchrun_two_cpu_processes(tmp_path):
-    out = str(tmp_path / "ddp")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29533", os.path.join(REPO, "train.py"), *TINY,
-                        "--batch", "4", "--steps", "2", "--out", out], env=ENV,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 2
-    assert sorted(losses(out)) == [1, 2]
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# train.main under torchrun, and each rank's decoder weights written out at the end.
+DDP_WORKER = """
+import os, sys
+import torch
+sys.path.insert(0, {repo!r})
+import model, train
+built, real = [], model.build_lila
+model.build_lila = lambda *a, **k: built.append(real(*a, **k)) or built[-1]
+train.main(sys.argv[1:])
+torch.save(built[-1].decoder.state_dict(), os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
+"""
+
+
+def test_ddp_on_two_processes_stops_resumes_and_keeps_the_ranks_identical(tmp_path):
+    """torchrun, 2 CPU processes (gloo): 2 steps, stop, resume for a third in micro-batches (the
+    first chunk without gradient sync); each rank sees other pairs, so only averaged gradients
+    keep the two decoders equal."""
+    out = tmp_path / "ddp"
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER.format(repo=REPO, out=str(tmp_path)))
+
+    def torchrun(*extra):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                            str(worker), *TINY, "--batch", "4", "--out", str(out), *extra],
+                           env=ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+    torchrun("--steps", "2")
+    first = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r = torchrun("--steps", "3", "--resume", "--micro-batch", "1")
+    assert "2 process(es)" in r.stdout and "done: step 3" in r.stdout
+    w0, w1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 3 and sorted(losses(str(out))) == [1, 2, 3]
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]) and torch.equal(w0[k], saved["decoder"][k]), k
+    assert any(not torch.equal(first[k], w0[k]) for k in w0)          # the third step trained
+
+
+def test_micro_batches_give_the_whole_batchs_gradients_and_losses(tmp_path):
+    """A step of 4 pairs in chunks of 1 and of 3 (+1): the cues z-scored over the whole batch,
+    the loss normalised by its counts, so the summed losses, parts and accumulated gradients
+    equal the one-pass step's; with --erm too (its head's gradients included)."""
+    import incontext
+    import model
+    base = TINY + ["--batch", "4", "--synthetic-videos", "3"]
+    ds = train.make_dataset(train.get_args(base))
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    lila = model.build_lila("dinov2_vits14", "none", "tiny", seed=0).train()
+    torch.manual_seed(0)
+    head = incontext.ERMHead(lila.decoder.out_dim, 35)
+
+    def step(micro, erm):
+        args = train.get_args(base + ["--micro-batch", str(micro)] + (["--erm"] if erm else []))
+        cues = train.step_cues(batch, args, sd_gen=torch.Generator().manual_seed(0))
+        chunks, norms = train.micro_batches(cues, args)
+        assert len(chunks) == {0: 1, 1: 4, 3: 2}[micro]
+        params = list(lila.decoder.parameters()) + (list(head.parameters()) if erm else [])
+        for p in params:
+            p.grad = None
+        loss, parts = 0.0, {}
+        for chunk in chunks:
+            chunk_loss, chunk_parts = train.lila_loss(train.features_and_sd(chunk, lila, args), args,
+                                                      head if erm else None, norms)
+            chunk_loss.backward()
+            loss, parts = loss + chunk_loss.detach(), {k: parts.get(k, 0) + x for k, x in chunk_parts.items()}
+        return loss, parts, [p.grad.clone() for p in params]
+    for erm in (False, True):
+        loss, parts, grads = step(0, erm)
+        for micro in (1, 3):
+            loss_m, parts_m, grads_m = step(micro, erm)
+            torch.testing.assert_close(loss_m, loss, rtol=1e-5, atol=1e-7)
+            for k in parts:
+                torch.testing.assert_close(parts_m[k], parts[k], rtol=1e-5, atol=1e-7, msg=k)
+            for g_m, g in zip(grads_m, grads):
+                torch.testing.assert_close(g_m, g, rtol=1e-3, atol=1e-4 * float(g.abs().max()))
+    # train.py itself: the logged losses of a first step, whole and in chunks of 1.
+    logs = []
+    for micro in ("0", "1"):
+        out = str(tmp_path / f"m{micro}")
+        train.main(base + ["--steps", "1", "--micro-batch", micro, "--out", out])
+        logs.append(json.loads(open(os.path.join(out, "log.jsonl")).readline()))
+    for k in ("loss", "l1", "edge", "l1_flow_x", "l1_flow_y", "l1_depth", "l1_sd"):
+        assert logs[1][k] == pytest.approx(logs[0][k], rel=1e-5, abs=1e-7), k
 
 
 def test_non_finite_loss_stops_with_step_and_part(tmp_path, monkeypatch):
-    def nan_loss(v, args, erm_head=None):
+    def nan_loss(v, args, erm_head=None, norms=None):
         bad = v["feats_q"].sum() * float("nan")
         return bad, {"l1": bad.detach(), "edge": torch.tensor(0.0)}
     monkeypatch.setattr(train, "lila_loss", nan_loss)
@@ -168,9 +251,9 @@ def test_query_and_context_flow_cues_agree_on_the_same_3d_point(monkeypatch):
     backward flow breaks it for all."""
     seen = {}
 
-    def spy(a, b, eps=1e-3):                # views_and_cues z-scores the raw view-space flows here
-        seen.setdefault("flow", (a, b))
-        return zscore(a, b, eps)
+    def spy(q, c, eps=1e-3):                # views_and_cues z-scores the raw view-space flows here
+        seen.setdefault("flow", (q, c))
+        return zscore(q, c, eps)
 
     zscore = train.zscore
     monkeypatch.setattr(train, "zscore", spy)
@@ -185,7 +268,7 @@ def test_query_and_context_flow_cues_agree_on_the_same_3d_point(monkeypatch):
     lila = model.build_lila(args.backbone, "none", "tiny", seed=0)
     with torch.no_grad():
         v = train.views_and_cues(batch, lila, args)
-    flow_c, flow_q = seen["flow"]                                       # (B, 2, S, S)
+    flow_q, flow_c = seen["flow"]                                       # (B, 2, S, S)
     conf_q, conf_c = v["conf_q"][:, :1], v["conf_c"][:, :1]             # (B, 1, S, S)
     for own in (False, True):
         errs, mags = [], []
@@ -459,7 +542,7 @@ PAPER = dict(lr=1e-4, wd=1e-4, batch=32, steps=100_000, warmup=0,   # opt.lr/wei
              sd_channels=32,       # model.num_fts
              gap=5,                # train_dataset.T: Δ in 1..5
              size=224, base=224,   # crop_w_tf: 224² views; base crops resized to 224²
-             backbone="dinov2_vits14", preset="paper")
+             backbone="dinov2_vits14", preset="paper", micro_batch=0)
 ABLATIONS = ("no_pamr", "no_edge", "no_crop", "erm", "no_depth", "no_flow", "no_sd")
 
 
@@ -471,7 +554,7 @@ def test_every_method_default_is_the_papers():
         assert getattr(paper, k) is False and getattr(tiny, k) is False, k
     # The tiny preset shrinks the run (views, pairs, steps, lr), never the method.
     assert (tiny.size, tiny.base, tiny.batch, tiny.steps, tiny.lr) == (112, 112, 8, 200, 1e-3)
-    for k in ("wd", "warmup", "lam", "gamma", "sd_channels", "gap", "backbone"):
+    for k in ("wd", "warmup", "lam", "gamma", "sd_channels", "gap", "backbone", "micro_batch"):
         assert getattr(tiny, k) == PAPER[k], k
     # The crops train.py asks data.py for: query area in [0.3, 1] with its own flip, context a
     # fixed 0.8 of the area (YTVOS crop_range [0.3, 1.0], mask_ratio 0.8, aspect [1, 1]).
