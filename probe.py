@@ -1,33 +1,33 @@
-"""probe.py: the evaluation protocol of LILA (Araslanov et al., CVPR 2026, "Experiments"), so
-that a GPU user with the weights and datasets can reproduce the published tables.
+"""probe.py: the evaluation of LILA (Araslanov et al., CVPR 2026, "Experiments"): frozen
+features scored by probes, as the official lila/eval_*.py, so that a GPU user with the weights
+and datasets can reproduce the published tables.
+
+The method, top to bottom:
+  knn_rule      what k-NN propagation says a pixel's label is (DAVIS-2017 video object
+                segmentation): the softmax-weighted labels of its 5 most similar positions
+                within a 25 x 25 window of frame 0 and of the 7 latest frames (T = 0.1, on a
+                feature grid of short side 60)
+  propagate     that rule applied frame after frame, each prediction the next frames' context
+  knn_step      the same numbers, less memory: the windows of a tile of queries at once
+  davis_jf      J (region IoU), F (boundary F-measure) and J&F, as davis2017-evaluation
+Below `# --- plumbing ---`: features, the per-sequence loops, the one-shot linear probe
+(lp_sequence, eval_vos.py), the trainer's validation (davis_val), PCA pictures, the CLI.
 
 Every probe reads the frozen encoder's last tapped layer (a LayerNormed h x w patch grid), the
-decoder's pixel features, or both, and sums the two predictions (official lila/eval_*.py,
-alpha_enc = alpha_dec = 1): `--features full` is the paper's "+ LILA" row (the default with a
-trained --ckpt), `--features encoder` its "DINOv2" row (the default with --ckpt none).
+decoder's pixel features, or both, and sums the two predictions (alpha_enc = alpha_dec = 1):
+`--features full` is the paper's "+ LILA" row (the default with a trained --ckpt), `--features
+encoder` its "DINOv2" row (the default with --ckpt none).
 
-  vos-knn   DAVIS-2017 k-NN label propagation (eval_vosknn.py): knn_step, propagate
-  vos-lp    DAVIS-2017 one-shot linear probe (eval_vos.py): lp_sequence
+  vos-knn   DAVIS-2017 k-NN label propagation (eval_vosknn.py)
+  vos-lp    DAVIS-2017 one-shot linear probe (eval_vos.py)
   normals   NYUv2 surface normals (eval_norml.py)          \
   semseg    COCO-Stuff-27, ADE20K (eval_seg.py)              > dense_probes.py
   zeroshot  COCO-Stuff, 15 unseen classes (eval_openseg.py) /
   pca       PCA pictures of the features of a folder of frames
-J, F, J&F reproduce davis2017-evaluation (semi-supervised). Dataset layouts: evaldata.py.
+Dataset layouts: evaldata.py. Differences from the official evaluation: GUIDE.md.
 
 Shapes: T frames, H x W image, h x w feature grid, D feature dim, C labels (background +
 objects, or classes), K context frames, s query tile side.
-
-Deviations from the official evaluation (each with its reason in GUIDE.md):
-- k-NN computes each query only against its own window, tile by tile: the labels of the
-  official unfold formulation (up to float ties), without its (h w) x K x 625 similarity array.
-- davis_jf: void="ignore" applies the void path of db_eval_iou; the default "background"
-  reproduces the official reader (255 read as background).
-- DAVIS-2016 0/255 masks are read as one object (the official reader would count none).
-- vos-lp runs at short side 476 with the aspect kept (official default config: 224; its README
-  example: 476 squashed to 476 x 476); its classes are the first mask's ids (official: the
-  largest id of the whole sequence).
-- --protocol fast (not the paper's): features of whole frames once, a linear head on sampled
-  pixels; the quick check on synthetic scenes.
 
 Commands (the GPU runbook, with times and the published numbers: GUIDE.md):
   python probe.py vos-knn  --data DAVIS --ckpt runs/x/ckpt.pt --out out/knn
@@ -56,9 +56,103 @@ import dense_probes
 VOID = 255  # DAVIS / segmentation "void" or "ignore" label
 
 
-def fail(msg):
-    """Bad input the user can fix: the wrapper at the bottom prints it as one line."""
-    raise ValueError(f"probe.py: {msg}")
+# --- method: k-NN label propagation over local windows (official eval_vosknn.py) ---
+
+def knn_rule(query, ctx, labels, radius=12, topk=5, temperature=0.1):
+    """The definition. query (D, h, w) and ctx (K, D, h, w) L2-normalised features of frame t
+    and of its K context frames, labels (K, C, h, w) the context's soft labels -> (C, h, w).
+    A query pixel p's candidates are the positions q within +-radius rows and columns of p in
+    each context frame (radius 12: a 25 x 25 window, eval.yaml attn_window; replicate-padded
+    at the borders), scored by the cosine s(q) = f_t(p) . f_k(q). Its topk best N(p) vote:
+        label_t(p) = sum_{q in N(p)} softmax_q(s(q) / T) label_k(q)     (topk 5, T = 0.1)
+    Why a window: objects move little between frames, and far-away look-alikes stay out. Why
+    the top 5 and a low T: a few confident matches decide, not an average over the window.
+    This is the official unfold formulation; it holds every window of every pixel at once."""
+    D, h, w = query.shape
+    K, C = labels.shape[:2]
+    win = 2 * radius + 1
+
+    def windows(x):                                                    # (K, ch, h, w) -> (K, ch, win*win, h*w)
+        return F.unfold(F.pad(x, (radius,) * 4, mode="replicate"), win).view(K, x.shape[1], win * win, h * w)
+    keys, labs = windows(ctx), windows(labels)                         # (K, D | C, win^2, h*w)
+    sim = torch.einsum("dn,kdjn->nkj", query.flatten(1), keys).reshape(h * w, K * win * win)  # cosines
+    val, idx = sim.topk(topk, dim=1)                                   # (h*w, topk) the neighbours N(p)
+    lab = labs.permute(3, 0, 2, 1).reshape(h * w, K * win * win, C)    # (h*w, K*win^2, C)
+    lab = torch.gather(lab, 1, idx[..., None].expand(-1, -1, C))       # (h*w, topk, C)
+    wgt = torch.softmax(val / temperature, dim=1)                      # (h*w, topk)
+    return (wgt[..., None] * lab).sum(1).T.reshape(C, h, w)
+
+
+def propagate(feats, first, n_context=7, step=None, progress=False, **step_kw):
+    """The rule over a video. Frame 0's labels are given (first (C, h, w), soft); frame t's
+    context is frame 0 and the n_context latest frames (7: eval.yaml context_size), with their
+    predicted labels, so each prediction feeds the next frames. feats: one (T, D, h, w)
+    L2-normalised tensor, or a list of them (feature sources, e.g. encoder and decoder; any
+    device) -> (T, C, h, w). With several sources each propagates the shared context labels
+    and the outputs are summed (alpha 1 each): the sum is frame t's prediction and later
+    frames' context (official _predict_with_knn). step: knn_step (default) or knn_rule."""
+    step = step or knn_step
+    sources = [feats] if torch.is_tensor(feats) else list(feats)
+    soft = [first]
+    for t in tqdm(range(1, sources[0].shape[0]), desc="propagate", leave=False, disable=not progress):
+        ids = [0] + list(range(max(1, t - n_context), t))              # frame 0 + the latest n_context
+        ctx = torch.stack([soft[i] for i in ids])                      # (K, C, h, w)
+        soft.append(sum(step(f[t].to(first.device), f[ids].to(first.device), ctx, **step_kw) for f in sources))
+    return torch.stack(soft)
+
+
+def knn_step(query, ctx, labels, radius=12, topk=5, temperature=0.1, tile=8):
+    """knn_rule's numbers with less memory (same labels up to float ties; `python bench.py
+    probe`). knn_rule holds every pixel's window, (h w) x K x (2r+1)^2 cosines and the unfolded
+    keys; here queries go in s x s tiles, and a tile's keys are the (s + 2r)^2 block around it,
+    each query masked to its own window. Arguments and result as knn_rule; tile: s (speed only)."""
+    D, h, w = query.shape
+    K, C = ctx.shape[0], labels.shape[1]
+    s, r, S = tile, radius, tile + 2 * radius
+    nty, ntx = -(-h // s), -(-w // s)
+    ph, pw = nty * s - h, ntx * s - w
+    q = F.pad(query, (0, pw, 0, ph))                                   # (D, nty*s, ntx*s), extra queries dropped
+    pad = (r, r + pw, r, r + ph)
+    kf = F.pad(ctx, pad, mode="replicate")                             # (K, D, h+2r+ph, w+2r+pw)
+    kl = F.pad(labels, pad, mode="replicate")                          # (K, C, ...)
+    # window mask inside one tile: key (ky, kx) of the block is within +-r of query (qy, qx)
+    d = torch.arange(S, device=query.device)[None, :] - torch.arange(s, device=query.device)[:, None]
+    win = (d >= 0) & (d <= 2 * r)                                      # (s, S)
+    win = (win[:, None, :, None] & win[None, :, None, :]).reshape(1, s * s, 1, S * S)  # same for all K
+    out = torch.empty(C, nty * s, ntx * s, device=query.device)
+    for ty in range(nty):
+        rows = slice(ty * s, ty * s + S)
+        qt = q[:, ty * s:(ty + 1) * s].unfold(2, s, s)                 # (D, s, ntx, s)
+        qt = qt.permute(2, 1, 3, 0).reshape(ntx, s * s, D)             # (ntx, s*s, D)
+        kt = kf[:, :, rows].unfold(3, S, s)                            # (K, D, S, ntx, S)
+        kt = kt.permute(3, 0, 2, 4, 1).reshape(ntx, K * S * S, D)      # (ntx, K*S*S, D)
+        lt = kl[:, :, rows].unfold(3, S, s)                            # (K, C, S, ntx, S)
+        lt = lt.permute(3, 0, 2, 4, 1).reshape(ntx, K * S * S, C)      # (ntx, K*S*S, C)
+        sim = torch.bmm(qt, kt.transpose(1, 2)).view(ntx, s * s, K, S * S)
+        sim = sim.masked_fill(~win, float("-inf")).view(ntx, s * s, K * S * S)
+        val, idx = sim.topk(topk, dim=-1)                              # (ntx, s*s, k)
+        wgt = torch.softmax(val / temperature, dim=-1)                 # (ntx, s*s, k)
+        lab = torch.gather(lt[:, None].expand(-1, s * s, -1, -1), 2,
+                           idx[..., None].expand(-1, -1, -1, C))       # (ntx, s*s, k, C)
+        pred = (wgt[..., None] * lab).sum(2).view(ntx, s, s, C)        # (ntx, s, s, C)
+        out[:, ty * s:(ty + 1) * s] = pred.permute(3, 1, 0, 2).reshape(C, s, ntx * s)
+    return out[:, :h, :w]
+
+
+def soft_to_labels(soft, size, norm_mask=False):
+    """soft (C, h, w) -> (H, W) int labels: bilinear upsampling, argmax (official). norm_mask:
+    DINO's per-channel min-max to [0, 1] first (eval_video_segmentation.py; not LILA's)."""
+    up = F.interpolate(soft[None], size=size, mode="bilinear", align_corners=False)[0]  # (C, H, W)
+    if norm_mask:
+        lo, hi = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
+        up = torch.where(hi > 0, (up - lo) / (hi - lo).clamp(min=1e-12), up)
+    return up.argmax(0)
+
+
+def grid_hw(H, W, short):
+    """Feature grid of an H x W input: short side `short`, the other int(side * short /
+    short_in) (official eval_vosknn._rescale_grid)."""
+    return (short, int(W * short / H)) if H < W else (int(H * short / W), short)
 
 
 # --- method: the DAVIS-2017 metric (davis2017-evaluation, davis2017/metrics.py) ---
@@ -141,77 +235,11 @@ def davis_jf(preds, gts, bound_th=0.008, void="background", chunk=16):
     return {"J": jm, "F": fm, "JF": (jm + fm) / 2}
 
 
+# --- plumbing ---
 
-# --- method: k-NN label propagation over local windows (official eval_vosknn.py) ---
-
-def knn_step(query, ctx, labels, radius=12, topk=5, temperature=0.1, tile=8):
-    """One propagation step. query (D, h, w), ctx (K, D, h, w) L2-normalised, labels (K, C, h, w)
-    -> (C, h, w). For every query pixel: cosine to every context position within +-radius rows
-    and columns in each of the K frames (the window replicate-padded at the borders, as the
-    official unfold), the top-k over all K (2r+1)^2 of them, weights softmax(cos / T).
-    Queries go in s x s tiles; a tile's keys are the (s + 2r)^2 block around it."""
-    D, h, w = query.shape
-    K, C = ctx.shape[0], labels.shape[1]
-    s, r, S = tile, radius, tile + 2 * radius
-    nty, ntx = -(-h // s), -(-w // s)
-    ph, pw = nty * s - h, ntx * s - w
-    q = F.pad(query, (0, pw, 0, ph))                                   # (D, nty*s, ntx*s), extra queries dropped
-    pad = (r, r + pw, r, r + ph)
-    kf = F.pad(ctx, pad, mode="replicate")                             # (K, D, h+2r+ph, w+2r+pw)
-    kl = F.pad(labels, pad, mode="replicate")                          # (K, C, ...)
-    # window mask inside one tile: key (ky, kx) of the block is within +-r of query (qy, qx)
-    d = torch.arange(S, device=query.device)[None, :] - torch.arange(s, device=query.device)[:, None]
-    win = (d >= 0) & (d <= 2 * r)                                      # (s, S)
-    win = (win[:, None, :, None] & win[None, :, None, :]).reshape(1, s * s, 1, S * S)  # same for all K
-    out = torch.empty(C, nty * s, ntx * s, device=query.device)
-    for ty in range(nty):
-        rows = slice(ty * s, ty * s + S)
-        qt = q[:, ty * s:(ty + 1) * s].unfold(2, s, s)                 # (D, s, ntx, s)
-        qt = qt.permute(2, 1, 3, 0).reshape(ntx, s * s, D)             # (ntx, s*s, D)
-        kt = kf[:, :, rows].unfold(3, S, s)                            # (K, D, S, ntx, S)
-        kt = kt.permute(3, 0, 2, 4, 1).reshape(ntx, K * S * S, D)      # (ntx, K*S*S, D)
-        lt = kl[:, :, rows].unfold(3, S, s)                            # (K, C, S, ntx, S)
-        lt = lt.permute(3, 0, 2, 4, 1).reshape(ntx, K * S * S, C)      # (ntx, K*S*S, C)
-        sim = torch.bmm(qt, kt.transpose(1, 2)).view(ntx, s * s, K, S * S)
-        sim = sim.masked_fill(~win, float("-inf")).view(ntx, s * s, K * S * S)
-        val, idx = sim.topk(topk, dim=-1)                              # (ntx, s*s, k)
-        wgt = torch.softmax(val / temperature, dim=-1)                 # (ntx, s*s, k)
-        lab = torch.gather(lt[:, None].expand(-1, s * s, -1, -1), 2,
-                           idx[..., None].expand(-1, -1, -1, C))       # (ntx, s*s, k, C)
-        pred = (wgt[..., None] * lab).sum(2).view(ntx, s, s, C)        # (ntx, s, s, C)
-        out[:, ty * s:(ty + 1) * s] = pred.permute(3, 1, 0, 2).reshape(C, s, ntx * s)
-    return out[:, :h, :w]
-
-
-def propagate(feats, first, n_context=7, step=knn_step, progress=False, **step_kw):
-    """feats: one (T, D, h, w) L2-normalised tensor, or a list of them (feature sources, e.g.
-    encoder and decoder; any device); first (C, h, w) soft labels of frame 0 -> (T, C, h, w).
-    Context of frame t: frame 0 + the n_context latest predictions. With several sources,
-    each propagates the shared context labels and the outputs are summed (alpha 1 each);
-    the sum is frame t's prediction and later frames' context (official _predict_with_knn)."""
-    sources = [feats] if torch.is_tensor(feats) else list(feats)
-    soft = [first]
-    for t in tqdm(range(1, sources[0].shape[0]), desc="propagate", leave=False, disable=not progress):
-        ids = [0] + list(range(max(1, t - n_context), t))
-        ctx = torch.stack([soft[i] for i in ids])                      # (K, C, h, w)
-        soft.append(sum(step(f[t].to(first.device), f[ids].to(first.device), ctx, **step_kw) for f in sources))
-    return torch.stack(soft)
-
-
-def soft_to_labels(soft, size, norm_mask=False):
-    """soft (C, h, w) -> (H, W) int labels: bilinear upsampling, argmax (official). norm_mask:
-    DINO's per-channel min-max to [0, 1] first (eval_video_segmentation.py; not LILA's)."""
-    up = F.interpolate(soft[None], size=size, mode="bilinear", align_corners=False)[0]  # (C, H, W)
-    if norm_mask:
-        lo, hi = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
-        up = torch.where(hi > 0, (up - lo) / (hi - lo).clamp(min=1e-12), up)
-    return up.argmax(0)
-
-
-def grid_hw(H, W, short):
-    """Feature grid of an H x W input: short side `short`, the other int(side * short /
-    short_in) (official eval_vosknn._rescale_grid)."""
-    return (short, int(W * short / H)) if H < W else (int(H * short / W), short)
+def fail(msg):
+    """Bad input the user can fix: the wrapper at the bottom prints it as one line."""
+    raise ValueError(f"probe.py: {msg}")
 
 
 # --- plumbing: model and features ---

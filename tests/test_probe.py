@@ -1,6 +1,6 @@
 """Tests of probe.py: the DAVIS J&F metric against a slow literal reference of the official
-definitions (davis2017-evaluation: davis2017/metrics.py, evaluation.py, davis.py), local-window
-k-NN propagation against the official unfold formulation (lila/eval_vosknn.py: replicate
+definitions (davis2017-evaluation: davis2017/metrics.py, evaluation.py, davis.py), the k-NN
+rule and its tiled fast path against a pixel-by-pixel reference (lila/eval_vosknn.py: replicate
 padding, sources summed), every subcommand end to end on a tiny synthetic set with a tiny
 random model, and every bad input ending in one clear line (or a counted skip)."""
 import json
@@ -90,19 +90,24 @@ def ref_davis(preds, gts, bound_th=0.008, void="background"):
 
 
 def ref_knn_step(query, ctx, labels, radius, topk, temperature, tile=None):
-    """The official formulation: pad keys and labels by replication, unfold every
-    (2r+1)^2 window, cosine of the query to all K (2r+1)^2 window entries, softmax over the
-    top-k of them / T, labels mixed with those weights (lila/eval_vosknn.py)."""
+    """Pixel by pixel, from the words: the candidates of query pixel (y, x) are the context
+    positions (k, y + dy, x + dx), |dy|, |dx| <= radius, coordinates clamped into the image
+    (replicate padding); the topk highest cosines vote with weights softmax(cos / T)."""
     D, h, w = query.shape
     K, C = labels.shape[:2]
-    win = 2 * radius + 1
-    unf = lambda x: F.unfold(F.pad(x, (radius,) * 4, mode="replicate"), win).view(K, x.shape[1], win * win, h * w)  # noqa: E731
-    keys, labs = unf(ctx), unf(labels)                                   # (K, D | C, win^2, hw)
-    sim = torch.einsum("dn,kdjn->nkj", query.flatten(1), keys).reshape(h * w, K * win * win)
-    val, idx = sim.topk(topk, dim=1)                                     # (hw, k)
-    lab = labs.permute(3, 0, 2, 1).reshape(h * w, K * win * win, C)      # (hw, K*win^2, C)
-    lab = torch.gather(lab, 1, idx[..., None].expand(-1, -1, C))          # (hw, k, C)
-    return (torch.softmax(val / temperature, 1)[..., None] * lab).sum(1).T.reshape(C, h, w)
+    out = torch.zeros(C, h, w, dtype=torch.float64)
+    clamp = lambda v, n: min(max(v, 0), n - 1)  # noqa: E731
+    for y in range(h):
+        for x in range(w):
+            cands = [(k, clamp(y + dy, h), clamp(x + dx, w)) for k in range(K)
+                     for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+            cos = torch.tensor([float(query[:, y, x].double() @ ctx[k, :, yy, xx].double()) for k, yy, xx in cands])
+            val, idx = cos.topk(topk)
+            wgt = torch.softmax(val / temperature, 0)
+            for wi, i in zip(wgt, idx.tolist()):
+                k, yy, xx = cands[i]
+                out[:, y, x] += wi * labels[k, :, yy, xx].double()
+    return out.float()
 
 
 def blobs(rng, t, h, w, n_obj, void=False):
@@ -186,6 +191,18 @@ def test_davis_jf_rejects_unknown_labels_and_short_sequences():
 
 # --- k-NN propagation ---
 
+def test_the_rule_and_its_tiled_fast_path_are_the_pixel_by_pixel_definition():
+    g = torch.Generator().manual_seed(5)
+    D, h, w, K, C = 6, 7, 9, 3, 4
+    q = F.normalize(torch.randn(D, h, w, generator=g), dim=0)
+    ctx = F.normalize(torch.randn(K, D, h, w, generator=g), dim=1)
+    lab = torch.softmax(torch.randn(K, C, h, w, generator=g), 1)
+    want = ref_knn_step(q, ctx, lab, 2, 5, 0.1)
+    assert torch.allclose(probe.knn_rule(q, ctx, lab, radius=2, topk=5, temperature=0.1), want, atol=1e-5)
+    for tile in (1, 3, 4, 16):
+        assert torch.allclose(probe.knn_step(q, ctx, lab, radius=2, topk=5, temperature=0.1, tile=tile), want, atol=1e-5)
+
+
 def test_local_window_propagation_equals_the_official_unfold_formulation():
     g = torch.Generator().manual_seed(0)
     T, D, h, w, C = 6, 16, 13, 17, 3
@@ -193,7 +210,7 @@ def test_local_window_propagation_equals_the_official_unfold_formulation():
     first = F.one_hot(torch.randint(0, C, (h, w), generator=g), C).permute(2, 0, 1).float()
     kw = dict(n_context=3, radius=3, topk=5, temperature=0.1)
     local = probe.propagate(feats, first, tile=4, **kw)
-    dense = probe.propagate(feats, first, step=ref_knn_step, **kw)
+    dense = probe.propagate(feats, first, step=probe.knn_rule, **kw)
     assert torch.allclose(local, dense, atol=1e-5)
     assert all(torch.equal(probe.soft_to_labels(a, (26, 34)), probe.soft_to_labels(b, (26, 34)))
                for a, b in zip(local, dense))
@@ -208,21 +225,22 @@ def test_window_is_replicate_padded_at_the_border():
     lab = torch.zeros(1, 2, h, w)
     lab[0, 1] = 1.0
     out = probe.knn_step(q, ctx, lab, radius=2, topk=3, temperature=1e-3, tile=4)
-    ref = ref_knn_step(q, ctx, lab, 2, 3, 1e-3)
+    ref = probe.knn_rule(q, ctx, lab, 2, 3, 1e-3)
     assert torch.allclose(out, ref, atol=1e-5)
 
 
 def test_full_propagation_sums_the_sources_and_shares_the_context():
     g = torch.Generator().manual_seed(1)
-    T, h, w, C = 4, 9, 11, 3
+    T, h, w, C = 7, 9, 11, 3
     enc = F.normalize(torch.randn(T, 8, h, w, generator=g), dim=1)
     dec = F.normalize(torch.randn(T, 5, h, w, generator=g), dim=1)
     first = F.one_hot(torch.randint(0, C, (h, w), generator=g), C).permute(2, 0, 1).float()
     kw = dict(radius=2, topk=4, temperature=0.1)
-    soft = probe.propagate([enc, dec], first, n_context=7, **kw)
+    soft = probe.propagate([enc, dec], first, n_context=2, **kw)
     for t in range(1, T):    # frame t = sum over sources of one step on the same context labels
-        ids, ctx = list(range(t)), soft[:t]
-        want = ref_knn_step(enc[t], enc[ids], ctx, 2, 4, 0.1) + ref_knn_step(dec[t], dec[ids], ctx, 2, 4, 0.1)
+        ids = sorted({0, t - 2, t - 1} - {-1})                 # frame 0 and the 2 latest frames
+        ctx = soft[ids]
+        want = probe.knn_rule(enc[t], enc[ids], ctx, 2, 4, 0.1) + probe.knn_rule(dec[t], dec[ids], ctx, 2, 4, 0.1)
         assert torch.allclose(soft[t], want, atol=1e-5)
 
 
@@ -399,8 +417,9 @@ def test_every_cli_default_is_the_official_value(cmd, synth, tmp_path):
 
 
 def test_every_method_default_is_the_official_value():
+    assert defaults(probe.knn_rule) == dict(radius=12, topk=5, temperature=0.1)
     assert defaults(probe.knn_step) == dict(radius=12, topk=5, temperature=0.1, tile=8)
-    assert defaults(probe.propagate)["n_context"] == 7 and defaults(probe.propagate)["step"] is probe.knn_step
+    assert defaults(probe.propagate) == dict(n_context=7, step=None, progress=False)
     assert defaults(probe.frame_jf) == dict(bound_th=0.008)                  # davis2017 db_eval_boundary
     assert defaults(probe.davis_jf) == dict(bound_th=0.008, void="background", chunk=16)
     assert defaults(probe.soft_to_labels) == dict(norm_mask=False)
