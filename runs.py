@@ -1,20 +1,27 @@
 """The run folder of train.py: one owner, atomic checkpoints, a resumable log, a clean stop.
 
 Nothing here is LILA; it is what makes a long training run safe to start, stop and resume:
-- `RunFolder`: --out belongs to one run at a time (a lock the kernel releases even on kill -9);
-  a fresh run needs an empty folder, --resume needs the same config; log.jsonl is rewound to
-  the checkpoint's step and a line cut off by a kill is dropped.
+- `RunFolder`: --out belongs to one run at a time (a lock the kernel releases even on kill -9,
+  never held by forked DataLoader workers); a fresh run needs an empty folder, --resume needs
+  the same config; log.jsonl is rewound to the checkpoint's step and a line cut off by a kill
+  is dropped.
 - `atomic_save`: a checkpoint is written to a temporary file, synced, then renamed, so a kill
   at any moment leaves the old or the new file, never a half-written one; a full disk leaves
   the old one and says so.
-- `StopOnSignal`: Ctrl-C (SIGINT) or SIGTERM lets the current step finish, then train.py saves
-  a checkpoint and prints how to resume.
+- `StopOnSignal`: Ctrl-C (SIGINT), SIGTERM or SIGHUP, also sent to the whole process group as
+  schedulers do, lets the current step finish, then train.py saves a checkpoint and prints how
+  to resume.
+- `set_threads`: torch threads of the main process and of the DataLoader workers that do not
+  oversubscribe the cores.
 - `FeaturePicture`: the picture of a fixed pair's features written at every checkpoint, with
   one PCA basis fitted at the first picture, so colours are comparable over training.
-- `UserError`, `user_message`: the errors a user can fix end as one line, never a traceback.
+- `UserError`, `user_message`: the errors a user can fix end as their whole message, never a
+  traceback.
 
-Used by train.py only; tests: tests/test_train.py (kill, resume, bad folders, signals).
+Used by train.py only; tests: tests/test_train.py (kill, resume, bad folders, signals) and
+tests/test_runs.py (process-group signals, kill -9 and an immediate resume, threads).
 """
+import errno
 import fcntl
 import json
 import os
@@ -22,6 +29,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 
 import numpy as np
@@ -35,25 +43,32 @@ class UserError(Exception):
 
 
 def user_message(e):
-    """The one-line message of an error the user caused, or None for a real bug. Library code
-    in this repo starts such messages with its file name ("data.py: ..."); an error raised in a
-    DataLoader worker arrives wrapped, its original message on the last line."""
+    """The whole message of an error the user caused, or None for a real bug. Library code in
+    this repo starts such messages with its file name ("data.py: ..."); every line counts
+    (cues.py's say what to install and how to provide a network). An error raised in a
+    DataLoader worker arrives wrapped, its original message after the worker's traceback."""
     if isinstance(e, UserError):
         return str(e)
-    if isinstance(e, (OSError, ValueError, RuntimeError)):
-        for line in [str(e).split("\n")[0]] + str(e).strip().split("\n")[-1:]:
-            m = re.match(r"^(?:\w+Error: )?(\w+\.py[: ].*)$", line.strip())
-            if m:
-                return m.group(1)
+    if not isinstance(e, (OSError, ValueError, RuntimeError)):
+        return None
+    lines = str(e).strip().split("\n")
+    for i, line in enumerate(lines):
+        m = re.match(r"^(?:\w+Error: )?(\w+\.py[: ].*)$", line.strip())
+        if m and (i == 0 or re.match(r"\w+Error: ", line)):   # the message, or a wrapped one
+            return "\n".join([m.group(1)] + lines[i + 1:])
+    m = re.match(r"DataLoader worker \(pid.*?\) (is killed by|exited unexpectedly)", lines[0])
+    if m:   # a worker killed from outside, not by a stop (those end the run cleanly)
+        return (f"{lines[0].strip()} The last checkpoint is kept. Running out of memory is the "
+                f"usual cause (dmesg names it): try fewer --workers or a smaller --batch, then --resume")
     return None
 
 
-def write_error(path, e, kept="the previous checkpoint, if any, is intact"):
+def write_error(path, e, kept="the previous checkpoint, if any, is intact", then="resume with --resume"):
     """The one-line UserError for a file that could not be written (a full disk, most often)."""
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
     why = e.strerror if isinstance(e, OSError) and e.strerror else "a short write: is the disk full?"
     return UserError(f"cannot write {path} ({why}; {free / 2**20:.1f} MiB free there); {kept}. "
-                     f"Free some space and resume with --resume")
+                     f"Free some space and {then}")
 
 
 def atomic_save(obj, path):
@@ -68,28 +83,58 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except BaseException as e:      # also a second Ctrl-C: no .tmp is left behind
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise write_error(path, e) from None
+        if isinstance(e.__context__, KeyboardInterrupt):   # torch's writer wraps it: not a disk error
+            raise KeyboardInterrupt from None
+        if isinstance(e, (OSError, RuntimeError)):
+            raise write_error(path, e) from None
+        raise
+
+
+# The lock files this process holds: closed in every forked child (a DataLoader worker), so that
+# the lock ends with this process, not seconds later with its last worker (a flock belongs to
+# the open file, which fork shares). Closing is not unlocking: the parent keeps its lock.
+_HELD_LOCKS = set()
+
+
+def _close_locks_in_child():
+    for f in _HELD_LOCKS:
+        f.close()
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)
 
 
 class RunFolder:
     """The --out folder, owned by one run at a time.
 
     A lock (fcntl.flock on OUT/.lock, released by the kernel when the process ends, even on
-    kill -9) stops a second run from writing into the same folder. A fresh run needs an empty
-    (or new) folder; --resume needs this run's config.json, and continues from ckpt.pt (or
-    from step 0 if the run stopped before its first checkpoint). log.jsonl is rewound to the
-    checkpoint's step; a line cut off by a kill is dropped."""
+    kill -9; forked DataLoader workers close their copy at once, so an immediate --resume after
+    a kill is not refused) stops a second run from writing into the same folder; .lock names
+    the owner (pid and host). A fresh run needs an empty (or new) folder; --resume needs this
+    run's config.json, and continues from ckpt.pt (or from step 0 if the run stopped before its
+    first checkpoint). log.jsonl is rewound to the checkpoint's step; a line cut off by a kill
+    is dropped, and temporary files a kill left are removed."""
 
     FILES = ("ckpt.pt", "config.json", "log.jsonl")
+    TEMPORARY = ("ckpt.pt.tmp", "config.json.tmp", "log.jsonl.tmp")   # a kill mid-write leaves them
 
     def __init__(self, path):
-        self.path, self.lock = path, None
+        self.path, self.lock, self.pid = path, None, None
 
     def file(self, name):
         return os.path.join(self.path, name)
+
+    def owner(self):
+        """Who holds the lock, as its .lock says ("pid 123 on host"), or a guess."""
+        try:
+            with open(self.file(".lock")) as f:
+                return f.read().strip() or "a run that is starting"
+        except OSError:
+            return "another run"
 
     def acquire(self, resume=False):
         """Create the folder (not for --resume: a missing folder is an error, not a new run)
@@ -98,46 +143,68 @@ class RunFolder:
             raise UserError("--out is empty; give a folder")
         if resume and not os.path.isdir(self.path):
             raise UserError(f"--resume: there is no folder {self.path}")
+        existed = os.path.isdir(self.path)
         try:
             os.makedirs(self.path, exist_ok=True)
-            lock = open(self.file(".lock"), "a")      # "a": never truncate another run's lock
+            # "a": never truncate another run's lock; unbuffered: a failed write fails once
+            lock = open(self.file(".lock"), "ab", buffering=0)
         except OSError as e:
-            raise UserError(f"--out {self.path}: cannot create the run folder ({e.strerror})") from None
+            raise UserError(f"--out {self.path}: cannot {'write in' if existed else 'create'} "
+                            f"the run folder ({e.strerror})") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # the lock file may have been removed by a run releasing it between our open and
             # flock: then we hold a lock on a deleted file, and must not go on
             if not os.path.exists(lock.name) or os.stat(lock.name).st_ino != os.fstat(lock.fileno()).st_ino:
                 raise BlockingIOError
-        except OSError:
+        except OSError as e:
             lock.close()
-            raise UserError(f"{self.path} is in use by another train.py run (it holds "
-                            f"{self.file('.lock')}); wait for it, or pass another --out") from None
-        self.lock = lock
+            if isinstance(e, BlockingIOError) or e.errno in (errno.EACCES, errno.EAGAIN):
+                raise UserError(f"{self.path} is in use by another train.py run ({self.owner()} "
+                                f"holds {self.file('.lock')}); wait for it to end, or pass "
+                                f"another --out") from None
+            raise UserError(f"--out {self.path}: cannot lock {self.file('.lock')} ({e.strerror}): "
+                            f"its file system has no file locks; pass an --out on another "
+                            f"disk") from None
+        self.lock, self.pid = lock, os.getpid()
+        _HELD_LOCKS.add(lock)
         try:
             lock.truncate(0)
-            lock.write(str(os.getpid()))
-            lock.flush()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
         except OSError as e:
             self.release()
-            raise write_error(self.file(".lock"), e, "nothing was changed") from None
+            raise write_error(self.file(".lock"), e, "nothing was changed",
+                              "resume with --resume" if resume else "run again") from None
 
     def release(self):
-        if self.lock is not None:
-            self.lock.close()
-            if os.path.exists(self.file(".lock")):
+        if self.lock is None:
+            return
+        if os.getpid() == self.pid:       # never in a forked child: the lock is its parent's
+            try:    # remove, then unlock: a run that opened the old file sees it gone
                 os.remove(self.file(".lock"))
-            self.lock = None
+            except OSError:
+                pass
+            self.lock.close()
+        _HELD_LOCKS.discard(self.lock)
+        self.lock = None
 
     def check(self, args, config, resumable):
         """-> the checkpoint dict to resume from, or None to start at step 0. Flags not in
         `resumable` must equal the saved run's."""
-        others = sorted(set(os.listdir(self.path)) - {".lock"}) if os.path.isdir(self.path) else []
         ckpt_path = self.file("ckpt.pt")
+        if os.path.isfile(self.file("config.json")):    # a train.py run: its leftovers are ours
+            for name in os.listdir(self.path):
+                if name in self.TEMPORARY or name.endswith(".tmp.png"):
+                    os.remove(self.file(name))
+        others = sorted(set(os.listdir(self.path)) - {".lock"}) if os.path.isdir(self.path) else []
         if not args.resume:
             if os.path.isfile(ckpt_path):
                 raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or "
                                 f"another --out")
+            if "config.json" in others:
+                raise UserError(f"--out {self.path} holds a train.py run stopped before its "
+                                f"first checkpoint (config.json, no ckpt.pt): pass --resume to "
+                                f"continue it from step 0, or another --out")
             if others:
                 raise UserError(f"--out {self.path} is not empty ({', '.join(others[:4])}"
                                 f"{' ...' if len(others) > 4 else ''}) and holds no run to "
@@ -208,27 +275,89 @@ def set_rng_state(s):
     random.setstate((3, tuple(s["python"]), None))
 
 
+def _say(text):
+    """Print from a signal handler: os.write, since the handler may run inside another print
+    (a buffered write entered twice raises), and stderr may be gone (SIGHUP)."""
+    try:
+        os.write(2, f"\n{text}\n".encode())
+    except OSError:
+        pass
+
+
 class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and save; a
-    second Ctrl-C quits at once (the last checkpoint stays). DataLoader workers ignore Ctrl-C
-    (`ignore_in_worker`; the terminal sends it to them too), so only the main process decides
-    when to stop; they keep SIGTERM, which is how the DataLoader shuts them down."""
+    """Ctrl-C (SIGINT), SIGTERM or SIGHUP asks the loop to stop after the current step and save.
+
+    Schedulers (SLURM, timeout, docker stop, systemd) and a closed terminal signal the whole
+    process group, so the DataLoader workers die of it too, and torch's SIGCHLD handler would
+    raise "worker killed by signal" anywhere in the step: once a stop is asked, a worker's end
+    is no error (this step is the last; the loader shuts the workers down). A second Ctrl-C
+    quits at once (the last checkpoint stays); a second SIGTERM or SIGHUP changes nothing.
+    Workers ignore Ctrl-C and SIGHUP (`ignore_in_worker`: the terminal sends them to the group),
+    so only the main process decides when to stop; they keep SIGTERM, which is how the
+    DataLoader ends them."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    _torch_sigchld = None     # torch's SIGCHLD handler while a stop has put it aside
 
     def __init__(self):
         self.name = None
-        for s in (signal.SIGINT, signal.SIGTERM):
+        if StopOnSignal._torch_sigchld is not None:       # an earlier run in this process stopped
+            signal.signal(signal.SIGCHLD, StopOnSignal._torch_sigchld)
+            StopOnSignal._torch_sigchld = None
+        for s in self.SIGNALS:
             signal.signal(s, self)
 
     def __call__(self, signum, frame):
-        if self.name is not None:
+        name = signal.Signals(signum).name
+        if self.name is None:
+            self.name = name
+            StopOnSignal._torch_sigchld = signal.getsignal(signal.SIGCHLD)
+            signal.signal(signal.SIGCHLD, lambda *_: None)
+            _say(f"{name}: stopping after this step and saving a checkpoint (Ctrl-C again to "
+                 f"quit now)")
+        elif signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-        print(f"\n{self.name}: stopping after this step and saving a checkpoint "
-              f"(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
+        else:
+            _say(f"{name}: already stopping after this step ({self.name})")
 
     @staticmethod
     def ignore_in_worker(_):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        """The DataLoader's worker_init_fn: Ctrl-C and SIGHUP are the main process's to handle;
+        the torch threads of a worker: set_threads."""
+        for s in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        torch.set_num_threads(_WORKER_THREADS)
+
+
+_WORKER_THREADS = 1      # torch threads of each DataLoader worker (set_threads)
+
+
+def thread_plan(cores, workers, omp=None, processes=1):
+    """-> (torch threads of the main process, of each DataLoader worker, why). All threads of
+    all processes together fit on the cores: more threads than cores make each op wait for the
+    descheduled ones (a tiny step 5-10x slower on a loaded machine). A worker prepares one
+    sample at a time (1 thread); the main process gets the cores left, shared with the other
+    local processes of a torchrun. omp: OMP_NUM_THREADS, the user's choice, kept."""
+    try:
+        chosen = int(str(omp).split(",")[0])
+    except ValueError:
+        chosen = 0
+    if chosen >= 1:
+        return chosen, 1, f"OMP_NUM_THREADS={omp}"
+    share = f"{cores} cores" + (f" / {processes} processes" if processes > 1 else "")
+    return max(1, cores // max(1, processes) - workers), 1, share
+
+
+def set_threads(workers):
+    """Applies thread_plan to this process (each worker applies its own in ignore_in_worker)
+    and returns the line train.py prints with the device."""
+    global _WORKER_THREADS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = os.environ.get("LOCAL_WORLD_SIZE", "1")       # set by torchrun
+    main, _WORKER_THREADS, why = thread_plan(cores, workers, os.environ.get("OMP_NUM_THREADS"),
+                                             int(processes) if processes.isdigit() else 1)
+    torch.set_num_threads(main)
+    return f"CPU threads {main} + {workers} worker(s) x {_WORKER_THREADS} ({why})"
 
 
 class FeaturePicture:
