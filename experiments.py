@@ -96,13 +96,29 @@ def run(cmd, log_path):
     return time.time() - t0
 
 
+def read_json(path):
+    """A JSON object from path, or one error naming the file (a damaged or foreign file)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"{path} is damaged ({type(e).__name__}: {e}); delete it to redo that step") from None
+    if not isinstance(obj, dict):
+        raise RuntimeError(f"{path} is not a JSON object (a {type(obj).__name__}); delete it to redo that step")
+    return obj
+
+
 def finished_step(ckpt, steps):
     """The step a train.py checkpoint reached, 0 without one; a run trained past --steps would
     mix two budgets in one table, so it is an error."""
     if not os.path.isfile(ckpt):
         return 0
     import torch
-    done = torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
+    try:
+        done = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
+    except Exception as e:  # noqa: BLE001 - a damaged file is named, whatever the damage
+        raise RuntimeError(f"{ckpt} is damaged ({type(e).__name__}: {str(e)[:200]}); delete it to retrain "
+                           "this run") from None
     if done > steps:
         raise RuntimeError(f"{ckpt} is at step {done}, past --steps {steps}: use another --out")
     return done
@@ -114,18 +130,20 @@ def one_run(row, seed, a):
     out = os.path.join(a.out, row, f"seed{seed}")
     os.makedirs(out, exist_ok=True)
     log, times_path = os.path.join(out, "commands.log"), os.path.join(out, "times.json")
-    times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
+    times = read_json(times_path) if os.path.isfile(times_path) else {}
     py = sys.executable
     if train_flags is not None:
         run_dir = os.path.join(out, "run")   # train.py's own folder (it must own it alone)
         ckpt = os.path.join(run_dir, "ckpt.pt")
         done = finished_step(ckpt, a.steps)
+        # stopped before its first checkpoint: train.py left config.json, and resumes from step 0
+        started = done or os.path.isfile(os.path.join(run_dir, "config.json"))
         if done < a.steps:  # not started (fresh run) or interrupted (--resume from ckpt.pt)
             # every run of the table differs from this command only in its row's flags
             cmd = [py, os.path.join(HERE, "train.py"), "--preset", "tiny", "--weights", "none",
                    "--steps", str(a.steps), "--batch", "8", "--lr", str(a.lr), "--seed", str(seed), "--workers", "1",
                    "--synthetic-seed", "0", "--synthetic-videos", "64", "--log-every", "20",
-                   "--save-every", "50", "--out", run_dir] + train_flags + (["--resume"] if done else [])
+                   "--save-every", "50", "--out", run_dir] + train_flags + (["--resume"] if started else [])
             times["train"] = times.get("train", 0.0) + run(cmd, log)   # summed over resumes
         variants = {"": ["--ckpt", ckpt, "--features", "decoder"]}  # seeded encoder: from its config
         if row in FULL:
@@ -155,7 +173,11 @@ def collect(a):
             for name, (_, _, key, _) in PROBES.items():
                 res = os.path.join(out, f"probe_{name}{suffix}", "results.json")
                 if os.path.isfile(res):
-                    vals[name] = json.load(open(res))["metrics"][key]
+                    m = read_json(res).get("metrics")
+                    if not isinstance(m, dict) or key not in m:
+                        raise RuntimeError(f"{res}: no metrics.{key} (damaged or written by another program); "
+                                           "delete it to rerun that probe")
+                    vals[name] = m[key]         # None: the probe had no valid pixel to score
             if len(vals) < len(PROBES):
                 continue  # this seed is not finished
             r["seeds"].append(seed)
@@ -163,11 +185,12 @@ def collect(a):
                 r.setdefault(k, []).append(v)
             t = os.path.join(out, "times.json")
             if ROWS[row][0] is not None and os.path.isfile(t):
-                r["train_s"].append(json.load(open(t)).get("train", float("nan")))
+                r["train_s"].append(read_json(t).get("train", float("nan")))
     return table
 
 
 def fmt(vals, digits):
+    vals = [v for v in vals if v is not None]
     if not vals:
         return "—"
     m = statistics.mean(vals)
@@ -198,17 +221,37 @@ CUES = ("flow_x", "flow_y", "depth", "sd")          # the per-cue L1s train.py l
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
 
+def read_log(path):
+    """The rows of a train.py log.jsonl; a line cut off by a kill is skipped, anything else
+    unreadable is one error naming the file and line."""
+    rows = []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            if i == len(lines):                    # the last line, cut off mid-write
+                continue
+            raise SystemExit(f"experiments.py: {path}:{i} is not a JSON line; a damaged log") from None
+        if row is not None:
+            if not isinstance(row, dict):
+                raise SystemExit(f"experiments.py: {path}:{i} is not a log row (a JSON {type(row).__name__})")
+            rows.append(row)
+    return rows
+
+
 def plot_curves(runs, png, labels=None, w=260, h=170, pad=34):
     """One panel per cue: its L1 on the query (log.jsonl "l1_<cue>") over the training steps
     of each run, drawn with PIL. runs: run folders; labels: their legend names."""
     labels = labels or [os.path.normpath(r) for r in runs]
-    logs = [[json.loads(line) for line in open(os.path.join(r, "log.jsonl"))] for r in runs]
+    logs = [read_log(os.path.join(r, "log.jsonl")) for r in runs]
     cues = [c for c in CUES if any(f"l1_{c}" in row for rows in logs for row in rows)]
     img = Image.new("RGB", (len(cues) * (w + pad) + pad, h + 2 * pad + 14 * len(runs)), "white")
     draw = ImageDraw.Draw(img)
     for i, cue in enumerate(cues):
         x0, y0 = pad + i * (w + pad), pad
-        pts = [[(r["step"], r[f"l1_{cue}"]) for r in rows if f"l1_{cue}" in r] for rows in logs]
+        pts = [[(r["step"], r[f"l1_{cue}"]) for r in rows if f"l1_{cue}" in r and "step" in r] for rows in logs]
         steps = [s for p in pts for s, _ in p]
         vals = [v for p in pts for _, v in p]
         if not vals:
@@ -256,7 +299,10 @@ def main(argv=None):
         return print(plot_curves(a.curves, a.png, a.labels))
     os.makedirs(a.out, exist_ok=True)
     if a.table:
-        return print_table(a)
+        try:
+            return print_table(a)
+        except RuntimeError as e:
+            raise SystemExit(f"experiments.py: {e}") from None
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.jobs))
     a.eval_data = os.path.join(a.out, "eval")
     if not os.path.isfile(os.path.join(a.eval_data, "done.txt")):  # held-out videos, rendered once
@@ -274,7 +320,10 @@ def main(argv=None):
             pool.shutdown(cancel_futures=True)
             raise SystemExit(f"experiments.py: {e}")
     print(f"\n{len(tasks)} runs in {(time.time() - t0) / 60:.1f} min wall, {a.jobs} at once\n")
-    print_table(a)
+    try:
+        print_table(a)
+    except RuntimeError as e:
+        raise SystemExit(f"experiments.py: {e}") from None
 
 
 if __name__ == "__main__":

@@ -136,3 +136,68 @@ def test_curves_draw_one_line_per_run_and_cue(tmp_path):
     for colour in experiments.COLOURS[:2]:                # both runs drawn
         assert (np.abs(img.astype(int) - colour).sum(-1) == 0).sum() > 100
     assert img.shape[1] > 2 * 260                          # two cue panels (flow-x, depth)
+
+
+# --- reliability: a kill before the first checkpoint, damaged files, unscorable probes ---
+
+def test_a_run_killed_before_its_first_checkpoint_is_resumed_not_refused(tmp_path, monkeypatch):
+    run_dir = tmp_path / "lila" / "seed0" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")              # what train.py leaves before ckpt.pt
+    calls = []
+    monkeypatch.setattr(experiments, "run", lambda cmd, log: calls.append(cmd) or 0.0)
+    experiments.one_run("lila", 0, args_for(tmp_path))
+    assert "--resume" in calls[0] and os.path.basename(calls[0][1]) == "train.py"
+    calls.clear()
+    experiments.one_run("lila", 1, args_for(tmp_path))      # a folder never started: a fresh run
+    assert "--resume" not in calls[0]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"config": {}}', ""])
+def test_table_on_a_damaged_results_file_is_one_error_naming_it(tmp_path, content, capsys):
+    fake_results(tmp_path, "lila", 0, dict(vos=0.5, normals=30.0, semseg=40.0))
+    bad = tmp_path / "lila" / "seed0" / "probe_vos" / "results.json"
+    bad.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["--table", "--out", str(tmp_path), "--rows", "lila"])
+    assert str(bad) in str(e.value) and str(e.value).startswith("experiments.py: ")
+
+
+def test_damaged_checkpoint_and_times_are_one_error_naming_them(tmp_path):
+    d = tmp_path / "lila" / "seed0" / "run"
+    d.mkdir(parents=True)
+    (d / "ckpt.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(RuntimeError, match="ckpt.pt is damaged"):
+        experiments.one_run("lila", 0, args_for(tmp_path))
+    (d / "ckpt.pt").unlink()
+    (tmp_path / "lila" / "seed0" / "times.json").write_text("{")
+    with pytest.raises(RuntimeError, match="times.json is damaged"):
+        experiments.one_run("lila", 0, args_for(tmp_path))
+
+
+def test_a_probe_without_valid_pixels_is_a_dash_not_a_zero(tmp_path):
+    fake_results(tmp_path, "lila", 0, dict(vos=0.5, normals=30.0, semseg=None))
+    experiments.print_table(args_for(tmp_path, rows=["lila"], seeds=[0]))
+    line = [l for l in open(tmp_path / "table.md") if "LILA" in l][0]
+    assert "| 0.500 | 30.0 | — | 1 |" in line
+
+
+def test_curves_on_a_damaged_log_name_the_file_and_line(tmp_path):
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "log.jsonl").write_text('{"step": 1, "l1_depth": 0.5}\nnot json\n{"step": 2, "l1_depth": 0.4}\n')
+    with pytest.raises(SystemExit, match="log.jsonl:2 is not a JSON line"):
+        experiments.plot_curves([str(d)], str(tmp_path / "c.png"))
+    (d / "log.jsonl").write_text('{"step": 1, "l1_depth": 0.5}\n{"step": 2, "l1_de')     # cut off by a kill
+    assert os.path.isfile(experiments.plot_curves([str(d)], str(tmp_path / "c.png")))
+
+
+def test_a_failed_command_prints_the_whole_message(tmp_path, monkeypatch, capsys):
+    def boom(row, seed, a):
+        raise RuntimeError("failed (3): python train.py ...\n  see commands.log")
+    monkeypatch.setattr(experiments, "one_run", boom)
+    monkeypatch.setattr(experiments.data, "write_synthetic", lambda *a, **k: None)
+    os.makedirs(tmp_path / "eval")
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["--out", str(tmp_path), "--rows", "lila", "--seeds", "0"])
+    assert "failed (3)" in str(e.value) and "see commands.log" in str(e.value)
