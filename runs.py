@@ -75,22 +75,23 @@ def atomic_save(obj, path):
     """torch.save to a temporary file, fsync, then rename: a kill at any moment leaves either
     the old or the new file, never a half-written one. A full disk leaves the old file and no
     temporary one, and is reported as such (torch's zip writer reports a short write as a
-    RuntimeError, the OS as an OSError)."""
-    tmp = path + ".tmp"
+    RuntimeError, the OS as an OSError). What interrupts the writer (a second Ctrl-C, a
+    DataLoader worker's death) is raised as itself, not as the writer's RuntimeError."""
+    tmp, outer = path + ".tmp", sys.exc_info()[1]   # outer: our caller's, not our cause
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:      # also a second Ctrl-C: no .tmp is left behind
+    except BaseException as e:      # also a Ctrl-C: no .tmp is left behind
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e.__context__, KeyboardInterrupt):   # torch's writer wraps it: not a disk error
-            raise KeyboardInterrupt from None
-        if isinstance(e, (OSError, RuntimeError)):
+        if isinstance(e, RuntimeError) and e.__context__ not in (None, outer):
+            e = e.__context__       # torch's writer wraps what its file write raised
+        if isinstance(e, OSError) or re.search("inline_container|PytorchStreamWriter", str(e)):
             raise write_error(path, e) from None
-        raise
+        raise e
 
 
 # The lock files this process holds: closed in every forked child (a DataLoader worker), so that

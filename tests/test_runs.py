@@ -257,7 +257,7 @@ def test_leftovers_of_a_kill_are_removed_and_a_run_without_checkpoint_says_resum
     assert f.check(Args, {"lr": 1}, set()) is None               # resumes from step 0
 
 
-def test_atomic_save_interrupted_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+def test_atomic_save_interrupted_keeps_the_old_file_and_raises_the_true_cause(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     runs.atomic_save({"step": 1}, path)
 
@@ -273,5 +273,13 @@ def test_atomic_save_interrupted_leaves_the_old_file_and_no_temporary(tmp_path, 
     save = torch.save
     monkeypatch.setattr(runs.torch, "save", lambda obj, f: save(obj, CtrlC(f)))
     with pytest.raises(KeyboardInterrupt):
+        runs.atomic_save({"step": 2}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+    CtrlC.write = lambda self, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(runs.UserError, match="No space left on device"):   # the OS's reason
+        runs.atomic_save({"step": 2}, path)
+    oom = "DataLoader worker (pid 7) is killed by signal: Killed."   # torch's SIGCHLD handler
+    CtrlC.write = lambda self, b: (_ for _ in ()).throw(RuntimeError(oom))
+    with pytest.raises(RuntimeError, match=r"worker \(pid 7\) is killed"):  # not "disk full"
         runs.atomic_save({"step": 2}, path)
     assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
