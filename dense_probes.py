@@ -35,6 +35,7 @@ a step's images with exactly the same loss normalisation.
 """
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -212,7 +213,9 @@ class Scores:
     def result(self):
         if self.task == "normals":
             if not self.per_image:
-                return {"rmse": float("nan"), "images": 0, "skipped_no_valid": self.skipped}
+                warn(f"no valid pixels: none of the {self.skipped} images has a valid normal; no score")
+                return {"rmse": None, **{f"under_{t}": None for t in self.th}, "images": 0,
+                        "skipped_no_valid": self.skipped, "note": "no valid pixels"}
             m = np.mean(self.per_image, 0)
             r = {"rmse": float(m[0]), **{f"under_{t}": 100 * float(v) for t, v in zip(self.th, m[1:])}}
             return {**r, "images": len(self.per_image), "skipped_no_valid": self.skipped}
@@ -220,20 +223,30 @@ class Scores:
         tp, gt, pred = conf.diag(), conf.sum(1), conf.sum(0)
         iou = tp / (gt + pred - tp).clamp(min=1)
         valid = gt > 0                                  # classes present in the ground truth
-        mean = lambda m: 100 * iou[m].mean().item() if m.any() else 0.0  # noqa: E731
-        r = {"miou": mean(valid), "pixel_acc": 100 * (tp.sum() / conf.sum().clamp(min=1)).item(),
+        mean = lambda m: 100 * iou[m].mean().item() if m.any() else None  # noqa: E731  no class: no score
+        if not valid.any():
+            warn("no valid pixels: every ground-truth label is void (255) or beyond the classes; no score")
+        r = {"miou": mean(valid), "pixel_acc": 100 * (tp.sum() / conf.sum()).item() if valid.any() else None,
              "classes": int(valid.sum())}
         if self.task == "zeroshot":
             un = torch.zeros_like(valid)
             un[list(self.unseen)] = True
             s, u = mean(valid & ~un), mean(valid & un)
-            r.update(miou_seen=s, miou_unseen=u, miou_harmonic=2 * s * u / (s + u) if s + u > 0 else 0.0)
+            for name, v in (("seen", s), ("unseen", u)):
+                if v is None and valid.any():
+                    warn(f"no {name} class in the ground truth: miou_{name} and miou_harmonic have no score")
+            r.update(miou_seen=s, miou_unseen=u,
+                     miou_harmonic=None if s is None or u is None else 2 * s * u / (s + u) if s + u > 0 else 0.0)
         return r
 
 
 # Evaluation view of the official protocol: short side int(size * EVAL_SCALE), centre crop size
 # (dataload.NormalsDataset val: Resize(int(504 * 1.1)) + CenterCrop(504); segmentation: 1.0).
 EVAL_SCALE = {"normals": 1.1, "semseg": 1.0, "zeroshot": 1.0}
+def warn(msg):
+    print(f"dense_probes.py: warning: {msg}", file=sys.stderr)
+
+
 BEST = {"normals": ("rmse", min), "semseg": ("miou", max), "zeroshot": ("miou_harmonic", max)}
 
 
@@ -322,10 +335,12 @@ def train_official(task, head, encode, train_ds, val_ds, cfg, out, device, log=p
         step0 = 0
         m = evaluate(task, head, encode, val_ds, cfg, device)
         history.append({"epoch": epoch + 1, **m})
-        log(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float)))
+        log(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in m.items() if isinstance(v, float) or v is None))
         save(epoch + 1, 0)
     key, pick = BEST[task]
-    best = pick(history, key=lambda h: h[key] if math.isfinite(h[key]) else (math.inf if pick is min else -math.inf))
+    worst = math.inf if pick is min else -math.inf      # an epoch without a score is never the best
+    best = pick(history, key=lambda h: h[key] if h[key] is not None and math.isfinite(h[key]) else worst)
     return {**best, "best_epoch": best["epoch"], "last": history[-1], "history": history}
 
 
@@ -413,6 +428,9 @@ def train_fast(task, head, encode, train_ds, val_ds, cfg, device):
 
 # --- plumbing: probe.py's normals / semseg / zeroshot commands ---
 
+MAX_CLASSES = 1024   # no benchmark here has more than 182; beyond this a probe only costs memory
+
+
 def fail(msg):
     raise ValueError(f"dense_probes.py: {msg}")
 
@@ -448,6 +466,9 @@ def load_text_embeddings(args, names):
             fail(f"--text-embeddings {p}: unreadable ({type(e).__name__}: {e})")
         if t.ndim != 2 or not np.isfinite(t).all():
             fail(f"--text-embeddings {p}: expected a finite (classes, width) array, got shape {t.shape}")
+        if not 2 <= t.shape[0] <= MAX_CLASSES or not 1 <= t.shape[1] <= 4096:
+            fail(f"--text-embeddings {p}: {t.shape[0]} classes of width {t.shape[1]}; expected 2..{MAX_CLASSES} "
+                 "classes (COCO-Stuff: 182) of a CLIP width (512) up to 4096")
         return t
     if names is None:
         fail("zeroshot on this layout has no class names to embed: pass --text-embeddings FILE")
@@ -478,8 +499,8 @@ def prepare(args):
         n_cls = text.shape[0]
         if not train.unseen:
             fail("zeroshot on the video layout needs --unseen IDS (the held-out class ids)")
-        if max(train.unseen) >= n_cls:
-            fail(f"--unseen {max(train.unseen)} is not a class of the {n_cls} text embeddings")
+        if max(train.unseen) >= n_cls or min(train.unseen) < 0:
+            fail(f"--unseen {','.join(map(str, train.unseen))}: ids must be classes 0..{n_cls - 1} of the text embeddings")
         if train.num_classes and train.num_classes != n_cls:
             fail(f"--text-embeddings has {n_cls} rows, {train.layout} has {train.num_classes} classes")
     elif args.cmd == "semseg":
@@ -510,7 +531,7 @@ def run(args, encode, plan):
         return train_fast(task, head, encode, train, val, cfg, device)
     train.repeat = args.repeat or train.repeat
     sig = {k: getattr(args, k) for k in ("cmd", "features", "head", "data", "train_data", "train_list", "val_videos",
-                                         "ckpt", "probe_lr", "probe_weight_decay", "batch", "size", "train_size",
+                                         "ckpt_sha256", "weights", "weights_sha256", "backbone", "preset", "probe_lr", "probe_weight_decay", "batch", "size", "train_size",
                                          "seed", "text_embeddings", "unseen", "num_classes")}
     cfg = dict(epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.probe_lr,
                wd=args.probe_weight_decay, seed=args.seed, workers=args.workers, train_size=args.train_size,

@@ -246,10 +246,19 @@ class VideoDense(Dense):
     def __init__(self, root, task, split, val_videos=1, reduce_zero_label=False):
         seqs, vf = davis_sequences(root)
         tr = os.path.join(root, "ImageSets", "2017", "train.txt")
+        n = len(vf.videos)
+        if not os.path.isfile(tr) and split != "all" and not 0 < val_videos < n:
+            raise BenchmarkError(f"--val-videos {val_videos}: {root} has {n} videos and no ImageSets/2017/"
+                                 f"train.txt; hold out 1..{n - 1} of them (the rest train the probe)")
         if split == "train":
-            seqs = [l.strip() for l in open(tr) if l.strip()] if os.path.isfile(tr) else vf.videos[:len(vf.videos) - val_videos]
+            seqs = [l.strip() for l in open(tr) if l.strip()] if os.path.isfile(tr) else vf.videos[:n - val_videos]
+            va = os.path.join(root, "ImageSets", "2017", "val.txt")
+            both = sorted(set(seqs) & {l.strip() for l in open(va)}) if os.path.isfile(tr) and os.path.isfile(va) else []
+            if both:
+                raise BenchmarkError(f"{tr}: {len(both)} training videos are also held out in ImageSets/2017/"
+                                     f"val.txt ({both[:5]}): the probe would be scored on its training frames")
         elif split == "val" and not os.path.isfile(tr):
-            seqs = vf.videos[len(vf.videos) - val_videos:]
+            seqs = vf.videos[n - val_videos:]
         if any(v not in vf.videos for v in seqs):
             raise BenchmarkError(f"{tr}: sequences without frames: {[v for v in seqs if v not in vf.videos][:5]}")
         sub, ext = ("Normals", ".npz") if task == "normals" else ("Classes", ".png")
@@ -265,6 +274,8 @@ class VideoDense(Dense):
                 n = np.load(tp)["normals"]
             except Exception as e:  # noqa: BLE001
                 raise BenchmarkError(f"cannot read normals {tp}: {type(e).__name__}: {e}") from None
+            if n.ndim != 3 or n.shape[2] != 3:
+                raise BenchmarkError(f"{tp}: normals of shape {n.shape}; expected (H, W, 3)")
             n, valid = unit_normals(n)
             tgt = {"normals": n, "valid": valid}
         else:
@@ -274,11 +285,7 @@ class VideoDense(Dense):
             if self.hide:                         # zero-shot training: unseen classes ignored
                 lab = np.where(np.isin(lab, self.hide), VOID, lab)
             tgt = {"labels": lab}
-        img = load_image(ip)
-        t = next(iter(tgt.values()))
-        if t.shape[:2] != img.shape[:2]:
-            raise BenchmarkError(f"{tp}: target {t.shape[1]}x{t.shape[0]} but frame {ip} is {img.shape[1]}x{img.shape[0]}")
-        return img, tgt
+        return same_size(ip, load_image(ip), tp, tgt)
 
 
 class NYU(Dense):
@@ -293,30 +300,52 @@ class NYU(Dense):
         p3d = os.path.join(root, "nyuv2_snorm_all.pkl")
         if os.path.isfile(p3d):
             d = _pickle(p3d)
-            idx = d["train_indices" if split == "train" else "test_indices"]
+            key = "train_indices" if split == "train" else "test_indices"
+            need = ("images", "depths", "snorms", key)
+            if not isinstance(d, dict) or any(k not in d for k in need):
+                raise BenchmarkError(f"{p3d}: expected a dict with {', '.join(need)}; found "
+                                     f"{sorted(d)[:8] if isinstance(d, dict) else type(d).__name__}")
+            try:
+                idx = [int(i) for i in np.asarray(d[key]).ravel()]
+                n = min(len(d["images"]), len(d["depths"]), len(d["snorms"]))
+            except (TypeError, ValueError) as e:
+                raise BenchmarkError(f"{p3d}: {key}, images, depths, snorms must be arrays ({e})") from None
+            bad = [i for i in idx if not 0 <= i < n]
+            if bad:
+                raise BenchmarkError(f"{p3d}: {key} holds {len(bad)} indices outside 0..{n - 1} (e.g. {bad[0]})")
             self.images = [np.transpose(d["images"][i], (1, 2, 0)) for i in idx]      # (H, W, 3)
             self.depths = [np.where(d["depths"][i] > 10, 0, d["depths"][i]) for i in idx]
             self.normals = [np.transpose(d["snorms"][i], (1, 2, 0)) for i in idx]
-            self.layout = "NYUv2 (Probe3D nyuv2_snorm_all.pkl)"
+            self.layout, self.source = "NYUv2 (Probe3D nyuv2_snorm_all.pkl)", p3d
         else:
             s = "train" if split == "train" else "val"
-            self.images, self.depths, self.normals = (
-                list(_pickle(os.path.join(root, f"nyu_{s}_{k}.pkl"))) for k in ("image", "depth", "normal"))
-            self.layout = "NYUv2 (official nyu_*.pkl)"
+            paths = [os.path.join(root, f"nyu_{s}_{k}.pkl") for k in ("image", "depth", "normal")]
+            self.images, self.depths, self.normals = (list(_pickle(p)) for p in paths)
+            if not len(self.images) == len(self.depths) == len(self.normals):
+                raise BenchmarkError(f"{root}: nyu_{s}_*.pkl hold {len(self.images)} images, {len(self.depths)} "
+                                     f"depths and {len(self.normals)} normals; they must match")
+            self.layout, self.source = "NYUv2 (official nyu_*.pkl)", os.path.join(root, f"nyu_{s}_*.pkl")
         self.items = [(f"NYUv2 {split} #{i}", i) for i in range(len(self.images))]
 
     def __getitem__(self, i):
         img = np.asarray(self.images[i])
         img = img if img.dtype == np.uint8 else np.clip(img, 0, 255).astype(np.uint8)
-        n = np.asarray(self.normals[i], np.float32)
-        return img, {"normals": n, "valid": np.asarray(self.depths[i]).squeeze() > 0}
+        n, depth = np.asarray(self.normals[i], np.float32), np.asarray(self.depths[i]).squeeze()
+        if img.ndim != 3 or img.shape[2] != 3 or n.shape != img.shape or depth.shape != img.shape[:2]:
+            raise BenchmarkError(f"{self.source}: {self.items[i][0]}: image {img.shape}, normals {n.shape}, "
+                                 f"depth {depth.shape}; expected (H, W, 3), (H, W, 3), (H, W)")
+        return img, {"normals": n, "valid": depth > 0}
 
 
 def _pickle(path):
     if not os.path.isfile(path):
         raise BenchmarkError(f"missing {path}")
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except Exception as e:  # noqa: BLE001 - truncated, not a pickle, or another format
+        raise BenchmarkError(f"cannot read {path} ({type(e).__name__}: {e}); a truncated download? "
+                             "fetch it again") from None
 
 
 class CocoStuff(Dense):
@@ -360,8 +389,7 @@ class CocoStuff(Dense):
 
     def __getitem__(self, i):
         ip, lp = self.items[i]
-        lab = read_label_png(lp)[0]
-        return load_image(ip), {"labels": self.lut[np.clip(lab, 0, 255)]}
+        return same_size(ip, load_image(ip), lp, {"labels": self.lut[np.clip(read_label_png(lp)[0], 0, 255)]})
 
 
 class ADE20K(Dense):
@@ -379,7 +407,17 @@ class ADE20K(Dense):
     def __getitem__(self, i):
         ip, lp = self.items[i]
         lab = read_label_png(lp)[0]
-        return load_image(ip), {"labels": np.where(lab == 0, VOID, lab - 1)}
+        if lab.max() > self.num_classes:
+            raise BenchmarkError(f"{lp}: label {lab.max()}, but ADE20K has ids 0..{self.num_classes}")
+        return same_size(ip, load_image(ip), lp, {"labels": np.where(lab == 0, VOID, lab - 1)})
+
+
+def same_size(ip, img, tp, tgt):
+    """(img, tgt), or an error naming both files when the target is not the image's size."""
+    t = next(iter(tgt.values()))
+    if t.shape[:2] != img.shape[:2]:
+        raise BenchmarkError(f"{tp}: target {t.shape[1]}x{t.shape[0]} but image {ip} is {img.shape[1]}x{img.shape[0]}")
+    return img, tgt
 
 
 def open_dense(root, task, split, val_videos=1, reduce_zero_label=False, file_list=None, unseen=None):

@@ -36,10 +36,13 @@ Commands (the GPU runbook, with times and the published numbers: GUIDE.md):
   python probe.py pca --frames DAVIS/JPEGImages/480p/bear --out out/pca
 """
 import argparse
+import fcntl
+import hashlib
 import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -238,7 +241,7 @@ def davis_jf(preds, gts, bound_th=0.008, void="background", chunk=16):
 # --- plumbing ---
 
 def fail(msg):
-    """Bad input the user can fix: the wrapper at the bottom prints it as one line."""
+    """Bad input the user can fix: cli() prints the whole message, without a traceback."""
     raise ValueError(f"probe.py: {msg}")
 
 
@@ -605,6 +608,17 @@ RANGES = {  # flag -> (ok, what it must be); None = resolved later
                            "probe_weight_decay", "pixel_batch", "num_classes")},
     "norm_mask": (lambda v: v in (0, 1), "0 or 1"), "pca_samples": (lambda v: v >= 3, ">= 3 (three components)"),
 }
+UPPER = {  # flag -> (largest value that can be right, why): beyond it a probe runs for hours into many GB
+    "size": (2016, "4x the official 504; an input side costs its square in memory"), "train_size": (2016, "as --size"),
+    "grid": (256, "4x the paper's 60; k-NN time and memory grow with its square"),
+    "radius": (32, "a 65x65 window, 7x the paper's 25x25; the cost grows with its square"),
+    "context": (64, "9x the paper's 7 frames"), "tile": (64, "speed only; larger tiles only cost memory"),
+    "topk": (1000, "the paper keeps 5"), "encode_batch": (1024, "frames per forward pass"),
+    "num_classes": (1024, "no benchmark here has more than 182 classes"), "lp_steps": (100000, "the paper's 2000 x 50"),
+    "epochs": (1000, "the paper's 10 x 100"), "batch": (4096, "the paper's 96 x 40"), "probe_steps": (1000000, "fast protocol"),
+    "pixels": (1000000, "more pixels than a 1000x1000 frame"), "max_frames": (64, "one row of a picture"),
+    "pca_samples": (10000000, "a 3-component PCA is settled long before"), "workers": (64, "DataLoader processes"),
+}
 
 
 def parse_args(argv=None):
@@ -621,6 +635,9 @@ def parse_args(argv=None):
         v = getattr(a, name)
         if (isinstance(v, float) and not math.isfinite(v)) or not ok(v):
             p.error(f"--{name.replace('_', '-')} {v}: must be {what}")
+    for name, (top, why) in UPPER.items():
+        if getattr(a, name) is not None and getattr(a, name) > top:
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: at most {top} ({why})")
     if a.topk > (2 * a.radius + 1) ** 2:
         p.error(f"--topk {a.topk}: above the {(2 * a.radius + 1) ** 2} candidates of one context frame's "
                 f"{2 * a.radius + 1}x{2 * a.radius + 1} window (--radius {a.radius})")
@@ -654,6 +671,7 @@ def parse_args(argv=None):
     # resolved defaults (the official protocol's, per command)
     a.features = a.features or ("full" if a.ckpt != "none" else "encoder")
     a.progress, a.lp_optimizer = True, "adamw"     # davis_val: quiet; the official trainer's Adam
+    a.ckpt_sha256 = a.weights_sha256 = None         # the checkpoint's content: main() reads it
     size_given = a.size is not None
     a.size = a.size or DEFAULT_SIZE[a.cmd]
     if a.cmd in HEADS:
@@ -676,13 +694,79 @@ def summary(metrics):
                      if isinstance(v, (int, float, str)))
 
 
+def file_sha256(path, chunk=1 << 24):
+    """sha256 of a file's content (a 100 MB checkpoint: ~0.3 s): the probe state's key."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_LOCKS = []   # held --out locks, closed in forked DataLoader workers: the lock ends with this process
+os.register_at_fork(after_in_child=lambda: [f.close() for f in _LOCKS])
+
+
+def lock_out(out):
+    """Take OUT/.lock for this run (fcntl.flock, released by the kernel when the process ends,
+    even on kill -9), or say who holds it: two probes writing one folder would lose a result."""
+    path = os.path.join(out, ".lock")
+    try:
+        os.makedirs(out, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        fail(f"--out {out}: cannot create the folder or its lock ({e.strerror})")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        who = f.read().strip() or "a run that is starting"
+        f.close()
+        if isinstance(e, BlockingIOError):
+            fail(f"--out {out} is in use by another probe.py run ({who} holds {path});\n"
+                 "wait for it to end, or pass another --out")
+        fail(f"--out {out}: cannot lock {path} ({e.strerror}): pass an --out on a disk with file locks")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    _LOCKS.append(f)
+    return f
+
+
+def unlock_out(f):
+    _LOCKS.remove(f)
+    f.close()
+
+
+def keep_previous(path):
+    """An existing results.json is never overwritten: it is renamed results.N.json (N the first
+    free number) and the rename is said."""
+    if os.path.exists(path):
+        stem, n = path[:-len(".json")], 1
+        while os.path.exists(f"{stem}.{n}.json"):
+            n += 1
+        os.replace(path, f"{stem}.{n}.json")
+        print(f"note: {path} existed (an earlier probe in this folder): kept as {stem}.{n}.json")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    lock = lock_out(args.out)
+    try:
+        return run_probe(args)
+    finally:
+        unlock_out(lock)
+
+
+def run_probe(args):
     kw, ck_cfg, state = read_checkpoint(args)
+    # the probe state (dense_probes' resume) is keyed by the checkpoint's content, not its path
+    args.ckpt_sha256 = file_sha256(args.ckpt) if os.path.isfile(args.ckpt) else None
+    args.weights_sha256 = file_sha256(args.weights) if args.weights and os.path.isfile(args.weights) else None
     prepare = {"vos-knn": prepare_vos, "vos-lp": prepare_vos, "pca": prepare_pca}.get(args.cmd, dense_probes.prepare)
     plan = prepare(args)                                # dataset checks before the model is built
     groups = {"features", "data", {"vos-knn": "vos", "vos-lp": "vos", "pca": "pca"}.get(args.cmd, "dense probes")}
-    keep = {f[1][2:].replace("-", "_") for f in FLAGS if f[0] in groups} | {"cmd", "reduce_zero_label"}
+    keep = {f[1][2:].replace("-", "_") for f in FLAGS if f[0] in groups} | {"cmd", "reduce_zero_label", "ckpt_sha256"}
     args.backbone, args.preset, args.weights = kw["backbone"], kw["preset"], kw["weights"]  # --ckpt decides
     config = {**{k: v for k, v in vars(args).items() if k in keep}, "model_seed": kw["seed"]}
     print("config:", json.dumps(config))                # the configuration actually used, once
@@ -693,21 +777,25 @@ def main(argv=None):
     else:
         metrics = {"vos-knn": run_vos, "vos-lp": run_vos, "pca": run_pca}[args.cmd](args, lila, plan)
     print(f"{args.cmd}: {summary(metrics)}")
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
+    keep_previous(path)
     with open(path + ".tmp", "w") as fh:
         json.dump({"metrics": metrics, "config": config, "ckpt_config": ck_cfg}, fh, indent=1)
     os.replace(path + ".tmp", path)
     return metrics
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() with bad input as one message (the whole of it, every line), no traceback, exit 2."""
     try:
-        main()
+        main(argv)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        # Bad input already names what is wrong: one line, no traceback. Anything else is a bug.
-        msg = str(e)
+        msg = str(e)          # bad input already names what is wrong; anything else is a bug
         if isinstance(e, FileNotFoundError) or msg.split(":")[0].endswith(".py"):
             print(f"probe.py: error: {re.sub(r'^(probe|evaldata|dense_probes)[.]py: ', '', msg)}", file=sys.stderr)
             sys.exit(2)
         raise
+
+
+if __name__ == "__main__":
+    cli()

@@ -223,3 +223,21 @@ def test_every_method_default_is_the_official_value():
     assert head.attn.q.bias is None and head.attn.proj.bias is not None         # qkv_bias=False
     zs = dp.ZeroShotHead(4, 6, torch.randn(3, 8))
     assert isinstance(zs.enc[0], torch.nn.BatchNorm2d) and zs.dec.bias is None and zs.enc[1].bias is None
+
+
+def test_an_evaluation_without_valid_pixels_has_no_score_not_zero(capsys):
+    sc = dp.Scores("semseg", 3)
+    sc.add(torch.randn(1, 3, 2, 2), {"labels": torch.full((1, 2, 2), 255)})   # every label void
+    r = sc.result()
+    assert r["miou"] is None and r["pixel_acc"] is None and r["classes"] == 0
+    assert "no valid pixels" in capsys.readouterr().err
+    zs = dp.Scores("zeroshot", 3, unseen=(2,))
+    zs.add(F.one_hot(torch.tensor([[[0, 1]]]), 3).permute(0, 3, 1, 2).float(), {"labels": torch.tensor([[[0, 1]]])})
+    r = zs.result()                                      # no unseen class in the ground truth
+    assert r["miou_seen"] == 100.0 and r["miou_unseen"] is None and r["miou_harmonic"] is None
+    assert "no unseen class" in capsys.readouterr().err
+    nm = dp.Scores("normals")
+    nm.add(torch.randn(1, 3, 2, 2), {"normals": torch.randn(1, 3, 2, 2), "valid": torch.zeros(1, 2, 2, dtype=torch.bool)})
+    r = nm.result()
+    assert r["rmse"] is None and r["images"] == 0 and "no valid pixels" in capsys.readouterr().err
+

@@ -206,3 +206,68 @@ def test_every_augmentation_default_is_the_official_value():
     assert d(bm.patch_hw) == dict(patch=14)
     assert bm.NYU.repeat == 10                                            # NormalsDataset.mult
     assert len(bm.COCO_UNSEEN) == 15 and bm.VOID == 255
+
+
+# --- bad datasets: one error naming the file, never a traceback from deep inside ---
+
+def nyu_pickle(path, **change):
+    rng = np.random.default_rng(0)
+    d = {"images": rng.integers(0, 255, (3, 3, 4, 5), dtype=np.uint8), "depths": np.full((3, 4, 5), 2.0),
+         "snorms": rng.normal(size=(3, 3, 4, 5)).astype(np.float32),
+         "train_indices": np.array([0, 1]), "test_indices": np.array([2])}
+    d.update(change)
+    d = {k: v for k, v in d.items() if v is not None}
+    with open(path, "wb") as f:
+        pickle.dump(d, f)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(snorms=None), "expected a dict with images, depths, snorms, train_indices"),
+    (dict(train_indices=np.array([0, 7])), "indices outside 0..2"),
+    (dict(snorms=np.zeros((3, 3, 2, 5), np.float32)), "normals (2, 5, 3)"),
+])
+def test_nyu_with_a_missing_key_an_index_out_of_range_or_normals_of_another_size(tmp_path, change, message):
+    nyu_pickle(tmp_path / "nyuv2_snorm_all.pkl", **change)
+    with pytest.raises(bm.BenchmarkError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        ds = bm.open_dense(str(tmp_path), "normals", "train")
+        ds[0]
+    assert "nyuv2_snorm_all.pkl" in str(e.value)
+
+
+def test_nyu_truncated_file_names_the_file(tmp_path):
+    nyu_pickle(tmp_path / "nyuv2_snorm_all.pkl")
+    data = (tmp_path / "nyuv2_snorm_all.pkl").read_bytes()
+    (tmp_path / "nyuv2_snorm_all.pkl").write_bytes(data[:len(data) // 2])
+    with pytest.raises(bm.BenchmarkError, match="cannot read .*nyuv2_snorm_all.pkl .*truncated"):
+        bm.open_dense(str(tmp_path), "normals", "train")
+
+
+def test_label_map_of_the_wrong_size_and_label_beyond_the_classes_name_the_file(tmp_path):
+    for split in ("training", "validation"):
+        save_jpg(tmp_path / "images" / split / "ADE_1.jpg", 2, 3)
+        save_ids(tmp_path / "annotations" / split / "ADE_1.png", [[0, 1, 150]], mode="L")   # 1x3, image 2x3
+    with pytest.raises(bm.BenchmarkError, match="ADE_1.png: target 3x1 but image .*ADE_1.jpg is 3x2"):
+        bm.open_dense(str(tmp_path), "semseg", "val")[0]
+    save_ids(tmp_path / "annotations" / "validation" / "ADE_1.png", [[0, 1, 151], [0, 0, 0]], mode="L")
+    with pytest.raises(bm.BenchmarkError, match="ADE_1.png: label 151, but ADE20K has ids 0..150"):
+        bm.open_dense(str(tmp_path), "semseg", "val")[0]
+
+
+def test_a_split_larger_than_the_data_is_refused(tmp_path):
+    import data
+    data.write_synthetic(tmp_path, videos=3, frames=2, size=28, seed=0)
+    for v in (3, 5, 0):                                   # all, more than all, none held out
+        with pytest.raises(bm.BenchmarkError, match=f"--val-videos {v}: .* has 3 videos .*hold out 1..2"):
+            bm.open_dense(str(tmp_path), "semseg", "train", val_videos=v)
+    assert len(bm.open_dense(str(tmp_path), "semseg", "val", val_videos=2)) == 4
+    (tmp_path / "ImageSets/2017/train.txt").write_text("synth0000\n")   # also in val.txt
+    with pytest.raises(bm.BenchmarkError, match="also held out in ImageSets/2017/val.txt"):
+        bm.open_dense(str(tmp_path), "semseg", "train")
+
+
+def test_video_normals_of_the_wrong_shape_name_the_file(tmp_path):
+    import data
+    data.write_synthetic(tmp_path, videos=2, frames=2, size=28, seed=0)
+    np.savez(tmp_path / "Normals/synth0000/00000.npz", normals=np.zeros((28, 28), np.float16))
+    with pytest.raises(bm.BenchmarkError, match="00000.npz: normals of shape \\(28, 28\\)"):
+        bm.open_dense(str(tmp_path), "normals", "train")[0]

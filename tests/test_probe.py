@@ -602,3 +602,91 @@ def test_no_file_or_help_cites_an_internal_document(capsys):
         probe.parse_args(["--help"])
     out = capsys.readouterr().out
     assert "--features" in out and "DESIGN" not in out
+
+
+# --- results never lost or stale; no silent wrong numbers; bounds; the whole message ---
+
+def test_a_second_probe_on_a_folder_in_use_is_refused_with_the_whole_message(synth, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 1 on elsewhere'); f.flush(); "
+                               "print('held', flush=True); time.sleep(60)", str(out / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match="in use by another probe.py run"):
+            run("vos-knn", "--data", synth, *NONE, "--grid", "14", "--out", out)
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "probe.py"), "vos-knn", "--data", str(synth), *NONE,
+                            "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert "in use by another probe.py run" in r.stderr and "pass another --out" in r.stderr   # both lines
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "results.json").exists()
+
+
+def test_an_existing_results_json_is_kept_under_a_new_name(synth, tmp_path):
+    m1, _, _ = run("vos-knn", "--data", synth, *NONE, "--grid", "14", "--out", tmp_path)
+    m2, res, out = run("vos-knn", "--data", synth, *NONE, "--grid", "28", "--out", tmp_path)
+    kept = json.load(open(tmp_path / "results.1.json"))
+    assert kept["metrics"]["JF"] == m1["JF"] and kept["config"]["grid"] == 14 and res["config"]["grid"] == 28
+    assert "kept as" in out and "results.1.json" in out
+
+
+def test_a_checkpoint_rewritten_at_the_same_path_does_not_resume_the_old_probe(synth, ckpt, tmp_path):
+    import model
+    path = tmp_path / "ckpt.pt"
+    shutil.copy(ckpt, path)
+    args = ["semseg", "--data", synth, "--ckpt", path, *TINY, "--features", "decoder", "--head", "linear",
+            "--batch", "4", "--out", tmp_path / "o"]
+    run(*args, "--epochs", "1")
+    other = model.build_lila(backbone="dinov2_vits14", weights="none", preset="tiny", seed=1)   # retrained
+    torch.save({"decoder": other.decoder.state_dict(), "config": torch.load(path)["config"], "step": 2}, path)
+    with pytest.raises(ValueError, match="another probe run"):
+        run(*args, "--epochs", "2")
+    assert json.load(open(tmp_path / "o" / "results.json"))["config"]["ckpt_sha256"] == probe.file_sha256(ckpt)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--grid", "5000"], "--grid 5000: at most 256"), (["--radius", "100"], "--radius 100: at most 32"),
+    (["--num-classes", "100000"], "--num-classes 100000: at most 1024"), (["--size", "14014"], "--size 14014: at most 2016"),
+    (["--context", "1000"], "--context 1000: at most 64"), (["--epochs", "100000"], "--epochs 100000: at most 1000"),
+])
+def test_settings_far_beyond_sense_are_refused_with_the_limit_and_why(synth, flags, message, capsys):
+    with pytest.raises(SystemExit):
+        probe.parse_args(["vos-knn", "--data", str(synth)] + flags)
+    err = capsys.readouterr().err
+    assert f"probe.py: error: {message} (" in err
+
+
+def test_a_split_larger_than_the_data_is_refused_not_sliced(synth, tmp_path):
+    with pytest.raises(ValueError, match="--val-videos 5: .* has 3 videos"):
+        run("semseg", "--data", synth, *NONE, *QUICK["fast"], "--val-videos", "5", "--out", tmp_path)
+
+
+def test_vos_knn_shows_a_progress_bar_per_sequence_without_a_terminal(synth, tmp_path, capfd):
+    run("vos-knn", "--data", synth, *NONE, "--grid", "14", "--out", tmp_path)
+    err = capfd.readouterr().err
+    assert "vos-knn: 100%" in err and "3/3" in err and "synth0002" in err
+
+
+def test_every_line_of_an_error_is_printed(monkeypatch, capsys):
+    def boom(argv=None):
+        raise ValueError("probe.py: first line\nsecond line: what to do")
+    monkeypatch.setattr(probe, "main", boom)
+    with pytest.raises(SystemExit) as e:
+        probe.cli([])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "first line\nsecond line: what to do" in err
+
+
+@pytest.mark.parametrize("rows,unseen,message", [
+    (5000, "2", "5000 classes of width 16; expected 2..1024"), (4, "-1", "--unseen -1: ids must be classes 0..3")])
+def test_zeroshot_text_embeddings_and_unseen_ids_are_bounded(synth, tmp_path, rows, unseen, message):
+    text = tmp_path / "text.npy"
+    np.save(text, np.ones((rows, 16), np.float32))
+    with pytest.raises(ValueError, match=message):
+        run("zeroshot", "--data", synth, *NONE, "--text-embeddings", text, "--unseen", unseen, "--out", tmp_path / "o")
