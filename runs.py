@@ -17,6 +17,8 @@ Nothing here is LILA; it is what makes a long training run safe to start, stop a
   one PCA basis fitted at the first picture, so colours are comparable over training.
 - `UserError`, `user_message`: the errors a user can fix end as their whole message, never a
   traceback.
+- `step_picture` (a lecture's slide of one step, from a checkpoint or a random decoder):
+  python runs.py step-picture --ckpt runs/lila/ckpt.pt --out step.png
 
 Used by train.py only; tests: tests/test_train.py (kill, resume, bad folders, signals) and
 tests/test_runs.py (process-group signals, kill -9 and an immediate resume, threads).
@@ -398,3 +400,86 @@ class FeaturePicture:
         os.replace(path + ".tmp.png", path)
 
 
+
+
+# --- the picture of one step, for a lecture: python runs.py step-picture ---
+
+def _panel(x, lo, hi):
+    """A (C, S, S) map -> (S, S, 3) uint8, lo..hi to black..white: 2 channels = flow (hue: the
+    direction, brightness: the speed up to hi), 1 = grey, 3 = RGB."""
+    if x.shape[0] == 2:
+        hue = (torch.atan2(x[1], x[0]) / (2 * np.pi)) % 1                   # (S, S)
+        hsv = torch.stack([hue, torch.ones_like(hue), (x.norm(dim=0) / hi).clamp(0, 1)], -1)
+        return np.asarray(Image.fromarray((hsv * 255).byte().numpy(), "HSV").convert("RGB"))
+    y = ((x - lo) / (hi - lo + 1e-8)).clamp(0, 1).expand(3, -1, -1)         # (3, S, S)
+    return (y.permute(1, 2, 0) * 255).byte().numpy()
+
+
+def step_picture(argv=None):
+    """One training pair as one step sees it: the query and context views; then per cue (flow,
+    depth, SD channels 1-3 as RGB) the context's cue, which W* is fitted on, the query's cue
+    (the target), W* applied to the query's features (the prediction) and |error| where the
+    loss counts it. Built by train.py's own step_cues and features_and_sd, incontext's
+    ridge_map and apply_map. Extra flags are train.py's (the checkpoint's config otherwise)."""
+    import argparse
+    import incontext, model, train   # noqa: E401 - train.py imports this file
+    p = argparse.ArgumentParser(prog="runs.py step-picture", description=step_picture.__doc__)
+    p.add_argument("--ckpt", required=True, help="a train.py ckpt.pt, or none: a random decoder")
+    p.add_argument("--out", default="step.png", help="the PNG to write")
+    p.add_argument("--pair", type=int, default=0, help="index of the training pair")
+    a, rest = p.parse_known_args(argv)
+    ckpt = None if a.ckpt == "none" else torch.load(a.ckpt, map_location="cpu", weights_only=True)
+    args = train.get_args(rest)
+    given = {x.split("=")[0] for x in rest}
+    for k, v in (ckpt["config"] if ckpt else {}).items():      # the run's, unless given here
+        if "--" + k.replace("_", "-") not in given:
+            setattr(args, k, v)
+    device = train.pick_device(args.device, 0)
+    lila = model.build_lila(args.backbone, args.weights, args.preset, seed=args.seed).to(device).eval()
+    if ckpt:
+        lila.decoder.load_state_dict(ckpt["decoder"])
+    batch = torch.utils.data.default_collate([train.make_dataset(args)[a.pair]])
+    batch = {k: x.to(device) if torch.is_tensor(x) else x for k, x in batch.items()}
+    with torch.no_grad():
+        cues = train.step_cues(batch, args, *train.make_cue_nets(args, device),
+                               torch.Generator().manual_seed(args.seed))
+        v = train.features_and_sd(cues, lila, args)
+        W = incontext.ridge_map(v["feats_c"], v["cue_c"], v["conf_c"], lam=args.lam)  # (1, P, K)
+        pred = incontext.apply_map(v["feats_q"], W)[0].float().cpu()           # (K, S, S)
+    cue_q, cue_c, conf_q = (v[k][0].float().cpu() for k in ("cue_q", "cue_c", "conf_q"))
+    S, names = cue_q.shape[-1], v["names"]
+    rows = [(n, [i for i, m in enumerate(names) if m.startswith(n)][:3]) for n in ("flow", "depth", "sd")]
+    img = lambda x: (x[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)  # noqa: E731
+    cells = [[(img(v["img_q"]), "query view (frame t)"), (img(v["img_c"]), "context view (t+dt)"),
+              (None, "W* = argmin_W 1/N sum_n c_n |x_n W - y_n|^2\n        + lam |W|^2, on the context:\n"
+                     "  x_n [features, 1], y_n cues, c_n\n  confidence, n over 32x32 cells\n"
+                     "prediction = [features_q, 1] W*"),
+              (None, f"pair {a.pair}, step {ckpt['step'] if ckpt else 0}"
+                     f"{'' if ckpt else ' (random decoder)'}\nlam {args.lam}, {len(names)} cues")]]
+    for name, idx in [(n, i) for n, i in rows if i]:
+        c, q, g = cue_c[idx], cue_q[idx], pred[idx]                            # (C, S, S)
+        lo, hi = (0.0, float(torch.stack([c, q, g]).norm(dim=1).max())) if name == "flow" else (float(q.min()), float(q.max()))
+        count = conf_q[idx[0]] > 0 if idx[0] < conf_q.shape[0] else torch.ones(S, S, dtype=torch.bool)
+        err = ((g - q).norm(dim=0) if name == "flow" else (g - q).abs().mean(0)) * count  # (S, S)
+        cells.append([(_panel(c, lo, hi), f"{name}: context (fit W*)"), (_panel(q, lo, hi), f"{name}: query (target)"),
+                      (_panel(g, lo, hi), f"{name}: W* on query"),
+                      (_panel(err[None], 0.0, hi - lo) * count[..., None].numpy() + (~count[..., None].numpy()) * np.uint8([0, 0, 128]),
+                       f"|error| {float(err.sum() / count.sum().clamp(min=1)):.3f} (blue: not counted)")])
+    zoom = max(1, 224 // S)                                   # readable labels at any view size
+    P = S * zoom
+    canvas = Image.new("RGB", (4 * P, len(cells) * (P + 14)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(cells):                           # ASCII labels: PIL's built-in font
+        for col, (pixels, label) in enumerate(row):
+            if pixels is not None:
+                canvas.paste(Image.fromarray(pixels).resize((P, P), Image.NEAREST), (col * P, r * (P + 14) + 14))
+            draw.text((col * P + 2, r * (P + 14) + 1), label, fill=(0, 0, 0))
+    canvas.save(a.out)
+    print(f"runs.py: wrote {a.out} ({canvas.width} x {canvas.height}): pair {a.pair}, cues {', '.join(n for n, i in rows if i)}")
+    return canvas
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["step-picture"]:
+        sys.exit("usage: python runs.py step-picture --ckpt CKPT|none [--out step.png] [--pair I] [train.py flags]")
+    step_picture(sys.argv[2:])

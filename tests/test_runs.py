@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -283,3 +284,18 @@ def test_atomic_save_interrupted_keeps_the_old_file_and_raises_the_true_cause(tm
     with pytest.raises(RuntimeError, match=r"worker \(pid 7\) is killed"):  # not "disk full"
         runs.atomic_save({"step": 2}, path)
     assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_the_step_picture_shows_the_prediction_beside_the_target(tmp_path):
+    out = str(tmp_path / "step.png")
+    canvas = runs.step_picture(["--ckpt", "none", "--out", out, "--preset", "tiny", "--weights",
+                                "none", "--size", "56", "--base", "56", "--synthetic-videos", "1",
+                                "--synthetic-frames", "6", "--workers", "0"])
+    from PIL import Image
+    png = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    P = 224                                       # 56 px views drawn 4x for readable labels
+    assert png.shape == (4 * (P + 14), 4 * P, 3) and canvas.size == (4 * P, 4 * (P + 14))
+    for row in (1, 2, 3):                         # flow, depth, SD
+        cell = lambda col: png[row * (P + 14) + 14:(row + 1) * (P + 14), col * P:(col + 1) * P]  # noqa: E731
+        target, prediction = cell(1), cell(2)
+        assert np.abs(target - prediction).mean() > 1 and prediction.std() > 0
