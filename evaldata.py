@@ -365,8 +365,16 @@ class CocoStuff(Dense):
         curated = os.path.join(root, "curated", s, "Coco164kFull_Stuff_Coarse.txt")
         file_list = file_list or (curated if labels == "coarse" and os.path.isfile(curated) else None)
         if file_list:
-            ids = [Path(str(x)).stem for x in (np.load(file_list) if file_list.endswith(".npy") else
-                                               [l.strip() for l in open(file_list) if l.strip()])]
+            try:
+                ids = [Path(str(x)).stem for x in (np.load(file_list).ravel() if file_list.endswith(".npy") else
+                                                   [l.strip() for l in open(file_list) if l.strip()])]
+            except Exception as e:  # noqa: BLE001 - missing, unreadable or not a list
+                raise BenchmarkError(f"cannot read the image list {file_list} ({type(e).__name__}: {e}); "
+                                     "expected a .txt of image ids, one a line, or a .npy of file names") from None
+            missing = [i for i in ids if not os.path.isfile(os.path.join(lab_dir, i + ".png"))]
+            if missing:
+                raise BenchmarkError(f"{file_list}: {len(missing)} of its {len(ids)} ids have no label map in "
+                                     f"{lab_dir} (e.g. {missing[0]}.png)")
         else:
             ids = sorted(Path(n).stem for n in os.listdir(lab_dir) if n.endswith(".png"))
         self.items = [(os.path.join(img_dir, i + ".jpg"), os.path.join(lab_dir, i + ".png")) for i in ids]

@@ -292,6 +292,15 @@ def main(argv=None):
     p.add_argument("--labels", nargs="+", help="legend names of the --curves runs")
     p.add_argument("--png", default="curves.png", help="output picture of --curves")
     a = p.parse_args(argv)
+    for flag, v in (("--jobs", a.jobs), ("--steps", a.steps)):
+        if v < 1:
+            p.error(f"{flag} {v}: must be >= 1")
+    if not a.lr > 0 or a.lr != a.lr:
+        p.error(f"--lr {a.lr}: must be > 0")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a file; give a folder")
+    if a.curves and not os.path.isdir(os.path.dirname(os.path.abspath(a.png))):
+        p.error(f"--png {a.png}: no folder {os.path.dirname(os.path.abspath(a.png))}")
     if a.curves:
         missing = [r for r in a.curves if not os.path.isfile(os.path.join(r, "log.jsonl"))]
         if missing:

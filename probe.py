@@ -331,6 +331,8 @@ def prepare_vos(args):
     """Sequences; every first-frame mask must exist and be readable, and one must hold an
     object, before any work."""
     seqs, vf = evaldata.davis_sequences(args.data)
+    if not seqs:
+        fail(f"--data {args.data}: its ImageSets list names no sequence")
     empty = 0
     for seq in seqs:
         p = evaldata.davis_annotation(args.data, seq, vf.frames(seq)[0])
@@ -460,7 +462,12 @@ def davis_val(lila, root, videos=6, kind="lp", size=None, device="cpu", progress
     propagates with vos-knn's defaults on the same views. flags: any other probe.py setting
     (e.g. lp_steps=20). -> dict(jf, j, f, sequences=[scored names])."""
     cmd = {"lp": "vos-lp", "knn": "vos-knn"}.get(kind) or fail(f"davis_val: kind {kind!r}: lp | knn")
-    args = parse_args([cmd, "--data", str(root), "--device", str(device), "--features", "decoder"])
+    if not os.path.isdir(root) or not (isinstance(videos, int) and videos >= 1):
+        fail(f"davis_val: {root}: no such folder" if not os.path.isdir(root) else f"davis_val: videos {videos}: >= 1")
+    try:
+        args = parse_args([cmd, "--data", str(root), "--device", str(device), "--features", "decoder"])
+    except SystemExit:                      # argparse already printed why; the caller gets an error
+        fail(f"davis_val: cannot evaluate on {root} with device {device}")
     args.progress, args.size = progress, size or 224
     if kind == "lp":
         args.lp_optimizer, args.lp_lr = "adam", 3e-4                  # EvalVOS.fit: Adam(lr 3e-4, wd 1e-4)

@@ -271,3 +271,15 @@ def test_video_normals_of_the_wrong_shape_name_the_file(tmp_path):
     np.savez(tmp_path / "Normals/synth0000/00000.npz", normals=np.zeros((28, 28), np.float16))
     with pytest.raises(bm.BenchmarkError, match="00000.npz: normals of shape \\(28, 28\\)"):
         bm.open_dense(str(tmp_path), "normals", "train")[0]
+
+
+def test_a_cocostuff_image_list_unreadable_or_naming_absent_images_names_the_file(tmp_path):
+    for split in ("train2017", "val2017"):
+        save_jpg(tmp_path / split / "000001.jpg", 1, 8)
+        save_ids(tmp_path / split / "000001.png", np.zeros((1, 8)), mode="L")
+    (tmp_path / "bad.npy").write_bytes(b"not an npy file")
+    with pytest.raises(bm.BenchmarkError, match="cannot read the image list .*bad.npy"):
+        bm.open_dense(str(tmp_path), "semseg", "val", file_list=str(tmp_path / "bad.npy"))
+    (tmp_path / "list.txt").write_text("000001\n000002\n")
+    with pytest.raises(bm.BenchmarkError, match="list.txt: 1 of its 2 ids have no label map"):
+        bm.open_dense(str(tmp_path), "semseg", "val", file_list=str(tmp_path / "list.txt"))

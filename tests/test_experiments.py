@@ -201,3 +201,24 @@ def test_a_failed_command_prints_the_whole_message(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit) as e:
         experiments.main(["--out", str(tmp_path), "--rows", "lila", "--seeds", "0"])
     assert "failed (3)" in str(e.value) and "see commands.log" in str(e.value)
+
+
+@pytest.mark.parametrize("flags,message", [(["--jobs", "0"], "--jobs 0"), (["--steps", "0"], "--steps 0"),
+                                           (["--lr", "nan"], "--lr nan"), (["--lr", "-1"], "--lr -1.0")])
+def test_bad_flags_are_one_line(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        experiments.main(flags + ["--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_and_png_in_a_missing_folder_are_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit):
+        experiments.main(["--table", "--out", str(tmp_path / "f")])
+    assert "is a file" in capsys.readouterr().err
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "log.jsonl").write_text('{"step": 1, "l1_depth": 0.5}\n')
+    with pytest.raises(SystemExit):
+        experiments.main(["--curves", str(d), "--png", str(tmp_path / "no" / "c.png")])
+    assert "no folder" in capsys.readouterr().err

@@ -690,3 +690,18 @@ def test_zeroshot_text_embeddings_and_unseen_ids_are_bounded(synth, tmp_path, ro
     np.save(text, np.ones((rows, 16), np.float32))
     with pytest.raises(ValueError, match=message):
         run("zeroshot", "--data", synth, *NONE, "--text-embeddings", text, "--unseen", unseen, "--out", tmp_path / "o")
+
+
+def test_davis_val_on_bad_input_raises_an_error_not_system_exit(tiny_lila, tmp_path, synth):
+    for root, kw, message in ((tmp_path / "nope", {}, "no such folder"), (synth, dict(videos=0), "videos 0"),
+                              (synth, dict(kind="svm"), "kind 'svm'")):
+        with pytest.raises(ValueError, match=message):
+            probe.davis_val(tiny_lila, root, **kw)
+
+
+def test_an_empty_sequence_list_is_one_clear_error(synth, tmp_path):
+    root = copy_davis(synth, tmp_path / "d")
+    os.makedirs(root / "ImageSets/2017")
+    (root / "ImageSets/2017/val.txt").write_text("\n")
+    with pytest.raises(ValueError, match="names no sequence"):
+        run("vos-knn", "--data", root, *NONE, "--out", tmp_path / "o")
