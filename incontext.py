@@ -30,15 +30,15 @@ import torch.nn.functional as F
 def ridge_map(feat_c, cue_c, conf_c=None, pool=32, lam=0.1, lstsq_cutoff=0.5,
               solver="cholesky"):
     """The in-context step: W* (B, P, K), the ridge map that reads the context's cues off its
-    features. feat_c (B, D, H, W), cue_c (B, K, H, W), conf_c (B, Cc, H, W) or None.
+    features. feat_c (B, D, H, W), cue_c (B, K, H, W), conf_c (B, Cm, H, W) or None.
 
     The fit uses pool x pool averages (N = 1024 samples, official `lowres`): pooling is linear,
     so a cue that is a linear function of the per-pixel features stays one after it, and the
     system is tiny whatever the view size. Official defaults: pool 32, lam (ridge) 0.1,
     lstsq_cutoff 0.5 (configs/train_ytvos.yaml)."""
     _check_ridge_map(feat_c, cue_c)
-    B, D, H, W = feat_c.shape
-    size = (min(pool, H), min(pool, W))                                  # pool x pool
+    B = feat_c.shape[0]
+    size = tuple(min(pool, side) for side in feat_c.shape[-2:])         # pool x pool
     X = F.adaptive_avg_pool2d(feat_c, size).flatten(2).transpose(1, 2)   # (B, N, D)
     X = torch.cat([X, torch.ones_like(X[..., :1])], -1)                  # (B, N, P)  x_n = [f_n, 1]
     Y = F.adaptive_avg_pool2d(cue_c, size).flatten(2).transpose(1, 2)    # (B, N, K)  y_n
@@ -52,28 +52,28 @@ def ridge_map(feat_c, cue_c, conf_c=None, pool=32, lam=0.1, lstsq_cutoff=0.5,
 def ridge_weight(conf, size, lstsq_cutoff=0.5):
     """c_n: the confidence channels average-pooled to `size`, multiplied, zeroed below
     lstsq_cutoff (official forward_cross: pool, prod, `< 0.5 = 0`): a sample is fitted only
-    where most of its cell is confident in every cue. conf (B, Cc, H, W) -> (B, N)."""
+    where most of its cell is confident in every cue. conf (B, Cm, H, W) -> (B, N)."""
     c = F.adaptive_avg_pool2d(conf, size).prod(1).flatten(1)             # (B, N)
     return c * (c >= lstsq_cutoff)
 
 
-def ridge_solve(X, Y, w, lam=0.1, solver="cholesky", jitter=1e-5, retries=3):
-    """W* = (X^T C X / N + lam I)^-1 X^T C Y / N, batched; X (B, N, P), Y (B, N, K), w (B, N).
+def ridge_solve(X, Y, c, lam=0.1, solver="cholesky", jitter=1e-5, retries=3):
+    """W* = (X^T C X / N + lam I)^-1 X^T C Y / N, C = diag(c_n); X (B, N, P), Y (B, N, K), c (B, N).
 
-    1/N, not 1/sum(w), as the objective (1/N) sum_n c_n ||x_n^T W - y_n||^2 + lam ||W||^2:
-    unconfident samples also weaken the data term against lam, and w = 0 gives W* = 0.
-    Differentiable in X, Y, w. Cholesky (official: LU; `solver` "lu" | "lstsq" for the bench
+    1/N, not 1/sum(c), as the objective (1/N) sum_n c_n ||x_n^T W - y_n||^2 + lam ||W||^2:
+    unconfident samples also weaken the data term against lam, and c = 0 gives W* = 0.
+    Differentiable in X, Y, c. Cholesky (official: LU; `solver` "lu" | "lstsq" for the bench
     and the tests); float32 even under autocast (see `_ridge_dtype`)."""
-    _check_ridge_solve(X, Y, w, lam)
-    dtype = _ridge_dtype(X, Y, w)
+    _check_ridge_solve(X, Y, c, lam)
+    dtype = _ridge_dtype(X, Y, c)
     with torch.autocast(X.device.type, enabled=False):
-        X, Y, w = X.to(dtype), Y.to(dtype), w.to(dtype)
+        X, Y, c = X.to(dtype), Y.to(dtype), c.to(dtype)
         if solver == "lstsq":
-            return _ridge_lstsq(X, Y, w, lam)                            # (B, P, K)
+            return _ridge_lstsq(X, Y, c, lam)                            # (B, P, K)
         N, P = X.shape[1:]
-        Xw = X * (w / N).unsqueeze(-1)                                   # (B, N, P)  C X / N
-        A = Xw.transpose(1, 2) @ X + lam * torch.eye(P, dtype=dtype, device=X.device)  # (B, P, P)
-        b = Xw.transpose(1, 2) @ Y                                       # (B, P, K)  X^T C Y / N
+        Xc = X * (c / N).unsqueeze(-1)                                   # (B, N, P)  C X / N
+        A = Xc.transpose(1, 2) @ X + lam * torch.eye(P, dtype=dtype, device=X.device)  # (B, P, P)
+        b = Xc.transpose(1, 2) @ Y                                       # (B, P, K)  X^T C Y / N
         return _solve_spd(A, b, solver, jitter, retries)                 # (B, P, K)  A^-1 b
 
 
@@ -95,12 +95,12 @@ def cue_loss(pred, target, mask=None, gamma=1.0, sigma=0.1, edge=True, conf_cuto
         L_x = mean over valid x-differences of (1 - exp(-|dx target| / sigma)) * | |dx pred| - |dx target| |
         L_y   the same in y;  a difference is valid where both of its pixels are.
 
-    Why the edge term: where it is unsure where a motion or depth boundary lies, the L1 is
-    least for a prediction that smears it. L_x asks for a jump of the target's size wherever
-    the target jumps (the values and the sign are the L1's job), so the features must place
-    boundaries to the pixel; the weight counts it only there: on z-scored flow and depth (unit
-    std over the batch) 1 - exp(-|d| / 0.1) is 0.1 for a step of 0.01 std, 0.63 at 0.1 std and
-    0.95 at 0.3 std, so smooth slopes and noise barely count, boundaries fully.
+    Why the edge term: a boundary smeared over a few pixels costs the L1 little (few pixels,
+    small errors). L_x compares gradient magnitudes: it asks for a jump of the target's size
+    where the target jumps (values and sign are the L1's job), so the features must place
+    boundaries to the pixel; the weight counts it only there. On z-scored flow and depth (unit
+    std) 1 - exp(-|d| / 0.1) is 0.1 for a step of 0.01 std, 0.63 at 0.1 and 0.95 at 0.3: slopes
+    and noise barely count, boundaries fully (an SD channel, of a unit 32-vector, has RMS 0.18).
     pred, target (B, K, H, W); mask (B, Cm, H, W) the confidence of the first Cm channels,
     valid where > conf_cutoff (official 0.0: any confidence); the other K - Cm (SD) channels
     are valid everywhere; None: all valid.
@@ -219,19 +219,19 @@ def loss_norms(conf_q, K, H, W, conf_cutoff=0.0, batch=None):
             "edge_x": vx.sum(), "edge_y": vy.sum()}
 
 
-def _ridge_dtype(X, Y, w):
+def _ridge_dtype(X, Y, c):
     """float32, or float64 if an input is. Never fp16/bf16, so the ridge leaves autocast: a
     Gram entry sums N = 1024 products, fp16 overflows at 65504 and bf16's round-off
     (~N * 4e-3 relative) can exceed lam and make A indefinite. For LayerNormed features
     ||x_n||^2 = D + 1, A's eigenvalues lie in [lam, lam + D + 1] (condition <= ~1.3e3), and
     float32 loses < 1e-4 relative; pass float64 for raw features with ||x||^2 / lam > 1e6."""
-    return torch.float64 if torch.float64 in (X.dtype, Y.dtype, w.dtype) else torch.float32
+    return torch.float64 if torch.float64 in (X.dtype, Y.dtype, c.dtype) else torch.float32
 
 
-def _ridge_lstsq(X, Y, w, lam):
-    """The same W* as least squares of [sqrt(w/N) X; sqrt(lam) I] W = [sqrt(w/N) Y; 0]."""
+def _ridge_lstsq(X, Y, c, lam):
+    """The same W* as least squares of [sqrt(c/N) X; sqrt(lam) I] W = [sqrt(c/N) Y; 0]."""
     B, N, P = X.shape
-    s = (w / N).clamp_min(0).sqrt().unsqueeze(-1)                        # (B, N, 1)
+    s = (c / N).clamp_min(0).sqrt().unsqueeze(-1)                        # (B, N, 1)
     eye = torch.eye(P, dtype=X.dtype, device=X.device).expand(B, P, P)
     Xa = torch.cat([s * X, lam ** 0.5 * eye], 1)                         # (B, N + P, P)
     Ya = torch.cat([s * Y, Y.new_zeros(B, P, Y.shape[2])], 1)           # (B, N + P, K)
@@ -257,7 +257,7 @@ def _solve_spd(A, b, solver, jitter, retries):
         A = A + (scale * failed)[:, None, None] * eye                    # (B, P, P)
         L, info = torch.linalg.cholesky_ex(A)
     if bool((info > 0).any()):
-        _fail("ridge_solve", "Cholesky failed even with jitter; are X, Y, w finite? "
+        _fail("ridge_solve", "Cholesky failed even with jitter; are X, Y, c finite? "
                              f"(max |A| = {A.abs().max().item():.3g})")
     return torch.cholesky_solve(b, L)                                    # (B, P, K)
 
@@ -272,11 +272,11 @@ def _check_norms(norms, K):
     return norms
 
 
-def _check_ridge_solve(X, Y, w, lam):
-    if X.ndim != 3 or Y.ndim != 3 or w.ndim != 2 or Y.shape[:2] != X.shape[:2] \
-            or w.shape != X.shape[:2]:
-        _fail("ridge_solve", f"expected X (B, N, P), Y (B, N, K), w (B, N); got "
-                             f"{tuple(X.shape)}, {tuple(Y.shape)}, {tuple(w.shape)}")
+def _check_ridge_solve(X, Y, c, lam):
+    if X.ndim != 3 or Y.ndim != 3 or c.ndim != 2 or Y.shape[:2] != X.shape[:2] \
+            or c.shape != X.shape[:2]:
+        _fail("ridge_solve", f"expected X (B, N, P), Y (B, N, K), c (B, N); got "
+                             f"{tuple(X.shape)}, {tuple(Y.shape)}, {tuple(c.shape)}")
     if not lam > 0:
         _fail("ridge_solve", f"lam must be > 0 (the system is then positive definite), got {lam}")
 
