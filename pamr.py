@@ -2,10 +2,10 @@
 
 PAMR (Araslanov & Roth, "Single-Stage Semantic Segmentation from Image Labels", CVPR 2020)
 refines a coarse map with a guide image. Every pixel p looks at the 8 neighbours p + delta of
-a 3x3 ring dilated by d, for each d in `dilations` (P = 8 |dilations| neighbours):
+a 3x3 ring dilated by d, for each d in `dilations` (R = 8 |dilations| neighbours):
 
     logit_delta(p) = mean_k -|I_k(p) - I_k(p + delta)| / (eps + sigma * std_k(p))
-    a_delta(p)     = softmax over the P neighbours of logit_delta(p)
+    a_delta(p)     = softmax over the R neighbours of logit_delta(p)
     m(p)          <- sum_delta a_delta(p) m(p + delta)          (`iters` times, a fixed)
 
 std_k(p): the unbiased std of guide channel k over the 9 |dilations| window values (each
@@ -21,8 +21,8 @@ iterations, 112^2 x 10, the view's own size x 5; at 56^2 one step of the widest 
 of a 224^2 view, more than a patch, and the finer stages sharpen. Dilations {1, 3, 5}, sigma
 0.05 (configs/train_ytvos.yaml pamr.sigma), eps 1e-5 (official lila/lila/pamr.py).
 
-Shapes: B batch, K guide channels (3: RGB), C mask channels (32 for SD), H x W guide / stage
-size, h x w mask size, P = 8 |dilations| neighbours.
+Shapes: B batch, G guide channels (3: RGB), C mask channels (32 for SD), H x W guide / stage
+size, h x w mask size, R = 8 |dilations| neighbours.
 Deviations from the official code: README, "Differences".
 Tests: python -m pytest -q tests/test_pamr.py ; speed and memory: python bench.py pamr
 """
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 
 def ring_offsets(dilations):
-    """The P = 8 |dilations| neighbour offsets (dy, dx): the dilated 3x3 rings, centre excluded."""
+    """The R = 8 |dilations| neighbour offsets (dy, dx): the dilated 3x3 rings, centre excluded."""
     return [(dy * d, dx * d) for d in dilations
             for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
@@ -55,15 +55,15 @@ def pamr_reference(image, mask, dilations=(1, 3, 5), iters=10, sigma=0.05, eps=1
     """PAMR as its definition (module docstring), every shifted copy stacked as the official
     module does. One stage: the guide and the mask are first resized to `size` (None: the
     guide's own; an int: a square; (h, w)), bilinear with align_corners=True (official).
-    image (B, K, H0, W0), mask (B, C, h, w) -> (B, C, H, W) in their dtype. `pamr` gives the
-    same numbers with a fraction of the memory (a (B, C, P, H, W) stack is 9.9 GB for B = 64,
+    image (B, G, H0, W0), mask (B, C, h, w) -> (B, C, H, W) in their dtype. `pamr` gives the
+    same numbers with a fraction of the memory (a (B, C, R, H, W) stack is 9.9 GB for B = 64,
     C = 32 at 224^2); this one is the readable reference the tests hold it to."""
     H, W = _stage_size(size, *image.shape[-2:])
-    guide, m = _resize(image, (H, W)), _resize(mask, (H, W))   # (B, K, H, W), (B, C, H, W)
+    guide, m = _resize(image, (H, W)), _resize(mask, (H, W))   # (B, G, H, W), (B, C, H, W)
     ring = ring_offsets(dilations)
-    std = neighbours(guide, window_offsets(dilations)).std(2, keepdim=True)  # (B, K, 1, H, W)
-    logit = -(guide.unsqueeze(2) - neighbours(guide, ring)).abs() / (eps + sigma * std)  # (B, K, P, H, W)
-    aff = logit.mean(1, keepdim=True).softmax(2)               # (B, 1, P, H, W)  a_delta(p)
+    std = neighbours(guide, window_offsets(dilations)).std(2, keepdim=True)  # (B, G, 1, H, W)
+    logit = -(guide.unsqueeze(2) - neighbours(guide, ring)).abs() / (eps + sigma * std)  # (B, G, R, H, W)
+    aff = logit.mean(1, keepdim=True).softmax(2)               # (B, 1, R, H, W)  a_delta(p)
     for _ in range(iters):
         m = (neighbours(m, ring) * aff).sum(2)                 # (B, C, H, W)  sum a m(p + delta)
     return m
@@ -80,7 +80,7 @@ def pamr_cascade(image, mask, stages=LILA_STAGES, dilations=(1, 3, 5), sigma=0.0
     iters), each on the previous stage's output, each resizing the full-resolution guide
     itself. The sizes are fixed, not scaled with the view: a 224^2 view runs 56, 112, 224; a
     112^2 view 56, 112, 112; a non-square view the square 56 and 112 stages first.
-    image (B, K, H, W), mask (B, C, h, w) -> (B, C, H, W) (a last stage that is not H x W, only
+    image (B, G, H, W), mask (B, C, h, w) -> (B, C, H, W) (a last stage that is not H x W, only
     with custom stages, is resized to it)."""
     _check_inputs(image, mask, dilations, 0)
     if len(stages) == 0:
@@ -91,8 +91,8 @@ def pamr_cascade(image, mask, stages=LILA_STAGES, dilations=(1, 3, 5), sigma=0.0
 
 
 # --- plumbing: the same numbers, less memory --------------------------------------------------
-# `pamr` computes what `pamr_reference` does without any (B, C, P, H, W) or (B, K, P, H, W)
-# stack: the affinities (B, P, H, W) once, then each propagation step accumulates one shifted
+# `pamr` computes what `pamr_reference` does without any (B, C, R, H, W) or (B, G, R, H, W)
+# stack: the affinities (B, R, H, W) once, then each propagation step accumulates one shifted
 # slice of a padded mask at a time into a preallocated buffer, one cache-sized chunk of
 # (images x channels) at a time through all iterations; the local std the same way, two-pass.
 # float32 under any autocast (official: CUDA float16). Measured: `python bench.py pamr`.
@@ -111,51 +111,51 @@ def pamr(image, mask, dilations=(1, 3, 5), iters=10, sigma=0.05, eps=1e-5, size=
     dtype = torch.promote_types(torch.promote_types(image.dtype, mask.dtype), torch.float32)
     hs, ws = _stage_size(size, *image.shape[-2:])
     with torch.autocast(image.device.type, enabled=False):
-        guide = _resize(image.to(dtype), (hs, ws))                        # (B, K, hs, ws)
+        guide = _resize(image.to(dtype), (hs, ws))                        # (B, G, hs, ws)
         m = _resize(mask.to(dtype), (hs, ws))                             # (B, C, hs, ws)
         if m is mask:
             m = m.clone()                      # propagate() overwrites it: never the caller's
-        aff = pamr_affinity(guide, dilations, sigma, eps)                 # (B, P, hs, ws)
+        aff = pamr_affinity(guide, dilations, sigma, eps)                 # (B, R, hs, ws)
         return propagate(m.contiguous(), aff, dilations, iters)           # (B, C, hs, ws)
 
 
 @torch.no_grad()
 def pamr_affinity(image, dilations=(1, 3, 5), sigma=0.05, eps=1e-5):
-    """The affinities a (B, P, H, W), summing to 1 over P, one shifted slice at a time.
+    """The affinities a (B, R, H, W), summing to 1 over R, one shifted slice at a time.
     eps matters where the guide is nearly flat: with std ~ eps / sigma or less the weights
     fall back towards a plain neighbour average (the 2020 PAMR used 1e-8)."""
     x = image.to(torch.promote_types(image.dtype, torch.float32))   # float32 (or float64)
     x = x - x.mean(dim=(2, 3), keepdim=True)   # centring changes no difference, helps rounding
-    B, K, H, W = x.shape
+    B, G, H, W = x.shape
     pad = max(dilations)
-    denom = local_std(x, dilations).mul_(sigma).add_(eps)      # (B, K, H, W)
-    xp = F.pad(x, [pad] * 4, mode="replicate")                 # (B, K, H + 2 pad, W + 2 pad)
-    logits = x.new_empty(B, 8 * len(dilations), H, W)          # (B, P, H, W)
-    tmp = torch.empty_like(x)                                  # (B, K, H, W) scratch
+    denom = local_std(x, dilations).mul_(sigma).add_(eps)      # (B, G, H, W)
+    xp = F.pad(x, [pad] * 4, mode="replicate")                 # (B, G, H + 2 pad, W + 2 pad)
+    logits = x.new_empty(B, 8 * len(dilations), H, W)          # (B, R, H, W)
+    tmp = torch.empty_like(x)                                  # (B, G, H, W) scratch
     for j, (dy, dx) in enumerate(ring_offsets(dilations)):
         torch.sub(x, _shifted(xp, pad, dy, dx, H, W), out=tmp).abs_().div_(denom)
         logits[:, j] = tmp.sum(dim=1)                          # (B, H, W)
-    logits.mul_(-1.0 / K)                                      # -mean over guide channels
-    logits -= logits.amax(dim=1, keepdim=True)                 # softmax over P, in place
+    logits.mul_(-1.0 / G)                                      # -mean over guide channels
+    logits -= logits.amax(dim=1, keepdim=True)                 # softmax over R, in place
     logits.exp_()
     logits /= logits.sum(dim=1, keepdim=True)
-    return logits                                              # (B, P, H, W)
+    return logits                                              # (B, R, H, W)
 
 
 @torch.no_grad()
 def local_std(image, dilations):
     """Unbiased std over the window_offsets values, as `neighbours(...).std(2)`, by two passes
-    of running sums (mean, then squared deviations). image (B, K, H, W) -> (B, K, H, W)."""
-    B, K, H, W = image.shape
+    of running sums (mean, then squared deviations). image (B, G, H, W) -> (B, G, H, W)."""
+    B, G, H, W = image.shape
     pad = max(dilations)
     offsets = window_offsets(dilations)
-    xp = F.pad(image, [pad] * 4, mode="replicate")             # (B, K, H + 2 pad, W + 2 pad)
-    mean = torch.zeros_like(image)                             # (B, K, H, W)
+    xp = F.pad(image, [pad] * 4, mode="replicate")             # (B, G, H + 2 pad, W + 2 pad)
+    mean = torch.zeros_like(image)                             # (B, G, H, W)
     for dy, dx in offsets:
         mean += _shifted(xp, pad, dy, dx, H, W)
     mean /= len(offsets)
-    var = torch.zeros_like(image)                              # (B, K, H, W)
-    tmp = torch.empty_like(image)                              # (B, K, H, W) scratch
+    var = torch.zeros_like(image)                              # (B, G, H, W)
+    tmp = torch.empty_like(image)                              # (B, G, H, W) scratch
     for dy, dx in offsets:
         torch.sub(_shifted(xp, pad, dy, dx, H, W), mean, out=tmp)
         var.addcmul_(tmp, tmp)
@@ -165,7 +165,7 @@ def local_std(image, dilations):
 @torch.no_grad()
 def propagate(mask, aff, dilations, iters):
     """`iters` steps of m(p) <- sum_delta a_delta(p) m(p + delta), replicate border, in place.
-    mask (B, C, H, W), aff (B, P, H, W) -> mask. Two padded ping-pong buffers per (images x
+    mask (B, C, H, W), aff (B, R, H, W) -> mask. Two padded ping-pong buffers per (images x
     channels) chunk; each step accumulates acc += a_delta * m_delta one slice at a time."""
     B, C, H, W = mask.shape
     pad = max(dilations)
@@ -173,7 +173,7 @@ def propagate(mask, aff, dilations, iters):
     c_step = min(C, max(1, _CHUNK_ELEMS // (H * W)))          # channels per chunk
     b_step = max(1, _CHUNK_ELEMS // (c_step * H * W))          # images per chunk
     for b0 in range(0, B, b_step):
-        a = aff[b0:b0 + b_step]                                # (b, P, H, W)
+        a = aff[b0:b0 + b_step]                                # (b, R, H, W)
         for c0 in range(0, C, c_step):
             part = mask[b0:b0 + b_step, c0:c0 + c_step]        # (b, c, H, W) view
             src = F.pad(part, [pad] * 4, mode="replicate")     # (b, c, H + 2 pad, W + 2 pad)
@@ -230,7 +230,7 @@ def _resize(x, size):
 def _check_inputs(image, mask, dilations, iters):
     """Clear errors for bad arguments instead of a traceback from inside F.pad/conv."""
     if not (torch.is_tensor(image) and image.dim() == 4):
-        raise ValueError(f"pamr.py: image must be a (B, K, H, W) tensor, got "
+        raise ValueError(f"pamr.py: image must be a (B, G, H, W) tensor, got "
                          f"{getattr(image, 'shape', type(image))}")
     if not (torch.is_tensor(mask) and mask.dim() == 4):
         raise ValueError(f"pamr.py: mask must be a (B, C, h, w) tensor, got "
