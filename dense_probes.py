@@ -487,6 +487,8 @@ def prepare(args):
             fail("--train-data applies to the video layout only (the real datasets bring their splits)")
     else:
         train, val = open_split(args, args.data, "train"), open_split(args, args.data, "val")
+    if (args.train_list or args.val_list) and not isinstance(train, evaldata.CocoStuff):
+        fail(f"--train-list / --val-list name COCO-Stuff images; {train.layout} brings its own splits")
     if not len(train) or not len(val):
         fail(f"--data {args.data}: need training and held-out frames (got {len(train)} / {len(val)}; "
              "video layout: ImageSets/2017/train.txt, or --val-videos N below the number of videos)")

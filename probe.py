@@ -662,6 +662,11 @@ def parse_args(argv=None):
     for flag, v in (("--data", a.data), ("--train-data", a.train_data)):
         if v and not os.path.isdir(v):
             p.error(f"{flag} {v}: no such folder")
+    for flag, v in (("--train-list", a.train_list), ("--val-list", a.val_list), ("--text-embeddings", a.text_embeddings)):
+        if v and not os.path.isfile(v):
+            p.error(f"{flag} {v}: no such file")
+    if not a.out.strip():
+        p.error("--out is empty; give a folder")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         p.error(f"--out {a.out} is a file; give a folder")
     up = os.path.dirname(os.path.abspath(a.out))   # found now, not after the probe has run

@@ -705,3 +705,16 @@ def test_an_empty_sequence_list_is_one_clear_error(synth, tmp_path):
     (root / "ImageSets/2017/val.txt").write_text("\n")
     with pytest.raises(ValueError, match="names no sequence"):
         run("vos-knn", "--data", root, *NONE, "--out", tmp_path / "o")
+
+
+def test_image_lists_are_checked_and_refused_where_they_do_not_apply(synth, tmp_path, capsys):
+    for flag in ("--train-list", "--val-list", "--text-embeddings"):
+        with pytest.raises(SystemExit):
+            probe.parse_args(["semseg", "--data", str(synth), flag, str(tmp_path / "none.txt")])
+        assert f"{flag} {tmp_path / 'none.txt'}: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        probe.parse_args(["semseg", "--data", str(synth), "--out", " "])
+    assert "--out is empty" in capsys.readouterr().err
+    (tmp_path / "ids.txt").write_text("synth0000\n")
+    with pytest.raises(ValueError, match="--train-list / --val-list name COCO-Stuff images"):
+        run("semseg", "--data", synth, *NONE, *QUICK["fast"], "--train-list", tmp_path / "ids.txt", "--out", tmp_path / "o")
