@@ -791,9 +791,15 @@ def run_probe(args):
     print(f"{args.cmd}: {summary(metrics)}")
     path = os.path.join(args.out, "results.json")
     keep_previous(path)
-    with open(path + ".tmp", "w") as fh:
-        json.dump({"metrics": metrics, "config": config, "ckpt_config": ck_cfg}, fh, indent=1)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as fh:
+            json.dump({"metrics": metrics, "config": config, "ckpt_config": ck_cfg}, fh, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError as e:                     # a full disk: the metrics above are the result
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        fail(f"cannot write {path} ({e.strerror or e}); the metrics printed above are this run's; "
+             "free space and rerun to keep them")
     return metrics
 
 
@@ -807,6 +813,9 @@ def cli(argv=None):
             print(f"probe.py: error: {re.sub(r'^(probe|evaldata|dense_probes)[.]py: ', '', msg)}", file=sys.stderr)
             sys.exit(2)
         raise
+    except OSError as e:     # a full disk, a folder without write permission, ...: named, no traceback
+        print(f"probe.py: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -718,3 +718,23 @@ def test_image_lists_are_checked_and_refused_where_they_do_not_apply(synth, tmp_
     (tmp_path / "ids.txt").write_text("synth0000\n")
     with pytest.raises(ValueError, match="--train-list / --val-list name COCO-Stuff images"):
         run("semseg", "--data", synth, *NONE, *QUICK["fast"], "--train-list", tmp_path / "ids.txt", "--out", tmp_path / "o")
+
+
+def test_a_full_disk_at_results_json_is_one_error_and_leaves_no_tmp(synth, tmp_path, monkeypatch):
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(probe.json, "dump", full)
+    with pytest.raises(ValueError, match="cannot write .*results.json \\(No space left on device\\); the metrics"):
+        run("vos-knn", "--data", synth, *NONE, "--grid", "14", "--out", tmp_path)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_an_os_error_is_one_line_naming_the_file(monkeypatch, capsys):
+    def denied(argv=None):
+        raise PermissionError(13, "Permission denied", "/data/out/seq/00001.png")
+    monkeypatch.setattr(probe, "main", denied)
+    with pytest.raises(SystemExit):
+        probe.cli([])
+    assert capsys.readouterr().err.strip() == "probe.py: error: /data/out/seq/00001.png: Permission denied"
