@@ -52,30 +52,29 @@ from pamr import pamr_cascade
 def pixels_to_normalised(flow):
     """(B, 2, H, W) pixel flow -> normalised units (u * 2 / W, v * 2 / H)."""
     H, W = flow.shape[-2:]
-    scale = flow.new_tensor([2.0 / W, 2.0 / H]).view(1, 2, 1, 1)
+    scale = flow.new_tensor([2.0 / W, 2.0 / H]).view(1, 2, 1, 1)     # (1, 2, 1, 1)
     return flow * scale                                               # (B, 2, H, W)
 
 
 def normalised_to_pixels(flow):
     """Inverse of `pixels_to_normalised`."""
     H, W = flow.shape[-2:]
-    scale = flow.new_tensor([W / 2.0, H / 2.0]).view(1, 2, 1, 1)
+    scale = flow.new_tensor([W / 2.0, H / 2.0]).view(1, 2, 1, 1)     # (1, 2, 1, 1)
     return flow * scale                                               # (B, 2, H, W)
 
 
 def forward_backward_error(flow_fwd, flow_bwd):
     """e(p) = || f_fwd(p) + f_bwd(p + f_fwd(p)) ||, in normalised units.
 
+    Why: a pixel followed forward and back returns where it started exactly where both flows
+    are right and it stays visible; occlusions and flow errors leave a residual e(p).
     f_bwd is read bilinearly at the landing point p + f_fwd(p), clamped to the image (border
-    padding). Official func_utils.py flow_sample does the same with pixel-index grids and
-    align_corners=True; here pixel centres with align_corners=False: both sample pixel
-    x + u, y + v, clamped to [0, W - 1] x [0, H - 1] (tests/test_cues.py checks both; the
-    official code scales x by H / 2 too, the same on its square frames).
+    padding; the same pixels as official func_utils.py flow_sample, tests/test_cues.py).
     flow_fwd, flow_bwd (B, 2, H, W) normalised -> (B, 1, H, W).
     """
     B, _, H, W = flow_fwd.shape
-    ys = (torch.arange(H, device=flow_fwd.device, dtype=flow_fwd.dtype) * 2 + 1) / H - 1
-    xs = (torch.arange(W, device=flow_fwd.device, dtype=flow_fwd.dtype) * 2 + 1) / W - 1
+    ys = (torch.arange(H, device=flow_fwd.device, dtype=flow_fwd.dtype) * 2 + 1) / H - 1  # (H,)
+    xs = (torch.arange(W, device=flow_fwd.device, dtype=flow_fwd.dtype) * 2 + 1) / W - 1  # (W,)
     base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)   # (H, W, 2) pixel centres
     grid = base + flow_fwd.permute(0, 2, 3, 1)                        # (B, H, W, 2)
     bwd_at = F.grid_sample(flow_bwd, grid, mode="bilinear", padding_mode="border",
@@ -109,18 +108,17 @@ def disparity_to_depth(disp, q=0.95, far=0.02):
                                                             q-quantile; sky, "infinitely far")
         depth = log(1 + 1 / max(d, far))                   in [0, log(1 + 1 / far)] ~ [0, 3.93]
 
-    Decreasing in disparity, bounded, invariant to the scale of `disp` (MiDaS units,
-    1/metres, ...). An unknown shift (MiDaS) is not removed. Ours (the official DepthCore's
-    fixed constants assume Depth-Anything-V2's units); the paper says depth is normalised and
-    far pixels are masked.
+    Why: MiDaS gives inverse depth up to an unknown scale (and shift, not removed here); the
+    quantile fixes the scale per image, the log keeps near and far within one bounded range.
+    Ours (the official DepthCore's constants assume Depth-Anything-V2's units).
     disp (B, 1, H, W) -> (depth (B, 1, H, W), valid (B, 1, H, W) float in {0, 1}).
     """
     B = disp.shape[0]
     x = disp.float().flatten(1)                                        # (B, H*W)
-    pos = torch.where(x > 0, x, torch.full_like(x, float("nan")))
+    pos = torch.where(x > 0, x, torch.full_like(x, float("nan")))     # (B, H*W) nan if <= 0
     scale = torch.nanquantile(pos, q, dim=1).nan_to_num(1.0)          # (B,) (no positive: 1)
     d = (disp.float() / scale.view(B, 1, 1, 1)).nan_to_num(0.0)       # (B, 1, H, W)
-    valid = (d > far).float()
+    valid = (d > far).float()                                          # (B, 1, H, W)
     depth = torch.log1p(1.0 / d.clamp(min=far))                       # (B, 1, H, W)
     return depth, valid
 
@@ -144,7 +142,7 @@ def sd_cue(enc_grid, image, n_channels=32, generator=None, channels=None, use_pa
     """Self-distillation cue (paper section 3; official TrainLILA.train_forward): C random
     channels (num_fts = 32) of the encoder's last tapped layer, upsampled from h x w to H x W
     by the PAMR cascade guided by the view's RGB (or bilinearly: the "no PAMR" ablation),
-    L2-normalised per pixel.
+    L2-normalised per pixel: an SD cue is a direction in feature space (module docstring).
 
     Why it exists: flow and depth say nothing where the scene is geometrically uniform (two
     static objects side by side at one depth have the same flow and depth), so geometry alone
@@ -175,7 +173,7 @@ def sd_cue(enc_grid, image, n_channels=32, generator=None, channels=None, use_pa
         if use_pamr:
             up = pamr_cascade(image.float(), sub)                      # (B, C, H, W)
         else:
-            up = F.interpolate(sub, size=(H, W), mode="bilinear", align_corners=False)
+            up = F.interpolate(sub, size=(H, W), mode="bilinear", align_corners=False)  # (B, C, H, W)
         return F.normalize(up, dim=1)                                  # (B, C, H, W) unit norm
 
 
