@@ -24,6 +24,7 @@ Commands (data.py has the CLI):  python data.py --make-synthetic /tmp/s [--video
                                  python data.py --preview /tmp/s
 Tests: python -m pytest -q tests/test_data.py
 """
+import json
 import os
 from pathlib import Path
 
@@ -369,7 +370,8 @@ def _save_npz(path, **arrays):
 def write_synthetic(root, videos=4, frames=12, size=224, seed=0, cue_noise=0.0):
     """Render `videos` SyntheticScenes (video i: seed + i) into ROOT in the DAVIS-2017 layout
     plus Cues/<v>/<f>.npz (disparity, flow_next, flow_prev as cues.py writes them), Normals/<v>/
-    <f>.npz (normals) and Classes/<v>/<f>.png (class ids). Returns the sequence names."""
+    <f>.npz (normals), Classes/<v>/<f>.png (class ids) and, last, synthetic.json (the arguments:
+    data.py --make-synthetic recognises a finished set by it). Returns the sequence names."""
     root, names = Path(root), [f"synth{seed + i:04d}" for i in range(videos)]
     for i, seq in enumerate(names):
         sc = SyntheticScenes(seed + i, frames=frames, size=size)
@@ -388,6 +390,8 @@ def write_synthetic(root, videos=4, frames=12, size=224, seed=0, cue_noise=0.0):
                 cues["flow_prev"] = corrupt_flow(sc.flow(t, t - 1), cue_noise, rng).astype(np.float16)
             _save_npz(root / "Cues" / seq / f"{fn}.npz", **cues)
     _atomic(root / "ImageSets/2017/val.txt", lambda p: Path(p).write_text("\n".join(names) + "\n"))
+    manifest = json.dumps(dict(videos=videos, frames=frames, size=size, seed=seed, cue_noise=float(cue_noise)))
+    _atomic(root / "synthetic.json", lambda p: Path(p).write_text(manifest))   # last: the set is whole
     return names
 
 

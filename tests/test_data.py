@@ -3,8 +3,10 @@
 Run: python -m pytest -q tests/test_data.py
 """
 import inspect
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +132,7 @@ def _coords(n):
 
 def test_crop_grid_reads_the_box_of_any_resolution_and_mirrors_flipped_views():
     hi, size = 120, 32
-    sp = data.PairSampler(size=size, hi=hi, crop=True)
+    sp = data.PairSampler(size=size, frame_side=hi, crop=True)
     g = torch.Generator().manual_seed(0)
     for _ in range(8):
         s = sp.sample(g)
@@ -148,7 +150,7 @@ def test_crop_grid_reads_the_box_of_any_resolution_and_mirrors_flipped_views():
                 torch.testing.assert_close(view[inner], grid[inner], atol=1e-5, rtol=0)
         area_q = s["box_q"][2] ** 2 / hi ** 2
         assert 0.3 - 0.02 <= area_q <= 1 and abs(s["box_c"][2] ** 2 / hi ** 2 - 0.8) < 0.02
-    whole = data.PairSampler(size=size, hi=hi, crop=False).sample(torch.Generator().manual_seed(1))
+    whole = data.PairSampler(size=size, frame_side=hi, crop=False).sample(torch.Generator().manual_seed(1))
     assert whole["box_q"] == whole["box_c"] == (0, 0, hi)
 
 
@@ -178,7 +180,7 @@ def test_defaults_are_the_official_training_recipe(tmp_path):
     _jpg(tmp_path / "JPEGImages/v/0.jpg", (64, 48))
     _jpg(tmp_path / "JPEGImages/v/1.jpg", (64, 48))
     ds = data.PairDataset(data.VideoFolder(tmp_path), with_cues=False)
-    assert ds.sampler.hi == 480 and ds.sampler.gap == 5 and ds[0]["views"].shape == (2, 3, 224, 224)
+    assert ds.sampler.frame_side == 480 and ds.sampler.gap == 5 and ds[0]["views"].shape == (2, 3, 224, 224)
 
 
 def test_query_and_context_flow_targets_agree_at_corresponding_points_whatever_the_flips():
@@ -303,7 +305,7 @@ def test_every_video_is_drawn_equally_often_whatever_its_length(tmp_path):
 
 def test_base_frame_cuts_the_centre_square_first(tmp_path):
     img = (np.random.default_rng(0).random((60, 100, 3)) * 255).astype(np.uint8)
-    hi, lo = data.base_frames(img, 16, hi=30)
+    hi, lo = data.base_frames(img, 16, frame_side=30)
     ref = Image.fromarray(img[:, 20:80]).resize((30, 30), Image.BICUBIC)
     assert torch.equal(hi, torch.from_numpy(np.asarray(ref).copy()).permute(2, 0, 1).float() / 255)
     assert lo.shape == (3, 16, 16)
@@ -367,21 +369,34 @@ def test_load_cues_names_missing_and_malformed_files(synth_root, tmp_path):
         data.load_cues(root, "synth0003", 0, 2, names=[f"{i:05d}" for i in range(5)])
 
 
-def test_cli_writes_a_layout_and_a_preview(tmp_path):
+def test_cli_writes_a_layout_and_a_preview_and_reruns(tmp_path, capsys):
     repo = Path(data.__file__).parent
-    run = lambda *a: subprocess.run([sys.executable, str(repo / "data.py"), *a], capture_output=True, text=True)  # noqa: E731
-    r = run("--make-synthetic", str(tmp_path), "--videos", "1", "--frames", "3", "--size", "32", "--cue-noise", "0.5")
+    same = ["--make-synthetic", str(tmp_path), "--videos", "1", "--frames", "3", "--size", "32", "--cue-noise", "0.5"]
+    r = subprocess.run([sys.executable, str(repo / "data.py"), *same], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    r = run("--preview", str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    assert Image.open(tmp_path / "preview.png").size[0] > 6 * 32
-    r = run("--make-synthetic", str(tmp_path), "--frames", "1")
-    assert r.returncode != 0 and "--frames >= 2" in r.stderr
+    pic = tmp_path.parent / f"{tmp_path.name}-preview.png"
+    data.main(["--preview", str(tmp_path), "--out", str(pic)])
+    out, err = capsys.readouterr()
+    assert Image.open(pic).size[0] > 6 * 32 and str(pic) in out and "warning" not in err
+
+    def refused(*argv):
+        with pytest.raises(SystemExit) as e:
+            data.main(list(argv))
+        return e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--frames >= 2" in refused("--make-synthetic", str(tmp_path), "--frames", "1")
     # another set into the same folder would mix its frames with these: refused, nothing touched
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    r = run("--make-synthetic", str(tmp_path), "--videos", "2", "--frames", "2", "--size", "16")
-    assert r.returncode == 2 and "is not empty" in r.stderr.strip().splitlines()[-1]
+    assert "holds another synthetic set (--videos 1, not 2; --frames 3, not 2; --size 32, not 16; " \
+        "--cue-noise 0.5, not 0.0)" in refused("--make-synthetic", str(tmp_path), "--videos", "2", "--frames", "2", "--size", "16")
+    # the same set again (the quick start rerun): recognised by its synthetic.json, left as it is
+    data.main(same)
+    assert "already holds this synthetic set" in capsys.readouterr().out
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    # a set cut short (synthetic.json is written last, frames missing) or any other folder: refused
+    next(tmp_path.glob("Cues/*/*.npz")).unlink()
+    assert "is not empty and holds no finished synthetic set" in refused(*same)
+    (tmp_path / "synthetic.json").unlink()
+    assert "is not empty and holds no finished synthetic set" in refused(*same)
 
 
 def test_frames_sort_numerically_and_duplicate_names_skip_the_video(tmp_path, caplog):
@@ -432,3 +447,118 @@ def test_unreadable_cue_files_and_an_empty_cache_are_named(synth_root, tmp_path)
         shutil.rmtree(d)
     with pytest.raises(FileNotFoundError, match="python cues.py --data"):
         data.PairDataset(data.VideoFolder(root), base=S, size=48)
+
+
+def _video(root, names, size=(24, 16)):
+    for n in names:
+        _jpg(root / f"{n}.jpg", size)
+
+
+def test_video_folder_says_its_folder_and_what_delta_means_when_names_step_by_5(tmp_path, capsys, caplog):
+    # YouTube-VOS: train_all_frames/JPEGImages holds every frame (30 fps), train/JPEGImages
+    # every 5th (00000, 00005, ...): the first is the official training list and is preferred
+    yt = tmp_path / "yt"
+    _video(yt / "train_all_frames/JPEGImages/v", [f"{i:05d}" for i in range(12)])
+    _video(yt / "train/JPEGImages/v", [f"{i:05d}" for i in range(0, 60, 5)])
+    vf = data.VideoFolder(yt)
+    out = capsys.readouterr().out
+    assert vf.frame_step == 1 and f"1 videos from {yt / 'train_all_frames/JPEGImages'}" in out
+    assert "step by" not in caplog.text
+    every5 = tmp_path / "train"
+    _video(every5 / "JPEGImages/v", [f"{i:05d}" for i in range(0, 60, 5)])
+    _video(every5 / "JPEGImages/w", [f"{i:05d}" for i in range(0, 30, 5)])
+    vf = data.VideoFolder(every5)
+    assert vf.frame_step == 5 and str(every5 / "JPEGImages") in capsys.readouterr().out
+    assert "step by 5 (e.g. 00000.jpg, 00005.jpg, 00010.jpg)" in caplog.text and "5..25 source frames" in caplog.text
+    caplog.clear()
+    data.VideoFolder(every5)                                      # said once per process
+    assert capsys.readouterr().out == "" and "step by" not in caplog.text
+    # delta counts listed frames there: the pair (t, t + delta) is delta names apart
+    ds = data.PairDataset(vf, base=16, size=8, with_cues=False)
+    for key in range(10):
+        it = ds[key]
+        assert 1 <= int(it["delta"]) <= 5
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: p.write_bytes(b"just some junk"), r"not an \.npz archive \(it starts with b'just som'\)"),
+    (lambda p: p.write_bytes(b""), r"empty \(0 bytes\)"),
+    (lambda p: np.save(open(p, "wb"), np.ones(3)), r"a single \.npy array, not an \.npz archive"),
+    (lambda p: p.write_bytes(p.read_bytes()[:80]), "a truncated or damaged .npz archive"),
+    (lambda p: np.savez(p, disparity=np.array([{"a": 1}], dtype=object)), r"pickled \(object\) arrays"),
+    (lambda p: np.savez(p, depth=np.ones((S, S))), r"has no 'disparity' \(has \['depth'\]; cues.py writes disparity"),
+    (lambda p: np.savez(p, disparity=np.full((S, S), "x"), flow_next=np.ones((S, S, 2))), "holds <U1 values"),
+    (lambda p: np.savez(p, disparity=np.ones((0, 0)), flow_next=np.ones((0, 0, 2))), r"has shape \(0, 0\)"),
+])
+def test_a_bad_cue_file_is_named_with_what_it_is(synth_root, tmp_path, write, message):
+    import shutil
+    root = tmp_path / "r"
+    shutil.copytree(synth_root, root)
+    write(root / "Cues/synth0003/00000.npz")
+    with pytest.raises(ValueError, match="00000.npz.*" + message):
+        data.load_cues(root, "synth0003", 0, 1)
+    # the preview reads the same file through the same checks (the CLI prints it as one line)
+    pic = tmp_path / "p.png"
+    with pytest.raises(ValueError, match="00000.npz.*" + message):
+        data.main(["--preview", str(root), "--out", str(pic)])
+    assert not pic.exists()
+    if "starts with" in message:
+        r = subprocess.run([sys.executable, data.__file__, "--preview", str(root), "--out", str(pic)],
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.startswith("data.py: error: cannot read cue file ") and \
+            "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_preview_of_real_frames_without_cues_says_so_and_stays_out_of_the_dataset(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "davis"
+    for v in ("a", "b"):
+        _video(root / "JPEGImages/480p" / v, [f"{i:05d}" for i in range(3)], size=(854, 480))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))            # the default goes to $TMPDIR
+    data.main(["--preview", str(root)])
+    out, err = capsys.readouterr()
+    assert "no cue files in" in err and f"python cues.py --data {root}" in err
+    pic = tmp_path / "preview-davis.png"
+    assert str(pic) in out and not list(root.rglob("*.png"))            # nothing written into the data
+    w, h = Image.open(pic).size
+    assert w < 400 and h < 800                                           # only the RGB column: 285 px wide
+
+
+def test_preview_reads_any_label_map_and_frames_of_several_sizes(synth_root, tmp_path):
+    import shutil
+    root = tmp_path / "r"
+    shutil.copytree(synth_root, root)
+    Image.fromarray(np.full((S, S), 300, np.uint16)).save(root / "Annotations/480p/synth0003/00000.png")  # I;16 ids
+    Image.new("RGB", (S, S), (1, 2, 3)).save(root / "Classes/synth0003/00000.png")                      # colours
+    for f in (root / "JPEGImages/480p/synth0004").iterdir():
+        Image.new("RGB", (2 * S, S), 50).save(f)                                                        # 2:1 frames
+    for f in (root / "Cues/synth0004").iterdir():
+        f.unlink()
+    out, notes = data.preview(root, tmp_path / "p.png")
+    assert Image.open(out).size[1] == 18 + 4 * (160 + 4) and len(notes) == 1 and "2 of 4 frames" in notes[0]
+    (root / "Classes/synth0003/00000.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read label map .*Classes/synth0003/00000.png"):
+        data.preview(root, tmp_path / "p.png")
+    (root / "Classes/synth0003/00000.png").unlink()
+    np.savez(root / "Normals/synth0003/00000.npz", normals=np.ones((S, S)))
+    with pytest.raises(ValueError, match=r"normals file .*00000.npz: 'normals' is float64 \(96, 96\)"):
+        data.preview(root, tmp_path / "p.png")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--make-synthetic", "{d}/s", "--cue-noise", "nan"], "a finite --cue-noise >= 0"),
+    (["--make-synthetic", "{d}/s", "--cue-noise", "inf"], "a finite --cue-noise >= 0"),
+    (["--make-synthetic", "{d}/s", "--seed", "-1"], "--seed >= 0"),
+    (["--make-synthetic", "{d}/s", "--frames", "1000", "--size", "4096"], "would need 403 GB of memory per video"),
+    (["--make-synthetic", "{d}/file"], "is a file; give a folder"),
+    (["--preview", "{d}/file"], "video root .*file is not a folder"),
+    (["--preview", "{d}/nope"], "video root .*nope does not exist"),
+    (["--preview", "{d}", "--out", "{d}"], "give a .png file in an existing folder"),
+    (["--preview", "{d}", "--out", "{d}/no/such/p.png"], "give a .png file in an existing folder"),
+])
+def test_cli_bad_arguments_are_one_error_and_touch_nothing(tmp_path, capsys, args, message):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises((SystemExit, FileNotFoundError)) as e:   # usage error, or the CLI's one line
+        data.main([a.format(d=tmp_path) for a in args])
+    text = capsys.readouterr().err.strip().splitlines()[-1] if e.type is SystemExit else str(e.value)
+    assert re.search(message, text), text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
