@@ -109,8 +109,7 @@ class ResidualConvUnit(nn.Module):
 
 class FusionBlock(nn.Module):
     """y = conv1x1(resize(RCU(x + RCU_skip(skip)), size)): the coarser path x plus this level's
-    grid, bilinearly resized to the next level's size. The deepest block has no skip input
-    (the official one builds a first unit it never calls; ours does not build it)."""
+    grid, bilinearly resized to the next level's size. The deepest has no skip (nor its RCU)."""
 
     def __init__(self, ch, has_skip, align_corners):
         super().__init__()
@@ -133,8 +132,9 @@ class DPTDecoder(nn.Module):
     reassemble (factors 4, 2, 1, 1/2) -> fuse deepest first, the last fusion x2
     (`last_upsample`) -> (B, F, 8h, 8w) -> head: 3x3 conv F -> F/2, bilinear resize to H x W,
     3x3 conv, ReLU, 1x1 conv to D -> LayerNorm over the D channels of every pixel.
-    D = F/2: the head halves F once and keeps that width (official dec_dim = features // 2;
-    the paper's D = 128 for ViT-S). align_corners=True: every official resize of this head.
+    D = F/2 (official dec_dim = features // 2; paper D = 128 for ViT-S): the head halves F once
+    and keeps that width; D also sizes the ridge fit, P = D + 1 unknowns per cue from N = 1024
+    pooled samples (incontext.py). align_corners=True: every official resize of this head.
     ln_eps: torch's LayerNorm default, as the official nn.LayerNorm(dec_dim)."""
 
     def __init__(self, embed_dim, widths=(48, 96, 192, 384), features=256, out_dim=128,
@@ -154,10 +154,10 @@ class DPTDecoder(nn.Module):
         self.head_conv2 = conv3x3(features // 2, hidden)
         self.head_out = nn.Conv2d(hidden, out_dim, 1)
         # Why a per-pixel LayerNorm last: the ridge map is fitted in closed form on these
-        # features, W* = (X^T X + lam I)^-1 X^T Y, and scaling X by s acts as lam / s^2; with
-        # every pixel's feature at zero mean and unit variance, lam means the same at every
-        # pixel and step, and the decoder cannot loosen the fit by growing its output. No
-        # affine weight: the official fnorm's never trains (the optimizer gets only the head's).
+        # features, W* = (X^T C X / N + lam I)^-1 X^T C Y / N, and scaling X by s acts as
+        # lam / s^2; with every pixel's feature at zero mean and unit variance, lam means the
+        # same at every pixel and step, and the decoder cannot loosen the fit by growing its
+        # output. No affine weight: the official fnorm's never trains (only the head is optimised).
         self.norm = nn.LayerNorm(out_dim, eps=ln_eps, elementwise_affine=False)
 
     def forward(self, grids, size):
