@@ -1,7 +1,7 @@
 """Speed and memory benchmarks of the LILA repo, one function per benchmark, CPU.
 
 Run:   python bench.py [NAME ...] [--quick] [--threads N]
-       NAME in data model incontext pamr probe cues step (default: all, in that order);
+       NAME in data model incontext pamr probe cues step gpu (default: all, in that order);
        --quick: small batches, ~35 s on 2 idle cores (5 min at load 6: see Threads).
 
 What each benchmark measures (every line prints the sizes it ran at; "lean" is our code,
@@ -32,6 +32,11 @@ in the same run on the same inputs):
              preset (112^2 views, 8 pairs) and the paper preset (224^2 views, 4 pairs on CPU
              instead of the paper's 32, so absolute times are 1/8 of a paper step), plus the
              whole step as train.py runs it (views_and_cues + lila_loss + backward + AdamW).
+- gpu        train.py on CUDA (on a CPU it says so and measures nothing): the paper preset's
+             step at 32 pairs, pairs/s and peak memory (torch.cuda.max_memory_allocated) in fp32
+             and bf16 autocast, with and without torch.compile of the decoder, the largest batch
+             that fits in one pass, the step's parts, RAFT with random weights if torchvision
+             is installed. Random weights, synthetic scenes, no downloads; a few minutes.
 
 How: every time is the best of a few runs after one warm-up; variants of one comparison are
 run interleaved, so drifting load on the shared machine hits all alike. Peak memory is measured
@@ -338,24 +343,30 @@ def bench_cues(batch=8, size=224, enc_dim=384, grid=16, repeats=3):
 # train.py: one step, part by part
 
 class Sections:
-    """Accumulates wall time per named section: `with sec("encoder"): ...`."""
+    """Accumulates wall time per named section: `with sec("encoder"): ...`; sync (e.g.
+    torch.cuda.synchronize) is called at both ends, so asynchronous GPU work is counted."""
 
-    def __init__(self):
-        self.t = {}
+    def __init__(self, sync=None):
+        self.t, self.sync = {}, sync or (lambda: None)
 
     @contextmanager
     def __call__(self, name):
+        self.sync()
         t0 = time.perf_counter()
         yield
+        self.sync()
         self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
 
 
-def step_parts(lila, opt, dataset, idx, args, sd_gen):
+def step_parts(lila, opt, dataset, idx, args, sd_gen, device="cpu", sync=None, bf16=False):
     """One training step of train.py, its pieces called directly and timed (same maths as
-    train.views_and_cues + train.lila_loss + backward + AdamW, with all cues on)."""
-    sec = Sections()
+    train.views_and_cues + train.lila_loss + backward + AdamW, with all cues on); bf16: the
+    encoder, decoder and SD cue under bf16 autocast, as train.py on a GPU."""
+    sec = Sections(sync)
+    amp = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     with sec("data"):
         batch = torch.utils.data.default_collate([dataset[i] for i in idx])
+        batch = {k: v.to(device) for k, v in batch.items()}
     with sec("cues"), torch.no_grad():
         img = torch.cat([batch["views"][:, 0], batch["views"][:, 1]])      # (2B, 3, S, S)
         gq, gc = batch["grid_q"], batch["grid_c"]                          # (B, S, S, 2)
@@ -363,19 +374,19 @@ def step_parts(lila, opt, dataset, idx, args, sd_gen):
         conf_t, conf_t2 = cues.flow_confidence(ffw, fbw), cues.flow_confidence(fbw, ffw)
         depth, valid = cues.disparity_to_depth(batch["disparity"].transpose(0, 1).flatten(0, 1))
         (d_t, d_t2), (v_t, v_t2) = depth.chunk(2), valid.chunk(2)           # (B, 1, Hb, Wb)
-        flow_c, flow_q = train.zscore(data.warp(-fbw, gc), data.warp(ffw, gq))
-        dep_c, dep_q = train.zscore(data.warp(d_t2, gc), data.warp(d_t, gq))
+        flow_q, flow_c = train.zscore(data.warp(ffw, gq), data.warp(-fbw, gc))
+        dep_q, dep_c = train.zscore(data.warp(d_t, gq), data.warp(d_t2, gc))
         fq, fc = data.warp(conf_t, gq), data.warp(conf_t2, gc)
         conf_q = torch.cat([fq, fq, data.warp(v_t, gq)], 1)                # (B, 3, S, S)
         conf_c = torch.cat([fc, fc, data.warp(v_t2, gc)], 1)
-    with sec("encoder"):
+    with sec("encoder"), amp():
         grids = lila.encode(img)                                           # 4 x (2B, E, h, w)
-    with sec("decoder fwd"):
-        feats = lila.decoder(grids, size=img.shape[-2:])                   # (2B, D, S, S)
-    with sec("SD + PAMR"), torch.no_grad():
+    with sec("decoder fwd"), amp():
+        feats = lila.decoder(grids, size=img.shape[-2:]).float()           # (2B, D, S, S)
+    with sec("SD + PAMR"), torch.no_grad(), amp():
         B = img.shape[0] // 2
-        ch = cues.sd_channels(grids[-1].shape[1], args.sd_channels, sd_gen, batch=B)  # (B, C)
-        sd_q, sd_c = cues.sd_cue(grids[-1], img, channels=torch.cat([ch, ch])).chunk(2)  # (B, C, S, S)
+        ch = cues.sd_channels(grids[-1].shape[1], args.sd_channels, sd_gen, batch=B).to(img.device)  # (B, C)
+        sd_q, sd_c = cues.sd_cue(grids[-1].float(), img, channels=torch.cat([ch, ch])).chunk(2)  # (B, C, S, S)
     with sec("in-context loss fwd+bwd"):
         leaf = feats.detach().requires_grad_()                             # loss bwd stops here
         f_q, f_c = leaf.chunk(2)
@@ -426,15 +437,116 @@ def bench_step(configs=(("tiny", 112, 8), ("paper", 224, 4)), repeats=2):
 
 
 # -----------------------------------------------------------------------------------------
+# train.py on a GPU: the paper preset's step, fp32 against bf16 autocast, compiled or not
+
+def bench_gpu(batch=32, repeats=3, max_batch=512):
+    """The paper preset's training step on CUDA (random weights, synthetic scenes, no
+    downloads): pairs/s and peak memory (torch.cuda.max_memory_allocated) in fp32 and under
+    bf16 autocast (as train.py), with and without torch.compile of the decoder; the step's
+    parts; the largest batch that fits in one pass (bf16). One table, a few minutes."""
+    if not torch.cuda.is_available():
+        print("\nbench.py gpu: needs a CUDA GPU (torch.cuda.is_available() is False here); "
+              "nothing measured")
+        return
+    dev = torch.device("cuda")
+    header("gpu", f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, paper preset, "
+                  f"224^2 views, {batch} pairs, random weights, best of {repeats} after 1 warm-up")
+    args = train.get_args(["--preset", "paper", "--weights", "none", "--batch", str(batch),
+                           "--synthetic-videos", "2", "--device", "cuda"])
+    dataset = train.make_dataset(args)
+    lila = model.build_lila(args.backbone, args.weights, args.preset, seed=args.seed).to(dev).train()
+    opt = torch.optim.AdamW(lila.decoder.parameters(), lr=args.lr, weight_decay=args.wd)
+    cpu_batches = {}
+
+    def on_gpu(pairs):                           # a batch of `pairs` pairs, collated once
+        if pairs not in cpu_batches:
+            idx = [j % len(dataset) for j in range(pairs)]
+            cpu_batches[pairs] = torch.utils.data.default_collate([dataset[i] for i in idx])
+        return {k: v.to(dev, non_blocking=True) for k, v in cpu_batches[pairs].items()}
+
+    def step(pairs, bf16, decoder):              # train.py's step, its own functions
+        b, gen = on_gpu(pairs), torch.Generator().manual_seed(0)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            v = train.features_and_sd(train.step_cues(b, args, sd_gen=gen), lila, args, decoder)
+        loss, _ = train.lila_loss(v, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def measure(pairs, bf16, decoder, n=repeats):
+        step(pairs, bf16, decoder)                                   # warm-up (and compile)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        best = float("inf")
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step(pairs, bf16, decoder)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best, torch.cuda.max_memory_allocated(dev) / 2**30
+
+    print(f"  {'variant':30s} {'step':>8s} {'pairs/s':>8s} {'peak GiB':>9s}")
+    compiled = None
+    for bf16 in (False, True):
+        for compile_ in (False, True):
+            name = f"{'bf16 autocast' if bf16 else 'fp32'}{', compiled decoder' if compile_ else ''}"
+            try:
+                if compile_ and compiled is None:
+                    compiled = torch.compile(lila.decoder)
+                t, peak = measure(batch, bf16, compiled if compile_ else None)
+                print(f"  {name:30s} {t:7.3f}s {batch / t:8.1f} {peak:9.2f}")
+            except Exception as e:  # noqa: BLE001 - a variant that fails is a row, not the end
+                print(f"  {name:30s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+            torch.cuda.empty_cache()
+    # The largest batch in one pass (bf16, not compiled): doubling until out of memory.
+    fits, pairs = batch, batch * 2
+    while pairs <= max_batch:
+        try:
+            t, peak = measure(pairs, True, None, n=1)
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        print(f"  {'bf16 autocast, ' + str(pairs) + ' pairs':30s} {t:7.3f}s {pairs / t:8.1f} {peak:9.2f}")
+        fits, pairs = pairs, pairs * 2
+    print(f"  largest batch tried that fits in one pass: {fits} pairs (tried up to {min(pairs, max_batch)}); "
+          f"beyond: --micro-batch")
+    # The step's parts (bf16 autocast as train.py; each part synchronised, so it costs more in all).
+    sync = torch.cuda.synchronize
+    idx = list(range(batch))
+    runs = [step_parts(lila, opt, dataset, [i % len(dataset) for i in idx], args,
+                       torch.Generator().manual_seed(0), device=dev, sync=sync, bf16=True)
+            for _ in range(repeats + 1)]
+    best = {k: min(r[k] for r in runs[1:]) for k in runs[0] if k != "data"}
+    total = sum(best.values())
+    for k, v in best.items():
+        print(f"  {k:30s} {v:7.3f}s {100 * v / total:5.1f} %")
+    try:
+        import torchvision                       # RAFT with random weights, if torchvision is here
+        net = torchvision.models.optical_flow.raft_small(weights=None)
+        flow = cues.FlowCue(net=net).to(dev)
+        b = on_gpu(batch)
+        f_t, f_t2 = b["frames"][:, 0], b["frames"][:, 1]
+        t = best_time(lambda: (flow(f_t, f_t2), sync()), repeats)
+        print(f"  {'RAFT small (--cues hub)':30s} {t:7.3f}s  both directions, {batch} pairs at "
+              f"{f_t.shape[-1]}^2; MiDaS: not measured (its code comes from torch.hub)")
+    except ImportError:
+        print("  RAFT / MiDaS (--cues hub): not measured (no torchvision here); the cue cache avoids them")
+
+
+# -----------------------------------------------------------------------------------------
 # Command line
 
 BENCHES = {"data": bench_data, "model": bench_model, "incontext": bench_incontext,
-           "pamr": bench_pamr, "probe": bench_probe, "cues": bench_cues, "step": bench_step}
+           "pamr": bench_pamr, "probe": bench_probe, "cues": bench_cues, "step": bench_step,
+           "gpu": bench_gpu}
 QUICK = {"data": dict(repeats=1), "model": dict(batches=(1,), repeats=1),
          "incontext": dict(batch=2, repeats=1, step_batch=1),
          "pamr": dict(batch=4, gather_batch=2), "probe": dict(frames=4),
          "cues": dict(batch=2, repeats=1),
-         "step": dict(configs=(("tiny", 112, 2), ("paper", 224, 1)), repeats=1)}
+         "step": dict(configs=(("tiny", 112, 2), ("paper", 224, 1)), repeats=1),
+         "gpu": dict(repeats=1, max_batch=64)}
 WORKERS = {"pamr": pamr_worker, "probe": probe_worker}
 
 

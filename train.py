@@ -202,7 +202,7 @@ def train(args, run, rank, world, cli, cue_nets=None):
     trainable = Trainable(lila.decoder, erm_head)
     opt = torch.optim.AdamW(trainable.parameters(), lr=args.lr, weight_decay=args.wd)
     if ckpt:   # the decoder, the optimizer and the random streams go on where they stopped
-        trainable.load(ckpt)
+        trainable.load_state_dict({f"{k}.{n}": x for k in ("decoder", "erm_head") for n, x in ckpt[k].items()})
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
     decoder = distributed(trainable, device, world)    # the decoder as it trains (DDP or itself)
@@ -246,9 +246,10 @@ def train(args, run, rank, world, cli, cue_nets=None):
             step += 1
 
             if rank == 0:
-                out.after_step(step, loss, parts, cues, int(batch["skipped"].sum()), lr)
-                if step % args.save_every == 0 or step == args.steps:
-                    out.save(step, lila, trainable, opt, device)
+                val = out.validate(step, lila, device)            # DAVIS val J&F, when due
+                out.after_step(step, loss, parts, cues, int(batch["skipped"].sum()), lr, val)
+                if step % args.save_every == 0 or step == args.steps or val is not None:
+                    out.save(step, lila, trainable, opt, device, val)
     finally:
         del batches   # shuts the DataLoader workers down now, also when an error ends the run
     return out.finish(step, loss, stop, cli, lila, trainable, opt, device)
@@ -282,12 +283,13 @@ def main(argv=None, cue_nets=None):
 # CPU run that finishes by itself in a few minutes (200 steps at 1e-3, the setting that the
 # synthetic evidence of GUIDE.md measures) and checkpoints every ~30 s, so a stop loses little.
 PRESET_RUN = {
-    "paper": dict(size=224, batch=32, steps=100_000, lr=1e-4, save_every=1000),
-    "tiny": dict(size=112, batch=8, steps=200, lr=1e-3, save_every=25),
+    "paper": dict(size=224, batch=32, steps=100_000, lr=1e-4, save_every=1000, val_probe="lp"),
+    "tiny": dict(size=112, batch=8, steps=200, lr=1e-3, save_every=25, val_probe="knn"),
 }
 
 # Flags that may change between a run and its --resume; every other flag must match.
-RESUMABLE = {"steps", "out", "resume", "device", "workers", "log_every", "save_every", "micro_batch"}
+RESUMABLE = {"steps", "out", "resume", "device", "workers", "log_every", "save_every", "micro_batch",
+             "val", "val_every", "val_videos", "val_probe"}      # validation may start or change later
 
 
 def get_args(argv=None):
@@ -362,10 +364,19 @@ def get_args(argv=None):
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     g.add_argument("--save-every", type=int, default=None, help="steps between checkpoints "
                    "and feature pictures (paper preset 1000, tiny 25)")
+    g = p.add_argument_group("validation (the official trainer's: DAVIS-2017 val J&F, best checkpoint)")
+    g.add_argument("--val", default=None, metavar="ROOT", help="DAVIS-layout root: score the "
+                   "decoder during training (probe.py davis_val), log val_jf, keep best.pt")
+    g.add_argument("--val-every", type=int, default=None, help="steps between validations "
+                   "(default: --save-every; official: every epoch of 2000 steps)")
+    g.add_argument("--val-videos", type=int, default=6, help="val sequences scored (official 6)")
+    g.add_argument("--val-probe", default=None, choices=["lp", "knn"], help="lp: the official "
+                   "one-shot linear probe (paper preset); knn: label propagation, no training (tiny)")
     args = p.parse_args(argv)
     for k, v in PRESET_RUN[args.preset].items():       # preset defaults for what was not given
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.val_every = args.val_every or args.save_every
     if args.base is None:   # cues on base frames: 224² (paper), the view side (tiny)
         args.base = args.size if args.preset == "tiny" else 224
     if args.cues == "auto":
@@ -393,6 +404,8 @@ def check_args(p, args):
         (args.gap >= 1, f"--gap {args.gap} must be >= 1 (frames between the two of a pair)"),
         (args.log_every >= 1, f"--log-every {args.log_every} must be >= 1"),
         (args.save_every >= 1, f"--save-every {args.save_every} must be >= 1"),
+        (args.val_every >= 1 and args.val_videos >= 1, f"--val-every {args.val_every} and --val-videos {args.val_videos} must be >= 1"),
+        (args.val is None or os.path.isdir(args.val), f"--val {args.val}: there is no such folder (a DAVIS layout: JPEGImages/480p, Annotations/480p, ImageSets)"),
         (args.workers >= 0, f"--workers {args.workers} must be >= 0"),
         (0 <= args.seed < 2**32, f"--seed {args.seed} must lie in 0..2**32-1"),
         (args.synthetic_videos >= 1, f"--synthetic-videos {args.synthetic_videos} must be >= 1"),
@@ -442,9 +455,8 @@ def make_cue_nets(args, device, cue_nets=None):
 
 
 def micro_batches(cues, args):
-    """The chunks of --micro-batch pairs of a step's cues, and the whole batch's normalisers
-    (incontext.loss_norms) so that the chunks' losses sum to the whole batch's loss; without
-    --micro-batch (or when one chunk holds the batch): ([cues], None), the plain step."""
+    """Chunks of --micro-batch pairs of a step's cues and the whole batch's normalisers, so that
+    the chunks' losses sum to the whole batch's; else ([cues], None), the plain step."""
     B, n = cues["img_q"].shape[0], args.micro_batch
     if n <= 0 or n >= B:
         return [cues], None
@@ -458,25 +470,15 @@ def micro_batches(cues, args):
 
 
 class Trainable(nn.Module):
-    """What learns, as one module: the decoder, and the ERM head with --erm. Called as the
-    decoder (the head is applied by incontext.erm_loss), so DistributedDataParallel around it
-    averages the gradients of both; the frozen encoder stays outside."""
+    """What learns as one module, called as the decoder: the decoder and, with --erm, the ERM
+    head (applied in incontext.erm_loss); DDP around it averages the gradients of both."""
 
     def __init__(self, decoder, erm_head=None):
         super().__init__()
-        self.decoder, self.erm_head = decoder, erm_head
+        self.decoder, self.erm_head = decoder, erm_head or nn.Identity()
 
     def forward(self, grids, size):
         return self.decoder(grids, size=size)                         # (B, D, S, S)
-
-    def state(self):
-        return {"decoder": self.decoder.state_dict(),
-                "erm_head": self.erm_head.state_dict() if self.erm_head is not None else {}}
-
-    def load(self, ckpt):
-        self.decoder.load_state_dict(ckpt["decoder"])
-        if self.erm_head is not None:
-            self.erm_head.load_state_dict(ckpt["erm_head"])
 
 
 def setup_distributed():
@@ -496,8 +498,8 @@ def pick_device(name, rank):
 
 
 def distributed(trainable, device, world):
-    """DistributedDataParallel around what learns (bucketed all-reduce of the gradients during
-    backward; it also starts every rank from rank 0's weights), or the module itself alone."""
+    """DDP around what learns (bucketed all-reduce overlapped with the backward pass, rank 0's
+    weights broadcast at the start); a single process trains the module itself."""
     if world == 1:
         return trainable
     ids = [device.index] if device.type == "cuda" else None
@@ -570,15 +572,16 @@ def warn(message):
 
 
 class RunOutput:
-    """What a run writes (rank 0; the other ranks write nothing): the start lines, config.json,
-    the progress bar, log.jsonl rows with the warnings of each log interval, the checkpoints
-    with their feature pictures, and the last line."""
+    """What a run writes (rank 0 only): the start lines, config.json, the bar, log.jsonl rows
+    and the interval's warnings, checkpoints and feature pictures, the last line."""
 
     def __init__(self, run, args, config, rank, world, device, dataset, ckpt, start, n_params):
         self.run, self.args, self.config, self.rank = run, args, config, rank
         self.ckpt_path = run.file("ckpt.pt")
         self.t0, self.last_log = time.time(), start
         self.shares, self.spreads, self.skipped, self.skipped_all = [], [], 0, 0  # per interval
+        self.best = (ckpt or {}).get("best_val_jf")   # the best val J&F so far (best.pt), or None
+        self.val = None
         if rank != 0:
             return
         # Everything is checked and built: only now the config (the one used) and the run files.
@@ -599,19 +602,31 @@ class RunOutput:
         self.picture = FeaturePicture(dataset[0], ckpt.get("picture") if ckpt else None)
         self.bar = tqdm(total=args.steps, initial=start, dynamic_ncols=True)
 
-    def after_step(self, step, loss, parts, cues, skipped, lr):
-        """The bar; every --log-every steps a log.jsonl row and the interval's warnings."""
+    def validate(self, step, lila, device):
+        """The DAVIS val J&F of the decoder now (--val, every --val-every steps), else None."""
+        a = self.args
+        if a.val is None or not (step % a.val_every == 0 or step == a.steps):
+            return None
+        import probe                                    # only runs that validate need it
+        self.val = probe.davis_val(lila, a.val, videos=a.val_videos, kind=a.val_probe,
+                                   size=a.size, device=device)["jf"]
+        return self.val
+
+    def after_step(self, step, loss, parts, cues, skipped, lr, val=None):
+        """The bar; every --log-every steps (and at a validation) a log.jsonl row and the
+        interval's warnings."""
         self.shares.append(cues["shares"]), self.spreads.append(cues["spread"])
         self.skipped += skipped                         # pairs that failed to load, replaced
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{float(loss):.4f}")
-        if not (step % self.args.log_every == 0 or step == self.args.steps):
+        self.bar.set_postfix(loss=f"{float(loss):.4f}", **({} if self.val is None else {"val_jf": f"{self.val:.3f}"}))
+        if not (step % self.args.log_every == 0 or step == self.args.steps or val is not None):
             return
         dt, steps = time.time() - self.t0, f"steps {self.last_log + 1}-{step}"
         conf = {f"conf_{k}": float(np.mean([s[k] for s in self.shares])) for k in self.shares[-1]}
         row = {"step": step, "loss": float(loss), **{k: float(x) for k, x in parts.items()},
                **conf, "skipped_pairs": self.skipped, "lr": lr, "seconds": round(dt, 3),
-               "pairs_per_s": round((step - self.last_log) * self.args.batch / max(dt, 1e-9), 2)}
+               "pairs_per_s": round((step - self.last_log) * self.args.batch / max(dt, 1e-9), 2),
+               **({} if val is None else {"val_jf": val})}
         try:
             self.log.write(json.dumps(row) + "\n")
             self.log.flush()
@@ -633,11 +648,17 @@ class RunOutput:
         self.t0, self.last_log, self.shares, self.spreads = time.time(), step, [], []
         self.skipped_all, self.skipped = self.skipped_all + self.skipped, 0
 
-    def save(self, step, lila, trainable, opt, device, picture=True):
-        """ckpt.pt (atomic), then the feature picture of this step."""
-        atomic_save({**trainable.state(), "optimizer": opt.state_dict(), "step": step,
-                     "rng": rng_state(), "config": self.config, "picture": self.picture.state},
-                    self.ckpt_path)
+    def save(self, step, lila, trainable, opt, device, val=None, picture=True):
+        """ckpt.pt (atomic) and, at a new best val J&F, best.pt (the same checkpoint); then the
+        feature picture of this step. The best value is in both, so it survives a resume."""
+        better = val is not None and (self.best is None or val > self.best)
+        self.best = val if better else self.best
+        ckpt = {"decoder": trainable.decoder.state_dict(), "erm_head": trainable.erm_head.state_dict(),
+                "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
+                "config": self.config, "picture": self.picture.state, "best_val_jf": self.best}
+        atomic_save(ckpt, self.ckpt_path)
+        if better:
+            atomic_save(ckpt, self.run.file("best.pt"))
         if not picture:
             return
         path = self.run.file(f"feats_{step:07d}.png")

@@ -542,7 +542,9 @@ PAPER = dict(lr=1e-4, wd=1e-4, batch=32, steps=100_000, warmup=0,   # opt.lr/wei
              sd_channels=32,       # model.num_fts
              gap=5,                # train_dataset.T: Δ in 1..5
              size=224, base=224,   # crop_w_tf: 224² views; base crops resized to 224²
-             backbone="dinov2_vits14", preset="paper", micro_batch=0)
+             backbone="dinov2_vits14", preset="paper", micro_batch=0,
+             val_videos=6,         # train_ytvos.yaml eval_vos: 6 DAVIS val sequences
+             val_probe="lp")       # train_lila.py EvalVOS: a one-shot linear probe
 ABLATIONS = ("no_pamr", "no_edge", "no_crop", "erm", "no_depth", "no_flow", "no_sd")
 
 
@@ -554,6 +556,7 @@ def test_every_method_default_is_the_papers():
         assert getattr(paper, k) is False and getattr(tiny, k) is False, k
     # The tiny preset shrinks the run (views, pairs, steps, lr), never the method.
     assert (tiny.size, tiny.base, tiny.batch, tiny.steps, tiny.lr) == (112, 112, 8, 200, 1e-3)
+    assert (tiny.val_probe, paper.val_every, tiny.val_every) == ("knn", 1000, 25)
     for k in ("wd", "warmup", "lam", "gamma", "sd_channels", "gap", "backbone", "micro_batch"):
         assert getattr(tiny, k) == PAPER[k], k
     # The crops train.py asks data.py for: query area in [0.3, 1] with its own flip, context a
@@ -608,3 +611,37 @@ def test_zscoring_is_one_affine_map_shared_by_both_views():
         assert abs(float(q.mean() - c.mean())) > 0.05 * float(std), k   # the views differ: a real test
         for want, have in zip(((q - mean) / (1e-3 + std), (c - mean) / (1e-3 + std)), got[k]):
             torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_validation_logs_val_jf_and_keeps_the_best_checkpoint_across_a_resume(tmp_path):
+    """--val on a tiny synthetic DAVIS folder: val_jf in log.jsonl at every validation, best.pt
+    the checkpoint of the best J&F (its value stored, also in ckpt.pt), kept by a resume."""
+    root = tmp_path / "davis"
+    data.write_synthetic(str(root), videos=2, frames=6, size=112, seed=0)   # data.py --make-synthetic
+    out = str(tmp_path / "v")
+    val = ["--val", str(root), "--val-every", "2", "--val-videos", "2", "--out", out]
+    train.main(TINY + ["--steps", "3", "--log-every", "5"] + val)
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    jf = {r["step"]: r["val_jf"] for r in rows if "val_jf" in r}
+    assert sorted(jf) == [2, 3] and all(0 <= x <= 1 for x in jf.values())   # every 2 steps + the last
+    best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    last = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert best["best_val_jf"] == last["best_val_jf"] == max(jf.values())
+    assert best["step"] == max(jf, key=lambda s: (jf[s], -s))              # the first best step
+    # A resume knows the best so far: best.pt changes only for a better J&F.
+    before = open(os.path.join(out, "best.pt"), "rb").read()
+    train.main(TINY + ["--steps", "4", "--log-every", "5", "--resume"] + val)
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    jf4 = [r["val_jf"] for r in rows if r["step"] == 4][0]
+    best4 = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    assert best4["best_val_jf"] == max(max(jf.values()), jf4)
+    assert (open(os.path.join(out, "best.pt"), "rb").read() == before) == (jf4 <= max(jf.values()))
+    with pytest.raises(SystemExit):
+        train.get_args(TINY + ["--val", str(tmp_path / "missing")])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU it measures instead")
+def test_bench_gpu_on_a_cpu_says_it_needs_cuda():
+    r = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "gpu"], env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "needs a CUDA GPU" in r.stdout, r.stdout + r.stderr[-2000:]
