@@ -267,7 +267,7 @@ def load_lila(ck, weights=None, preset=None, seed=None):
     return lila.eval()
 
 
-# ------------------------------------------------------------------ plumbing
+# --- plumbing: one-line errors, reading files, the URL cache, the strict decoder load ---
 def _bad(path, what, exc=ValueError):
     """The one-line error for checkpoint `path` (raised by the caller `from None`)."""
     return exc(f"hubconf.py: checkpoint '{path}' {what}")
