@@ -265,11 +265,14 @@ class VideoFolder:
                  self.root / "train_all_frames/JPEGImages", self.root / "train/JPEGImages"]
         self.image_dir = next((c for c in cands if c.is_dir()), None)
         if self.image_dir is None:
-            raise FileNotFoundError(f"data.py: no video folders under {self.root}: looked for ROOT/" + ", ROOT/".join(LAYOUTS))
+            inside = any(p.suffix.lower() in IMAGE_EXTS for d in self.root.iterdir() if d.is_dir() for p in d.iterdir())
+            raise FileNotFoundError(f"data.py: no video folders under {self.root}: looked for ROOT/" + ", ROOT/".join(LAYOUTS)
+                                    + (f" ({self.root} holds the video folders themselves: give the dataset root)" if inside else ""))
         self.skipped = {"empty": 0, "one_frame": 0, "unreadable_or_mixed_sizes": 0, "duplicate_frame_names": 0}
         self._frames = {}
         for d in sorted(p for p in self.image_dir.iterdir() if p.is_dir()):
-            fr = sorted((p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS), key=natural_key)
+            fr = sorted((p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")),
+                        key=natural_key)                        # not ._00000.jpg (macOS metadata)
             why = "empty" if not fr else "one_frame" if len(fr) == 1 else None
             stems = [p.stem for p in fr]
             if why is None and len(set(stems)) < len(stems):  # 00000.jpg + 00000.png: one cue file
@@ -444,7 +447,10 @@ def _read_video(ds, v, t, t2, key):
     out = dict(frames=torch.stack([p[1] for p in pairs]))          # (2, 3, Hb, Wb)
     if src.cues_dir is not None and ds.with_cues:
         c = load_cues(src.root, name, t, t2, names=[p.stem for p in src.frames(name)])
-        hw = imgs[0].shape[:2]
+        hw, (h, w) = imgs[0].shape[:2], c["disparity_i"].shape[1:]
+        if h != w and abs(h / w - hw[0] / hw[1]) >= 1e-2:         # a map of what, then?
+            raise ValueError(f"data.py: cue file {src.root / 'Cues' / name / paths[0].stem}.npz: maps of {h}x{w} are "
+                             f"neither square (on the base frame) nor of the frame's aspect {hw[0]}x{hw[1]}")
         out["flow_fwd"] = _cue_to_base(c["flow_fwd"], hw, ds.base, True)
         out["flow_bwd"] = _cue_to_base(c["flow_bwd"], hw, ds.base, True)
         out["disparity"] = torch.stack([_cue_to_base(c["disparity_i"], hw, ds.base),
@@ -475,7 +481,7 @@ def _read_synthetic(ds, v, t, t2, key):
 
 def _cue_to_base(x, frame_hw, base, is_flow=False):
     """Cue map (C, h, w) -> (C, base, base): the frame's centre crop if the map has the frame's
-    aspect (normalised flow rescaled to the crop), else the map is taken as base-aligned."""
+    aspect (normalised flow rescaled to the crop); a square map is taken as base-aligned."""
     _, h, w = x.shape
     H, W = frame_hw
     if abs(h / w - H / W) < 1e-2 and h != w:

@@ -562,3 +562,18 @@ def test_cli_bad_arguments_are_one_error_and_touch_nothing(tmp_path, capsys, arg
     text = capsys.readouterr().err.strip().splitlines()[-1] if e.type is SystemExit else str(e.value)
     assert re.search(message, text), text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_metadata_files_the_root_one_level_down_and_cue_maps_of_another_aspect(tmp_path, caplog):
+    root = tmp_path / "yt"
+    _video(root / "JPEGImages/v", ["00000", "00001"], size=(40, 30))
+    (root / "JPEGImages/v/._00000.jpg").write_bytes(b"\x00\x05\x16\x07 macOS metadata")   # AppleDouble file
+    assert [p.name for p in data.VideoFolder(root).frames("v")] == ["00000.jpg", "00001.jpg"]
+    with pytest.raises(FileNotFoundError, match="holds the video folders themselves: give the dataset root"):
+        data.VideoFolder(root / "JPEGImages")
+    (root / "Cues/v").mkdir(parents=True)               # 4:3 frames, 5:4 maps: silently stretched before
+    np.savez(root / "Cues/v/00000.npz", disparity=np.ones((20, 25)), flow_next=np.zeros((20, 25, 2)))
+    np.savez(root / "Cues/v/00001.npz", disparity=np.ones((20, 25)), flow_prev=np.zeros((20, 25, 2)))
+    ds = data.PairDataset(data.VideoFolder(root), base=16, size=8, retries=0)
+    with pytest.raises(RuntimeError, match=r"Cues/v/00000.npz: maps of 20x25 are neither square .* aspect 30x40"):
+        ds[0]
