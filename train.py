@@ -20,6 +20,7 @@ Run:
   python train.py --preset tiny --weights none        # CPU, synthetic scenes, ~4 min
   python train.py --data ytvos/                       # one GPU, YouTube-VOS, RAFT + MiDaS
   python train.py --data ytvos/ --micro-batch 8       # the same steps in chunks: less memory
+  python train.py --data ytvos/ --val davis/          # + DAVIS val J&F while training, best.pt
   torchrun --nproc_per_node 4 train.py --data ytvos/  # several GPUs (DDP; GUIDE.md: machines)
 Ctrl-C (or SIGTERM) saves a checkpoint at the current step; add --resume to continue.
 """
