@@ -630,9 +630,9 @@ def test_a_second_probe_on_a_folder_in_use_is_refused_with_the_whole_message(syn
 
 def test_an_existing_results_json_is_kept_under_a_new_name(synth, tmp_path):
     m1, _, _ = run("vos-knn", "--data", synth, *NONE, "--grid", "14", "--out", tmp_path)
-    m2, res, out = run("vos-knn", "--data", synth, *NONE, "--grid", "28", "--out", tmp_path)
+    m2, res, out = run("vos-knn", "--data", synth, *NONE, "--grid", "14", "--topk", "3", "--out", tmp_path)
     kept = json.load(open(tmp_path / "results.1.json"))
-    assert kept["metrics"]["JF"] == m1["JF"] and kept["config"]["grid"] == 14 and res["config"]["grid"] == 28
+    assert kept["metrics"]["JF"] == m1["JF"] and kept["config"]["topk"] == 5 and res["config"]["topk"] == 3
     assert "kept as" in out and "results.1.json" in out
 
 
