@@ -407,14 +407,14 @@ class LILA(nn.Module):
         if short_side is not None and not short_side > 0:
             raise ValueError(f"model.py: LILA.features: short_side must be positive, got {short_side}")
         scale = 1.0 if short_side is None else short_side / min(H, W)
-        h = max(patch, round(H * scale / patch) * patch)
-        w = max(patch, round(W * scale / patch) * patch)
-        check_pixel_budget(x.shape[0], H, W, h, w, self.decoder.out_dim, patch, max_pixels)
+        run_h = max(patch, round(H * scale / patch) * patch)        # the size LILA runs at:
+        run_w = max(patch, round(W * scale / patch) * patch)        # sides multiples of patch
+        check_pixel_budget(x.shape[0], H, W, run_h, run_w, self.decoder.out_dim, patch, max_pixels)
         dev = next(self.decoder.parameters()).device
-        x = F.interpolate(x.to(dev), size=(h, w), mode="bilinear", align_corners=False)
-        _, feats = self(x)                                          # (B, D, h, w)
+        x = F.interpolate(x.to(dev), size=(run_h, run_w), mode="bilinear", align_corners=False)
+        _, feats = self(x)                                          # (B, D, run_h, run_w)
         feats = F.interpolate(feats.float(), size=(H, W), mode="bilinear", align_corners=False)
-        return feats[0] if single else feats                        # (D, H, W) / (B, D, H, W)
+        return feats[0] if single else feats                        # (D, H, W) or (B, D, H, W)
 
 
 # --- plumbing ---------------------------------------------------------------------------------
@@ -433,14 +433,14 @@ def check_unit_images(img, tol=UNIT_TOL):
             f"normalising it (0..255 values: divide by 255)")
 
 
-def check_pixel_budget(B, H, W, h, w, D, patch, max_pixels):
+def check_pixel_budget(B, H, W, run_h, run_w, D, patch, max_pixels):
     """Refuse a LILA.features call above `max_pixels`, saying what it would cost."""
-    if max_pixels is None or max(H * W, h * w) <= max_pixels:
+    if max_pixels is None or max(H * W, run_h * run_w) <= max_pixels:
         return
     out_gb = B * D * H * W * 4 / 1e9
     raise ValueError(
-        f"model.py: LILA.features: {W}x{H} px ({H * W / 1e6:.1f} MP, run at {w}x{h}: "
-        f"{h * w // patch ** 2} tokens) is above max_pixels={max_pixels}; it would return "
+        f"model.py: LILA.features: {W}x{H} px ({H * W / 1e6:.1f} MP, run at {run_w}x{run_h}: "
+        f"{run_h * run_w // patch ** 2} tokens) is above max_pixels={max_pixels}; it would return "
         f"{B}x{D}x{H}x{W} float32 features ({out_gb:.1f} GB) and hold several tensors that size in "
         f"the decoder; resize the image first, or pass max_pixels=None to run it anyway")
 
