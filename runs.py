@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 
 
 class UserError(Exception):
-    """Something the user can fix (a path, a file, a flag): printed as one line, no traceback."""
+    """Something the user can fix (a path, a file, a flag): its message is printed, no traceback."""
 
 
 def user_message(e):
