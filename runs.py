@@ -404,15 +404,17 @@ class FeaturePicture:
 
 # --- the picture of one step, for a lecture: python runs.py step-picture ---
 
-def _panel(x, lo, hi):
+def _panel(x, lo, hi, counted=None):
     """A (C, S, S) map -> (S, S, 3) uint8, lo..hi to black..white: 2 channels = flow (hue: the
-    direction, brightness: the speed up to hi), 1 = grey, 3 = RGB."""
+    direction, brightness: the speed up to hi), 1 = grey, 3 = RGB; blue where not `counted`."""
     if x.shape[0] == 2:
         hue = (torch.atan2(x[1], x[0]) / (2 * np.pi)) % 1                   # (S, S)
         hsv = torch.stack([hue, torch.ones_like(hue), (x.norm(dim=0) / hi).clamp(0, 1)], -1)
-        return np.asarray(Image.fromarray((hsv * 255).byte().numpy(), "HSV").convert("RGB"))
-    y = ((x - lo) / (hi - lo + 1e-8)).clamp(0, 1).expand(3, -1, -1)         # (3, S, S)
-    return (y.permute(1, 2, 0) * 255).byte().numpy()
+        rgb = np.asarray(Image.fromarray((hsv * 255).byte().numpy(), "HSV").convert("RGB"))
+    else:
+        y = ((x - lo) / (hi - lo + 1e-8)).clamp(0, 1).expand(3, -1, -1)     # (3, S, S)
+        rgb = (y.permute(1, 2, 0) * 255).byte().numpy()                     # (S, S, 3)
+    return rgb if counted is None else np.where(counted.numpy()[..., None], rgb, np.uint8([0, 0, 128]))
 
 
 def step_picture(argv=None):
@@ -428,17 +430,26 @@ def step_picture(argv=None):
     p.add_argument("--out", default="step.png", help="the PNG to write")
     p.add_argument("--pair", type=int, default=0, help="index of the training pair")
     a, rest = p.parse_known_args(argv)
-    ckpt = None if a.ckpt == "none" else torch.load(a.ckpt, map_location="cpu", weights_only=True)
+    try:
+        ckpt = None if a.ckpt == "none" else torch.load(a.ckpt, map_location="cpu", weights_only=True)
+        ckpt is None or (ckpt["config"], ckpt["decoder"], ckpt["step"])
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        p.error(f"--ckpt {a.ckpt} is no readable train.py checkpoint ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:160]})")
     args = train.get_args(rest)
     given = {x.split("=")[0] for x in rest}
     for k, v in (ckpt["config"] if ckpt else {}).items():      # the run's, unless given here
         if "--" + k.replace("_", "-") not in given:
             setattr(args, k, v)
+    dataset = train.make_dataset(args)
+    if not 0 <= a.pair < len(dataset):
+        p.error(f"--pair {a.pair} must lie in 0..{len(dataset) - 1} (the pairs of an epoch)")
     device = train.pick_device(args.device, 0)
-    lila = model.build_lila(args.backbone, args.weights, args.preset, seed=args.seed).to(device).eval()
+    lila = model.build_lila(args.backbone, args.weights, args.preset, seed=args.seed)
+    lila = lila.to(device).eval()
     if ckpt:
         lila.decoder.load_state_dict(ckpt["decoder"])
-    batch = torch.utils.data.default_collate([train.make_dataset(args)[a.pair]])
+    batch = torch.utils.data.default_collate([dataset[a.pair]])
     batch = {k: x.to(device) if torch.is_tensor(x) else x for k, x in batch.items()}
     with torch.no_grad():
         cues = train.step_cues(batch, args, *train.make_cue_nets(args, device),
@@ -448,23 +459,28 @@ def step_picture(argv=None):
         pred = incontext.apply_map(v["feats_q"], W)[0].float().cpu()           # (K, S, S)
     cue_q, cue_c, conf_q = (v[k][0].float().cpu() for k in ("cue_q", "cue_c", "conf_q"))
     S, names = cue_q.shape[-1], v["names"]
-    rows = [(n, [i for i, m in enumerate(names) if m.startswith(n)][:3]) for n in ("flow", "depth", "sd")]
+    rows = [(n, idx) for n in ("flow", "depth", "sd")
+            if (idx := [i for i, m in enumerate(names) if m.startswith(n)][:3])]
     img = lambda x: (x[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)  # noqa: E731
     cells = [[(img(v["img_q"]), "query view (frame t)"), (img(v["img_c"]), "context view (t+dt)"),
-              (None, "W* = argmin_W 1/N sum_n c_n |x_n W - y_n|^2\n        + lam |W|^2, on the context:\n"
-                     "  x_n [features, 1], y_n cues, c_n\n  confidence, n over 32x32 cells\n"
-                     "prediction = [features_q, 1] W*"),
-              (None, f"pair {a.pair}, step {ckpt['step'] if ckpt else 0}"
-                     f"{'' if ckpt else ' (random decoder)'}\nlam {args.lam}, {len(names)} cues")]]
-    for name, idx in [(n, i) for n, i in rows if i]:
+              (None, "W* = argmin_W 1/N sum_n c_n |x_n W - y_n|^2\n        + lam |W|^2, on the "
+                     "context:\n  x_n [features, 1], y_n cues, c_n\n  confidence, n over 32x32 "
+                     "cells\nprediction = [features_q, 1] W*"),
+              (None, f"pair {a.pair}, step {ckpt['step'] if ckpt else '0 (random decoder)'}\n"
+                     f"lam {args.lam}, {len(names)} cues")]]
+    for name, idx in rows:
         c, q, g = cue_c[idx], cue_q[idx], pred[idx]                            # (C, S, S)
-        lo, hi = (0.0, float(torch.stack([c, q, g]).norm(dim=1).max())) if name == "flow" else (float(q.min()), float(q.max()))
-        count = conf_q[idx[0]] > 0 if idx[0] < conf_q.shape[0] else torch.ones(S, S, dtype=torch.bool)
-        err = ((g - q).norm(dim=0) if name == "flow" else (g - q).abs().mean(0)) * count  # (S, S)
-        cells.append([(_panel(c, lo, hi), f"{name}: context (fit W*)"), (_panel(q, lo, hi), f"{name}: query (target)"),
+        if name == "flow":      # one speed scale for the three; the error: the vector's length
+            lo, hi, err = 0.0, float(torch.stack([c, q, g]).norm(dim=1).max()), (g - q).norm(dim=0)
+        else:                   # the target's range; the error: the mean over the channels
+            lo, hi, err = float(q.min()), float(q.max()), (g - q).abs().mean(0)  # (S, S)
+        counted = (conf_q[idx[0]] > 0 if idx[0] < len(conf_q)                  # SD: everywhere
+                   else torch.ones_like(err, dtype=torch.bool))
+        cells.append([(_panel(c, lo, hi), f"{name}: context (fit W*)"),
+                      (_panel(q, lo, hi), f"{name}: query (target)"),
                       (_panel(g, lo, hi), f"{name}: W* on query"),
-                      (_panel(err[None], 0.0, hi - lo) * count[..., None].numpy() + (~count[..., None].numpy()) * np.uint8([0, 0, 128]),
-                       f"|error| {float(err.sum() / count.sum().clamp(min=1)):.3f} (blue: not counted)")])
+                      (_panel(err[None], 0.0, hi - lo, counted),
+                       f"|error| {float(err[counted].mean()):.3f} (blue: not counted)")])
     zoom = max(1, 224 // S)                                   # readable labels at any view size
     P = S * zoom
     canvas = Image.new("RGB", (4 * P, len(cells) * (P + 14)), "white")
@@ -472,14 +488,17 @@ def step_picture(argv=None):
     for r, row in enumerate(cells):                           # ASCII labels: PIL's built-in font
         for col, (pixels, label) in enumerate(row):
             if pixels is not None:
-                canvas.paste(Image.fromarray(pixels).resize((P, P), Image.NEAREST), (col * P, r * (P + 14) + 14))
+                cell = Image.fromarray(pixels).resize((P, P), Image.NEAREST)
+                canvas.paste(cell, (col * P, r * (P + 14) + 14))
             draw.text((col * P + 2, r * (P + 14) + 1), label, fill=(0, 0, 0))
     canvas.save(a.out)
-    print(f"runs.py: wrote {a.out} ({canvas.width} x {canvas.height}): pair {a.pair}, cues {', '.join(n for n, i in rows if i)}")
+    print(f"runs.py: wrote {a.out} ({canvas.width} x {canvas.height} px): pair {a.pair}, "
+          f"cues {', '.join(n for n, _ in rows)}")
     return canvas
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["step-picture"]:
-        sys.exit("usage: python runs.py step-picture --ckpt CKPT|none [--out step.png] [--pair I] [train.py flags]")
+        sys.exit("usage: python runs.py step-picture --ckpt CKPT|none [--out step.png] "
+                 "[--pair I] [train.py flags]")
     step_picture(sys.argv[2:])

@@ -299,3 +299,12 @@ def test_the_step_picture_shows_the_prediction_beside_the_target(tmp_path):
         cell = lambda col: png[row * (P + 14) + 14:(row + 1) * (P + 14), col * P:(col + 1) * P]  # noqa: E731
         target, prediction = cell(1), cell(2)
         assert np.abs(target - prediction).mean() > 1 and prediction.std() > 0
+
+
+def test_the_step_picture_names_a_bad_checkpoint_or_pair(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for argv, message in (([], "no readable train.py checkpoint"),
+                          (["--ckpt", "none", "--weights", "none", "--pair", "64"], "--pair 64 must lie in 0..63")):
+        with pytest.raises(SystemExit):
+            runs.step_picture(["--ckpt", str(tmp_path / "junk.pt")] + argv)
+        assert message in capsys.readouterr().err
