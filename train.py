@@ -46,7 +46,7 @@ import model
 import cues as cuelib
 import incontext
 from runs import (FeaturePicture, RunFolder, StopOnSignal, UserError, atomic_save, rng_state,
-                  set_rng_state, user_message, write_error)
+                  set_rng_state, set_threads, user_message, write_error)
 
 
 # -----------------------------------------------------------------------------------------
@@ -183,6 +183,7 @@ def train(args, run, rank, world, cli, cue_nets=None):
     that says how to resume); cue_nets: stand-ins for RAFT and MiDaS (tests)."""
     device = pick_device(args.device, rank)
     cuda = device.type == "cuda"
+    threads = set_threads(args.workers)        # CPU threads that fit the cores (runs.py)
     config = dict(vars(args))
     ckpt = run.check(args, config, RESUMABLE)  # the checkpoint decides step, weights, optimizer, RNG
     start = ckpt["step"] if ckpt else 0
@@ -209,7 +210,7 @@ def train(args, run, rank, world, cli, cue_nets=None):
     decoder = distributed(trainable, device, world)    # the decoder as it trains (DDP or itself)
 
     n_params = sum(p.numel() for p in trainable.parameters())
-    out = RunOutput(run, args, config, rank, world, device, dataset, ckpt, start, n_params)
+    out = RunOutput(run, args, config, rank, world, device, dataset, ckpt, start, n_params, threads)
     stop = StopOnSignal()
     lila.train()  # the decoder trains; LILA keeps its frozen encoder in eval mode
     step, loss = start, torch.tensor(float("nan"))
@@ -576,7 +577,7 @@ class RunOutput:
     """What a run writes (rank 0 only): the start lines, config.json, the bar, log.jsonl rows
     and the interval's warnings, checkpoints and feature pictures, the last line."""
 
-    def __init__(self, run, args, config, rank, world, device, dataset, ckpt, start, n_params):
+    def __init__(self, run, args, config, rank, world, device, dataset, ckpt, start, n_params, threads=""):
         self.run, self.args, self.config, self.rank = run, args, config, rank
         self.ckpt_path = run.file("ckpt.pt")
         self.t0, self.last_log = time.time(), start
@@ -587,7 +588,7 @@ class RunOutput:
             return
         # Everything is checked and built: only now the config (the one used) and the run files.
         print(f"device {device}, precision {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
-              f"{world} process(es)")
+              f"{world} process(es), {threads}")
         print("config " + json.dumps(config))
         print(f"{len(dataset)} videos per epoch, {n_params / 1e6:.2f}M trainable parameters, "
               f"steps {start} -> {args.steps}")
@@ -638,11 +639,11 @@ class RunOutput:
         for k, x in conf.items():
             if x < 0.1:  # healthy cues: most pixels; broken ones: almost none
                 warn(f"train.py: warning: {steps}: only {100 * x:.2f} % of the query pixels "
-                     f"have a confident {k[5:]} cue; check the cues (python data.py --preview)")
+                     f"have a confident {k[5:]} cue; check the cues (python data.py --preview ROOT)")
         for k in self.spreads[-1]:
             if max(sp[k] for sp in self.spreads) < 1e-6:   # e.g. one disparity everywhere
                 warn(f"train.py: warning: {steps}: the {k} cue is constant in every batch, so it "
-                     f"teaches nothing; check the cues (python data.py --preview)")
+                     f"teaches nothing; check the cues (python data.py --preview ROOT)")
         if self.skipped:
             warn(f"train.py: warning: {steps}: {self.skipped} pairs failed to load and were "
                  f"replaced (the messages above name them)")
