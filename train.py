@@ -17,7 +17,7 @@ h x w patch grid, D pixel-feature width, K cue channels (2 flow + 1 depth + 32 S
 Cm masked cue channels ([flow-x, flow-y, depth]). Deviations: README, "Differences".
 
 Run:
-  python train.py --preset tiny --weights none        # CPU, synthetic scenes, ~4 min
+  python train.py --preset tiny --weights none        # CPU, synthetic scenes, ~10 min
   python train.py --data ytvos/                       # one GPU, YouTube-VOS, RAFT + MiDaS
   python train.py --data ytvos/ --micro-batch 8       # the same steps in chunks: less memory
   python train.py --data ytvos/ --val davis/          # + DAVIS val J&F while training, best.pt
