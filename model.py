@@ -597,7 +597,8 @@ def _load_strict(model, state, source, name):
                        f"shape mismatches: {show(wrong)}; hint: {', '.join(hints) or '-'}")
 
 
-def _sha256(path, chunk=1 << 20):
+def file_sha256(path, chunk=1 << 24):
+    """sha256 of a file's content: load_dinov2's pin, probe.py's key of a checkpoint."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -631,8 +632,8 @@ def load_dinov2(name, weights="hub", seed=0, sha256=None):
     spec = BACKBONES[name]
     if weights != "none":  # read (and check) the file first: a bad one fails before the build
         state, source = _fetch_hub(name) if weights == "hub" else (_read_state_dict(weights), weights)
-        if sha256 is not None and _sha256(source) != sha256.lower():
-            raise RuntimeError(f"model.py: load_dinov2: SHA-256 of '{source}' is {_sha256(source)}, "
+        if sha256 is not None and file_sha256(source) != sha256.lower():
+            raise RuntimeError(f"model.py: load_dinov2: SHA-256 of '{source}' is {file_sha256(source)}, "
                                f"expected {sha256}")
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
         torch.manual_seed(seed)

@@ -37,7 +37,6 @@ Commands (the GPU runbook, with times and the published numbers: GUIDE.md):
 """
 import argparse
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -55,6 +54,7 @@ from tqdm import tqdm
 
 import evaldata
 import dense_probes
+import model
 
 VOID = 255  # DAVIS / segmentation "void" or "ignore" label
 
@@ -706,15 +706,6 @@ def summary(metrics):
                      if isinstance(v, (int, float, str)))
 
 
-def file_sha256(path, chunk=1 << 24):
-    """sha256 of a file's content (a 100 MB checkpoint: ~0.3 s): the probe state's key."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 _LOCKS = []   # held --out locks, closed in forked DataLoader workers: the lock ends with this process
 os.register_at_fork(after_in_child=lambda: [f.close() for f in _LOCKS])
 
@@ -773,8 +764,8 @@ def main(argv=None):
 def run_probe(args):
     kw, ck_cfg, state = read_checkpoint(args)
     # the probe state (dense_probes' resume) is keyed by the checkpoint's content, not its path
-    args.ckpt_sha256 = file_sha256(args.ckpt) if os.path.isfile(args.ckpt) else None
-    args.weights_sha256 = file_sha256(args.weights) if args.weights and os.path.isfile(args.weights) else None
+    args.ckpt_sha256 = model.file_sha256(args.ckpt) if os.path.isfile(args.ckpt) else None
+    args.weights_sha256 = model.file_sha256(args.weights) if args.weights and os.path.isfile(args.weights) else None
     prepare = {"vos-knn": prepare_vos, "vos-lp": prepare_vos, "pca": prepare_pca}.get(args.cmd, dense_probes.prepare)
     plan = prepare(args)                                # dataset checks before the model is built
     groups = {"features", "data", {"vos-knn": "vos", "vos-lp": "vos", "pca": "pca"}.get(args.cmd, "dense probes")}

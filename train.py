@@ -553,7 +553,10 @@ def next_batch(batches, stop):
 
 def check_finite(step, loss, parts, ckpt_path, device, world):
     """A non-finite loss (or part) stops the run before the update, on every rank."""
-    bad = [k for k, x in {"loss": loss.detach(), **parts}.items() if not math.isfinite(float(x))]
+    values = {"loss": loss.detach(), **parts}
+    finite = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=loss.device)
+                          for x in values.values()]).isfinite().tolist()   # one sync, not one per part
+    bad = [k for k, ok in zip(values, finite) if not ok]
     if agree(bool(bad), device, world):
         raise UserError(f"step {step}: non-finite {', '.join(bad) or 'loss on another process'} "
                         f"(loss {float(loss.detach())}); stopping, nothing saved. Last "

@@ -18,6 +18,7 @@ from PIL import Image
 import hubconf
 import model
 import train
+from test_model import official_head_shapes  # the official SmallDPTHead's names and shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--weights", "none", "--batch", "2", "--workers", "0",
@@ -190,25 +191,6 @@ def test_an_empty_image_to_features_is_one_line(ckpt):
 # `pretrained` DINOv2, `latent_head` SmallDPTHead(use_bn=False, use_clstoken=False), `fnorm`
 # nn.LayerNorm(features // 2); TrainLILA adds depth_net, flow and the torch.compile'd PAMRs),
 # key names and shapes written out from the official modules, values random.
-def official_head_shapes(E, F_, widths):
-    s = {}
-    for i, w in enumerate(widths):
-        s[f"projects.{i}.weight"], s[f"projects.{i}.bias"] = (w, E, 1, 1), (w,)
-        s[f"scratch.layer{i + 1}_rn.weight"] = (F_, w, 3, 3)                # bias=False
-    for i, k in ((0, 4), (1, 2), (3, 3)):  # ConvTranspose k=s=4, k=s=2, (2: Identity), Conv 3x3 s2
-        s[f"resize_layers.{i}.weight"], s[f"resize_layers.{i}.bias"] = (widths[i], widths[i], k, k), (widths[i],)
-    for r in range(1, 5):  # refinenet4 builds a resConfUnit1 it never calls: present in the file
-        for unit in ("resConfUnit1", "resConfUnit2"):
-            for c in ("conv1", "conv2"):
-                s[f"scratch.refinenet{r}.{unit}.{c}.weight"] = (F_, F_, 3, 3)
-                s[f"scratch.refinenet{r}.{unit}.{c}.bias"] = (F_,)
-        s[f"scratch.refinenet{r}.out_conv.weight"], s[f"scratch.refinenet{r}.out_conv.bias"] = (F_, F_, 1, 1), (F_,)
-    s["scratch.output_conv1.weight"], s["scratch.output_conv1.bias"] = (F_ // 2, F_, 3, 3), (F_ // 2,)
-    s["scratch.output_conv2.0.weight"], s["scratch.output_conv2.0.bias"] = (F_ // 2, F_ // 2, 3, 3), (F_ // 2,)
-    s["scratch.output_conv2.2.weight"], s["scratch.output_conv2.2.bias"] = (F_ // 2, F_ // 2, 1, 1), (F_ // 2,)
-    return s
-
-
 OFFICIAL_S = (384, 256, (48, 96, 192, 384))  # lila_config['vits']: E, features, out_channels
 NOT_MODEL = {"depth_net.depth_head.scratch.output_conv1.weight": (64, 128, 3, 3),
              "depth_net.pretrained.cls_token": (1, 1, 1024), "flow.model.cnet.conv1.weight": (64, 3, 7, 7),

@@ -647,7 +647,7 @@ def test_a_checkpoint_rewritten_at_the_same_path_does_not_resume_the_old_probe(s
     torch.save({"decoder": other.decoder.state_dict(), "config": torch.load(path)["config"], "step": 2}, path)
     with pytest.raises(ValueError, match="another probe run"):
         run(*args, "--epochs", "2")
-    assert json.load(open(tmp_path / "o" / "results.json"))["config"]["ckpt_sha256"] == probe.file_sha256(ckpt)
+    assert json.load(open(tmp_path / "o" / "results.json"))["config"]["ckpt_sha256"] == probe.model.file_sha256(ckpt)
 
 
 @pytest.mark.parametrize("flags,message", [
