@@ -1,7 +1,7 @@
 """Speed and memory benchmarks of the LILA repo, one function per benchmark, CPU.
 
 Run:   python bench.py [NAME ...] [--quick] [--threads N]
-       NAME in data model incontext pamr probe cues step gpu (default: all, in that order);
+       NAME in data model incontext pamr probe cues step gpu extract (default: all, in that order);
        --quick: small batches, ~35 s on 2 idle cores (5 min at load 6: see Threads).
 
 What each benchmark measures (every line prints the sizes it ran at; "lean" is our code,
@@ -31,12 +31,18 @@ in the same run on the same inputs):
              in-context loss forward+backward, decoder backward, optimizer step; at the tiny
              preset (112^2 views, 8 pairs) and the paper preset (224^2 views, 4 pairs on CPU
              instead of the paper's 32, so absolute times are 1/8 of a paper step), plus the
-             whole step as train.py runs it (views_and_cues + lila_loss + backward + AdamW).
+             whole step as train.py runs it (lila_step + backward + AdamW).
 - gpu        train.py on CUDA (on a CPU it says so and measures nothing): the paper preset's
              step at 32 pairs, pairs/s and peak memory (torch.cuda.max_memory_allocated) in fp32
              and bf16 autocast, with and without torch.compile of the decoder, the largest batch
              that fits in one pass, the step's parts, RAFT with random weights if torchvision
              is installed. Random weights, synthetic scenes, no downloads; a few minutes.
+- extract    extract.py: frames/s and peak memory of extract.features (the head in bands of rows,
+             float16 out) against lila.features(max_pixels=None) on the same random frame, for
+             854x480 and 1920x1080, tiny and paper decoders, --stride 1 and 4 (ViT-S/14, one
+             cold call on one frame per fresh process, random weights); extract.features alone
+             on a 3840x2160 frame: tiny (~7 min on one core, most of it the attention over 42k
+             tokens) and paper with the attention's output replaced by v (its memory, ~15 min).
 
 How: every time is the best of a few runs after one warm-up; variants of one comparison are
 run interleaved, so drifting load on the shared machine hits all alike. Peak memory is measured
@@ -320,6 +326,47 @@ def bench_probe(frames=20):
 
 
 # -----------------------------------------------------------------------------------------
+# extract.py
+
+def extract_worker(kind, preset, H, W, stride, frames=1):
+    """`frames` random H x W frames through lila.features ("features") or extract.features
+    ("extract"; "extract-no-attention": with each attention's output replaced by v, which keeps
+    every tensor's size: the memory of a 4K frame without the CPU's ~40 min of attention, whose
+    own kernel (flash) adds ~20 MB)."""
+    import extract
+    if kind == "extract-no-attention":
+        model.F.scaled_dot_product_attention = lambda q, k, v: v
+    lila = model.build_lila("dinov2_vits14", "none", preset).eval()
+    rng = torch.Generator().manual_seed(0)
+    imgs = [torch.randint(0, 256, (int(H), int(W), 3), generator=rng, dtype=torch.uint8).numpy()
+            for _ in range(int(frames))]
+    if kind == "features":
+        return lambda: [lila.features(im, max_pixels=None)[:, ::int(stride), ::int(stride)].sum().item()
+                        for im in imgs]
+    return lambda: [f["decoder"].float().sum().item() for _, f in
+                    extract.features(lila, enumerate(imgs), stride=int(stride))]
+
+
+def bench_extract(sizes=((480, 854), (1080, 1920)), presets=("tiny", "paper"), strides=(1, 4),
+                  big=(2160, 3840)):
+    header("extract", "one random frame per fresh process, ViT-S/14 random weights; peak: RSS "
+                      "above the built model's; lila.features holds float32 (D, H, W), extract float16")
+    print(f"  {'frame':>9s} {'decoder':7s} {'stride':>6s} | {'lila.features':>24s} | {'extract.features':>24s} | speed")
+    for H, W in sizes:
+        for preset in presets:
+            for stride in strides:
+                ref = run_worker("extract", "features", preset, H, W, stride)
+                new = run_worker("extract", "extract", preset, H, W, stride)
+                cell = lambda r: f"{1 / r[0]:7.3f} frames/s {r[1] / 2**30:6.2f} GB"  # noqa: E731
+                print(f"  {W:4d}x{H:<4d} {preset:7s} {stride:6d} | {cell(ref)} | {cell(new)} | "
+                      f"x{ref[0] / new[0]:.2f}", flush=True)
+    for preset, kind in (("tiny", "extract"), ("paper", "extract-no-attention")) if big else ():
+        t, peak = run_worker("extract", kind, preset, *big, 1)
+        how = ", attention replaced by v" if kind != "extract" else ""
+        print(f"  {big[1]}x{big[0]} {preset} extract.features{how}: {t:.0f} s/frame, peak +{peak / 2**30:.2f} GB")
+
+
+# -----------------------------------------------------------------------------------------
 # cues.py
 
 def bench_cues(batch=8, size=224, enc_dim=384, grid=16, repeats=3):
@@ -360,7 +407,7 @@ class Sections:
 
 def step_parts(lila, opt, dataset, idx, args, sd_gen, device="cpu", sync=None, bf16=False):
     """One training step of train.py, its pieces called directly and timed (same maths as
-    train.views_and_cues + train.lila_loss + backward + AdamW, with all cues on); bf16: the
+    train.lila_step + backward + AdamW, with all cues on); bf16: the
     encoder, decoder and SD cue under bf16 autocast, as train.py on a GPU."""
     sec = Sections(sync)
     amp = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
@@ -405,7 +452,7 @@ def step_parts(lila, opt, dataset, idx, args, sd_gen, device="cpu", sync=None, b
 def train_step(lila, opt, dataset, idx, args, sd_gen):
     """The same step as train.py runs it (its own functions), for a cross-check of the total."""
     batch = torch.utils.data.default_collate([dataset[i] for i in idx])
-    loss, _ = train.lila_loss(train.views_and_cues(batch, lila, args, sd_gen=sd_gen), args)
+    loss, _, _ = train.lila_step(batch, lila, args, sd_gen=sd_gen)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -540,14 +587,15 @@ def bench_gpu(batch=32, repeats=3, max_batch=512):
 
 BENCHES = {"data": bench_data, "model": bench_model, "incontext": bench_incontext,
            "pamr": bench_pamr, "probe": bench_probe, "cues": bench_cues, "step": bench_step,
-           "gpu": bench_gpu}
+           "gpu": bench_gpu, "extract": bench_extract}
 QUICK = {"data": dict(repeats=1), "model": dict(batches=(1,), repeats=1),
          "incontext": dict(batch=2, repeats=1, step_batch=1),
          "pamr": dict(batch=4, gather_batch=2), "probe": dict(frames=4),
          "cues": dict(batch=2, repeats=1),
          "step": dict(configs=(("tiny", 112, 2), ("paper", 224, 1)), repeats=1),
-         "gpu": dict(repeats=1, max_batch=64)}
-WORKERS = {"pamr": pamr_worker, "probe": probe_worker}
+         "gpu": dict(repeats=1, max_batch=64),
+         "extract": dict(sizes=((480, 854),), presets=("tiny",), strides=(1,), big=None)}
+WORKERS = {"pamr": pamr_worker, "probe": probe_worker, "extract": extract_worker}
 
 
 def main(argv=None):
@@ -584,4 +632,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import runs     # the repo's one error path: the whole message, no traceback
+    sys.exit(runs.cli("bench.py", main, oom="the sizes (try --quick)"))

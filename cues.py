@@ -1,7 +1,7 @@
 """The cues LILA's linear in-context learner reads (paper section 3): flow, depth, SD.
 
-Flow and depth are computed on the base frames (224^2), never on the crops, then warped into
-each view (data.py). Method first:
+Flow and depth are computed on the base frames (Hb x Wb: 224^2 in the paper preset, the view
+side in the tiny one), never on the crops, then warped into each view (data.py). Method first:
 - `flow_confidence`: forward-backward consistency, 1 where exp(-e / tau) > 0.5.
 - `disparity_to_depth`: relative inverse depth -> bounded log depth + a far-pixel mask.
 - `sd_cue`: the self-distillation cue: random encoder channels (one subset per pair, shared by
@@ -88,9 +88,10 @@ def flow_confidence(flow_fwd, flow_bwd, tau=0.05):
 
         conf(p) = [exp(-e(p) / tau) > 0.5],   e = forward_backward_error(f_fwd, f_bwd)
 
-    i.e. e < tau ln 2 = 0.035 normalised units = 3.9 px on a 224^2 frame (one unit is W / 2 =
-    112 px): a pixel is trusted where going there and back lands within ~4 px of where it
-    started; occluded pixels and flow errors fail. The flow channels alone (official: three
+    i.e. e < tau ln 2 = 0.035 normalised units, which is 0.035 * W / 2 px on a frame of side W
+    (one unit is half the side): 3.9 px on the paper's 224^2 base frames, 1.9 px on the tiny
+    preset's 112^2. A pixel is trusted where going there and back lands within that distance
+    of where it started; occluded pixels and flow errors fail. The flow channels alone (official: three
     channels [flow, flow, depth-valid]; depth validity comes from `disparity_to_depth`).
     flow_fwd, flow_bwd (B, 2, H, W) normalised -> (B, 1, H, W) float in {0, 1}.
     """
@@ -384,12 +385,14 @@ def _write_npz(f, arrays):
 
 
 def _save_atomic(path, arrays):
-    """Write `path` through `path`.tmp + os.replace, so a file that exists is complete. On any
+    """Write `path` through `path`.tmp, fsync, os.replace: a file that exists is complete. On any
     failure (disk full, Ctrl-C) the .tmp file is removed; an OSError becomes a CacheWriteError."""
     tmp = path + ".tmp"  # a leftover from a killed run is simply overwritten
     try:
         with open(tmp, "wb") as f:
             _write_npz(f, arrays)
+            f.flush()
+            os.fsync(f.fileno())                   # on disk before the name points at it
         os.replace(tmp, path)
     except BaseException as err:
         try:
@@ -532,17 +535,20 @@ def main(argv=None):
                                 "ROOT/Cues/<video>/<frame>.npz (RAFT flow both ways, MiDaS "
                                 "disparity) on the base frames.")
     p.add_argument("--data", required=True, help="dataset root (YouTube-VOS or DAVIS layout, see data.py)")
-    p.add_argument("--flow", default="raft_small", choices=FLOW_NETS,
-                   help="torchvision RAFT variant (default raft_small)")
-    p.add_argument("--depth", default="MiDaS_small", choices=tuple(MIDAS_PREPROCESS),
-                   help="MiDaS variant (default MiDaS_small; DPT_Hybrid / DPT_Large are larger)")
+    p.add_argument("--flow", default="raft_large", choices=FLOW_NETS,
+                   help="torchvision RAFT variant (default raft_large, as train.py's paper preset; "
+                        "raft_small: faster, weaker)")
+    p.add_argument("--depth", default="DPT_Large", choices=tuple(MIDAS_PREPROCESS),
+                   help="MiDaS variant (default DPT_Large, the strongest MiDaS that torch.hub "
+                        "serves with a current timm, as train.py's paper preset; MiDaS_small: "
+                        "faster, weaker)")
     p.add_argument("--hub-dir", default=None,
                    help="offline: a directory holding local clones DIR/vision (pytorch/vision) and "
                         "DIR/MiDaS (isl-org/MiDaS); default: download through torch.hub (TORCH_HOME)")
     p.add_argument("--size", type=int, default=224,
                    help="base-frame side in pixels: short side resized, centre square crop (default "
-                        "224; at least 64: RAFT works at 1/8 resolution and its correlation "
-                        "pyramid halves that three more times)")
+                        "224; at least 128: torchvision's RAFT refuses feature maps under 16 cells at "
+                        "its 1/8 resolution)")
     p.add_argument("--batch", type=int, default=8, help="frames per network call (default 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default cuda if available; under torchrun cuda:LOCAL_RANK)")
@@ -562,8 +568,9 @@ def main(argv=None):
         p.error(str(err)[len("cues.py: "):])
     if "LOCAL_RANK" in os.environ and args.device == "cuda":
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"              # one GPU per torchrun rank
-    if args.size < 64:
-        p.error(f"--size must be at least 64 pixels, got {args.size}")
+    if args.size < 128:
+        p.error(f"--size must be at least 128 pixels (torchvision's RAFT works at 1/8 resolution "
+                f"and needs 16 cells there), got {args.size}")
     if args.batch < 1:
         p.error(f"--batch must be at least 1, got {args.batch}")
     try:
@@ -597,14 +604,10 @@ def cli(argv=None):
     unwritable or full disk, a network that cannot be loaded) raises an error whose message
     starts with "cues.py: "; it is printed as "cues.py: error: ..." with exit status 2.
     Anything else is a bug and keeps its traceback."""
-    try:
-        return main(argv)
-    except (OSError, ValueError, RuntimeError) as err:
-        prefix = "cues.py: "
-        if not str(err).startswith(prefix):
-            raise
-        print(f"cues.py: error: {str(err)[len(prefix):]}", file=sys.stderr)
-        return 2
+    import runs     # the repo's one error path (a closed stdout, memory, Ctrl-C: also there)
+    return runs.cli("cues.py", lambda: main(argv), code=2, oom="--batch or --size", status=True,
+                    interrupted=lambda: "the cache files written so far are complete and kept "
+                                        "(a rerun skips them)")
 
 
 if __name__ == "__main__":

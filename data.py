@@ -10,7 +10,8 @@ into a view), hflip_cues (the shared flip), base_frames (the frame the cues are 
 PairDataset (one training pair). Below `# --- plumbing ---`: the video folder reader, the cue
 cache reader and its checks, the synthetic videos' LRU, the preview picture and the CLI.
 
-Shapes: S view side; Hb = Wb = base, the cue resolution (224). The base frame is a frame's
+Shapes: S view side; Hb = Wb = base, the cue resolution (train.py --base: 224 in the paper
+preset, the view side in the tiny one). The base frame is a frame's
 centre square, kept sharp at frame_side (HI_RES = 480) to cut the views from and resized to
 base for the cues. Grids (S, S, 2) in grid_sample convention (x, y in [-1, 1],
 align_corners=False) map view pixels to base-frame positions, at every resolution of the base
@@ -41,7 +42,7 @@ from PIL import Image, ImageDraw
 
 # The synthetic scenes (scenes.py): what PairDataset renders on the fly and the CLI writes.
 from scenes import (SyntheticScenes, corrupt_disparity, corrupt_flow, write_synthetic,  # noqa: F401
-                    flow_to_rgb, _atomic, _depth_rgb, _palette)
+                    flow_to_rgb, _depth_rgb, _palette)
 
 log = logging.getLogger("data")
 
@@ -52,7 +53,8 @@ HI_RES = 480  # side of the sharp base frame (official dataload.py: Resize(480),
 
 class PairSampler:
     """The random draws of one training pair (official dataload.py YTVOS, configs/train_ytvos.yaml):
-      delta ~ U{1..gap}, gap = 5 (T: 5): frame t + delta gives the context, frame t the query;
+      delta ~ U{1..gap}, gap = 5 (T: 5): frame min(t + delta, T - 1) gives the context (a video
+        of T frames; PairDataset), frame t the query;
       flip ~ Bernoulli(flip_p = 0.5): one horizontal flip of the whole pair (hflip_cues);
       box_q: a square crop of a fraction U[query_area] = U[0.3, 1] of the area (crop_range) at a
         random position, with its own flip flip_q ~ Bernoulli(flip_p): the features of the query
@@ -112,8 +114,9 @@ def cut_view(frame, box, size, flip=False):
 
 def warp(x, grid):
     """x (B, C, Hb, Wb), a map on the base frame -> (B, C, S, S) laid out in the view (bilinear,
-    align_corners=False, border). Values are copied, never changed: a view's own flip or zoom
-    never changes flow values (as in the official code). Why: the flow cue is a per-object label
+    align_corners=False, border). Values are copied, never changed: a view's OWN flip or zoom
+    never changes flow values (as in the official code); the pair's SHARED flip, applied to the
+    frames and cues before (hflip_cues), does mirror the motion. Why: the flow cue is a per-object label
     that one linear map reads from the features, and the features cannot tell a mirrored or
     zoomed view from a plain one; negated or rescaled per view, the same object would need two
     labels and no single map could fit both. The flip and zoom only re-lay the map out."""
@@ -271,8 +274,8 @@ class VideoFolder:
         self.skipped = {"empty": 0, "one_frame": 0, "unreadable_or_mixed_sizes": 0, "duplicate_frame_names": 0}
         self._frames = {}
         for d in sorted(p for p in self.image_dir.iterdir() if p.is_dir()):
-            fr = sorted((p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")),
-                        key=natural_key)                        # not ._00000.jpg (macOS metadata)
+            fr = sorted((p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+                         and p.is_file()), key=natural_key)     # not ._00000.jpg (macOS), not a folder x.jpg/
             why = "empty" if not fr else "one_frame" if len(fr) == 1 else None
             stems = [p.stem for p in fr]
             if why is None and len(set(stems)) < len(stems):  # 00000.jpg + 00000.png: one cue file
@@ -604,7 +607,8 @@ def preview(root, out=None, rows=4, video=None, tile_height=160):
     draw = ImageDraw.Draw(im)
     for k, c in enumerate(keep):
         draw.text((k * (tw + gap) + 4, 3), names[c], fill=(0, 0, 0))
-    _atomic(out, lambda p: im.save(p, format="PNG"))
+    import runs     # a picture the user names: one line for a bad path or a full disk, no partial file
+    runs.save_picture(im, out, "--out")
     return out, notes
 
 
@@ -667,8 +671,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        main()
-    except (OSError, ValueError) as e:   # a path or file the user gave: the whole message, no traceback
-        msg = str(e) if str(e).startswith("data.py") else f"data.py: {e}"
-        sys.exit(f"data.py: error: {msg.split(': ', 1)[1]}")
+    import runs     # the repo's one error path: the whole message, no traceback
+    sys.exit(runs.cli("data.py", main, oom="--size or --frames"))

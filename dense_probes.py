@@ -271,9 +271,9 @@ def evaluate(task, head, encode, ds, cfg, device):
 
 
 def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    import runs     # the repo's one atomic writer: a full disk names the file and leaves no .tmp
+    runs.atomic_save(obj, path, "the previous state, if any, is intact",
+                     "run the same probe again: it resumes there")
 
 
 def train_official(task, head, encode, train_ds, val_ds, cfg, out, device, log=print):
@@ -288,12 +288,15 @@ def train_official(task, head, encode, train_ds, val_ds, cfg, out, device, log=p
     if os.path.isfile(path):
         try:
             st = torch.load(path, map_location="cpu", weights_only=True)
-            same = st["signature"] == cfg["signature"]
+            saved, now = dict(st["signature"]), cfg["signature"]
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(f"dense_probes.py: cannot read {path} ({type(e).__name__}: {e}); delete it") from None
-        if not same:
-            raise ValueError(f"dense_probes.py: {path} was written by another probe run "
-                             f"({st['signature']}); use another --out or delete it")
+        differ = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now), key=str)
+                  if saved.get(k) != now.get(k)}
+        if differ:
+            raise ValueError(f"dense_probes.py: {path} was written by a probe run with other settings "
+                             f"(saved, now): {differ}; rerun with those to resume it, or use another "
+                             f"--out or delete it")
         head.load_state_dict(st["head"]), opt.load_state_dict(st["opt"])
         epoch0, step0, history = st["epoch"], st["step"], st["history"]
         log(f"resuming from {path}: epoch {epoch0}, step {step0}")
@@ -361,10 +364,10 @@ def bilinear_taps(H, W, h, w, ys, xs):
     return idx, wts
 
 
-def frame_input(img, size):
-    """(H, W, 3) uint8 -> (1, 3, H', W') float [0, 1], short side `size`, patch-aligned."""
+def frame_input(img, size, patch):
+    """(H, W, 3) uint8 -> (1, 3, H', W') float [0, 1], short side `size`, sides multiples of `patch`."""
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()[None] / 255
-    hw = evaldata.patch_hw(*img.shape[:2], size)
+    hw = evaldata.patch_hw(*img.shape[:2], size, patch)
     return F.interpolate(x, hw, mode="bilinear", align_corners=False, antialias=True)
 
 
@@ -377,8 +380,8 @@ def train_fast(task, head, encode, train_ds, val_ds, cfg, device):
     xd, yv, taps, grids, offset = [], [], [], [], 0
     for i in tqdm(range(len(train_ds)), desc="features", leave=False, disable=None):
         img, tgt = train_ds[i]
-        enc, dec = encode(frame_input(img, cfg["size"]).to(device))
-        H, W = evaldata.patch_hw(*img.shape[:2], cfg["size"])
+        enc, dec = encode(frame_input(img, cfg["size"], cfg["patch"]).to(device))
+        H, W = evaldata.patch_hw(*img.shape[:2], cfg["size"], cfg["patch"])
         key = "normals" if task == "normals" else "labels"
         t = torch.from_numpy(np.ascontiguousarray(tgt[key])).float()
         t = t.permute(2, 0, 1) if task == "normals" else t[None]
@@ -418,7 +421,7 @@ def train_fast(task, head, encode, train_ds, val_ds, cfg, device):
     with torch.no_grad():
         for i in tqdm(range(len(val_ds)), desc="eval", leave=False, disable=None):
             img, tgt = val_ds[i]
-            x = frame_input(img, cfg["size"]).to(device)
+            x = frame_input(img, cfg["size"], cfg["patch"]).to(device)
             enc, dec = encode(x)
             out = up(head(enc, dec, x.shape[-2:]), img.shape[:2]).cpu()                 # (1, 3 or C, H, W)
             sc.add(out, {k: torch.from_numpy(np.ascontiguousarray(v))[None] if k != "normals" else
@@ -473,8 +476,9 @@ def load_text_embeddings(args, names):
     if names is None:
         fail("zeroshot on this layout has no class names to embed: pass --text-embeddings FILE")
     t = evaldata.clip_text_embeddings(names, args.device)
+    import runs
     os.makedirs(args.out, exist_ok=True)
-    np.save(os.path.join(args.out, "text_embeddings.npy"), t)
+    runs.save_file(os.path.join(args.out, "text_embeddings.npy"), lambda f: np.save(f, t), "--out")
     return t
 
 
@@ -523,18 +527,23 @@ def run(args, encode, plan):
     """Fit the head on the training split and score the held-out split; encode(img) -> (enc or
     None, dec or None) for (B, 3, H, W) images in [0, 1] on args.device."""
     train, val, task, device = plan["train"], plan["val"], args.cmd, torch.device(args.device)
-    enc, dec = encode(torch.zeros(1, 3, 28, 28, device=device))       # the two widths
+    enc, dec = encode(torch.zeros(1, 3, 2 * args.patch, 2 * args.patch, device=device))  # the two widths
     E, D = (enc.shape[1] if enc is not None else 0), (dec.shape[1] if dec is not None else 0)
     torch.manual_seed(args.seed)
     head = build_head(args.head, E, D, plan["num_classes"], plan["text"]).to(device)
     if args.protocol == "fast":
-        cfg = dict(size=args.size, pixels=args.pixels, steps=args.probe_steps, pixel_batch=args.pixel_batch,
+        cfg = dict(size=args.size, patch=args.patch, pixels=args.pixels, steps=args.probe_steps, pixel_batch=args.pixel_batch,
                    lr=args.probe_lr, wd=args.probe_weight_decay, seed=args.seed, num_classes=plan["num_classes"])
         return train_fast(task, head, encode, train, val, cfg, device)
     train.repeat = args.repeat or train.repeat
-    sig = {k: getattr(args, k) for k in ("cmd", "features", "head", "data", "train_data", "train_list", "val_videos",
-                                         "ckpt_sha256", "weights", "weights_sha256", "backbone", "preset", "probe_lr", "probe_weight_decay", "batch", "size", "train_size",
-                                         "seed", "text_embeddings", "unseen", "num_classes")}
+    sig = {k: getattr(args, k) for k in ("cmd", "features", "head", "val_videos", "ckpt_sha256", "weights",
+                                         "weights_sha256", "inputs_sha256", "backbone", "preset", "probe_lr",
+                                         "probe_weight_decay", "batch", "size", "train_size", "seed", "unseen",
+                                         "reduce_zero_label")}
+    # folders by what they are (`data/` and `data` are one), files by content (probe.py), and
+    # the head's shape as resolved: a state saved for another shape is never loaded
+    sig.update({k: getattr(args, k) and os.path.realpath(getattr(args, k)) for k in ("data", "train_data")},
+               num_classes=plan["num_classes"], widths=[E, D])
     cfg = dict(epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.probe_lr,
                wd=args.probe_weight_decay, seed=args.seed, workers=args.workers, train_size=args.train_size,
                size=args.size, eval_scale=EVAL_SCALE[task], num_classes=plan["num_classes"],

@@ -3,23 +3,47 @@
     import torch
     lila = torch.hub.load(".", "lila_vits14", source="local", ckpt="runs/lila/ckpt.pt")  # a clone
     feats = lila.features(Image.open("frame.jpg"))        # (D, H, W) at the image's own size
-    lila = torch.hub.load(".", "lila_dinov2_vitb14", source="local", pretrained=True,
-                          checkpoint_path="lila_dino2_b14_ytvos.pt")      # an official file
+    lila = torch.hub.load(".", "lila_dinov2_vitb14", source="local", pretrained=True)  # released file
 
-Ours: `lila_vits14 | lila_vitb14 | lila_vitl14(ckpt=..., weights=..., preset=..., seed=...)`.
-The official names and arguments (google-research lila/hubconf.py): `lila(encoder=...)`,
-`lila_dinov2_vits14 | vitb14 | vitl14 | vitl14_kts(pretrained=..., checkpoint_path=...,
-checkpoint_url=...)`. Every entry returns this repo's LILA (model.py), whichever file it reads.
-`ckpt`, `checkpoint_path` and `checkpoint_url` take a train.py checkpoint or an official one
-(`TrainLILA.state_dict()`, maybe under "state_dict", maybe half precision), recognised by its
-keys; an http(s) URL is downloaded once into $TORCH_HOME/hub/checkpoints/, keyed by the URL.
+Ours: `lila_vits14 | lila_vitb14 | lila_vitl14 | lila_vits14_reg | lila_vitb14_reg |
+lila_vitl14_reg(ckpt=..., weights=..., preset=..., seed=...)`. The official names, arguments and
+defaults (google-research lila/hubconf.py): `lila(encoder=...)`, `lila_dinov2_vits14 | vitb14 |
+vitl14 | vitl14_kts`, `lila_dinov2reg_vits14 | vitb14 | vitl14`; of the same form for DINOv3 (no
+official LILA code builds it): `lila_dinov3_vits16 | vitb16 | vitl16`. `ckpt`, `checkpoint_path`
+and `checkpoint_url` take a train.py checkpoint or an official one (`TrainLILA.state_dict()`,
+maybe under "state_dict", maybe half precision), recognised by its keys.
+
+What every entry returns, compared with the official model: this repo's LILA (model.py), in eval
+mode, with the official decoder and encoder weights when it reads an official file. Input: images
+in [0, 1], ImageNet-normalised inside (the official model takes them normalised; a normalised
+image is refused with one line, never mis-read). `lila(x)`, sides multiples of the patch, returns
+what the official forward does: (the last tapped encoder grid (B, E, h, w), the LayerNormed pixel
+features (B, D, H, W)); the official forward's keyword arguments (with_norm, ...) are not taken.
+`lila.features(image)` is ours: any size, PIL / numpy / tensor, (D, H, W) at the image's own size.
+
+The official arguments of lila(), with the official meaning: pretrained=False is the untrained
+paper decoder; True reads checkpoint_path, else checkpoint_url, else DIR/model_name/checkpoint_name,
+else the released file of release_key or encoder (RELEASED). DIR is checkpoints_dir, else
+$LILA_CHECKPOINTS_DIR, else checkpoints/ beside this file; it also holds the encoder weights under
+their official file names (model.BACKBONES .file: dinov2_vitb14_pretrain.pth, ..._reg4_pretrain.pth,
+and ours for DINOv3), read before torch.hub's. Downloads land in $TORCH_HOME/hub/checkpoints/ as
+the official loader puts them: a released file under its own name (so one the official loader
+fetched is found, not fetched again), a URL with checkpoint_name under that name; a URL without
+one under a key of the whole URL (the official default name, best_checkpoint.pt, would give two
+runs' files one name).
+strict=False (the official default) leaves out what LILA does not hold (the cue networks: listed
+on stderr); strict=True refuses any such key and requires the encoder tensors. Either way the whole
+decoder must be there (the official strict=False would leave a missing tensor at its random init).
+Ours besides: weights= (the encoder's; default as above), and one file argument at a time (the
+official silently takes the first of checkpoint_path, checkpoint_url, model_name).
 
 read_lila_checkpoint(path_or_url) reads either kind into one dict (probe.py uses it too):
   kind "lila" | "official"; build: the build_lila arguments (backbone, weights, preset, seed);
-  decoder: a DPTDecoder state dict under our names; encoder: the file's DINOv2 tensors or None;
+  decoder: a DPTDecoder state dict under our names; encoder: the file's encoder tensors or None;
   config: the training config (official: what the file says); note: the keys left out.
 load_lila(ck, weights=None) builds LILA from it: strict decoder load; an official file's
-encoder tensors must equal the DINOv2 weights used (weights=, default the official DINOv2).
+encoder tensors (register tokens included) must equal the encoder weights used (weights=,
+default the official DINOv2).
 
 Every bad file (missing, a directory, empty, text, truncated, Python objects, another backbone,
 a missing or mis-shaped decoder tensor, non-finite weights, a trained fnorm) or failed download
@@ -43,13 +67,18 @@ dependencies = ["torch", "numpy", "PIL"]  # what torch.hub checks before importi
 CONFIG_KEYS = ("backbone", "preset", "weights", "seed")  # what the rebuild reads from a config
 
 # The released official snapshots (a later version of the official lila/hubconf.py,
-# RELEASED_CHECKPOINTS): fetched when pretrained=True names no file.
+# RELEASED_CHECKPOINTS; it releases none for the register models): fetched when pretrained=True
+# names no file.
 RELEASED = {
     "dinov2_vits14": "http://storage.googleapis.com/gresearch/lila-ckpts/lila_dino2_s14_ytvos.pt",
     "dinov2_vitb14": "http://storage.googleapis.com/gresearch/lila-ckpts/lila_dino2_b14_ytvos.pt",
     "dinov2_vitl14": "http://storage.googleapis.com/gresearch/lila-ckpts/lila_dino2_l14_ytvos.pt",
     "dinov2_vitl14_kts": "http://storage.googleapis.com/gresearch/lila-ckpts/lila_dino2_l14_kts.pt",
 }
+# The official encoder names of the register models (lila/lila/dpt_lila.py load_encoder) -> ours.
+OFFICIAL_ENCODERS = {f"dinov2reg_vit{s}14": f"dinov2_vit{s}14_reg" for s in "sblg"}
+CHECKPOINT_NAME = "best_checkpoint.pt"  # the official checkpoint_name default (the trainer's file)
+CHECKPOINTS_ENV = "LILA_CHECKPOINTS_DIR"  # the official lila/lila/model_zoo.py CHECKPOINTS_ENV_VAR
 
 
 # ------------------------------------------------------------------ entry points
@@ -71,22 +100,63 @@ def lila_vitl14(ckpt=None, weights=None, preset=None, seed=None):
     return _lila("dinov2_vitl14", ckpt, weights, preset, seed)
 
 
+def lila_vits14_reg(ckpt=None, weights=None, preset=None, seed=None):
+    """LILA on DINOv2 ViT-S/14 with 4 registers; arguments as lila_vits14."""
+    return _lila("dinov2_vits14_reg", ckpt, weights, preset, seed)
+
+
+def lila_vitb14_reg(ckpt=None, weights=None, preset=None, seed=None):
+    """LILA on DINOv2 ViT-B/14 with 4 registers; arguments as lila_vits14."""
+    return _lila("dinov2_vitb14_reg", ckpt, weights, preset, seed)
+
+
+def lila_vitl14_reg(ckpt=None, weights=None, preset=None, seed=None):
+    """LILA on DINOv2 ViT-L/14 with 4 registers; arguments as lila_vits14."""
+    return _lila("dinov2_vitl14_reg", ckpt, weights, preset, seed)
+
+
 def lila(encoder="dinov2_vitb14", pretrained=False, checkpoint_path=None, checkpoint_url=None,
-         weights=None, device=None, release=None):
-    """The official entry (same name, defaults and checkpoint arguments). pretrained=False: the
-    untrained paper decoder; True: checkpoint_path (first choice), checkpoint_url, or else the
-    released snapshot of `encoder` (RELEASED). weights: the DINOv2 weights (default "hub")."""
-    if encoder not in model.BACKBONES:
+         checkpoints_dir=None, model_name=None, checkpoint_name=CHECKPOINT_NAME, strict=False,
+         device=None, release_key=None, weights=None):
+    """The official entry: its arguments, defaults and meaning (see the header). encoder: an
+    official name (dinov2_vitb14, dinov2reg_vitb14, ...) or one of model.BACKBONES."""
+    backbone = OFFICIAL_ENCODERS.get(encoder, encoder)
+    if backbone not in model.BACKBONES:
         raise ValueError(f"hubconf.py: encoder '{encoder}' is not supported here; choose from "
-                         f"{list(model.BACKBONES)} (no ViT-g/14, no register models)")
-    if checkpoint_path and checkpoint_url:
-        raise ValueError("hubconf.py: pass checkpoint_path or checkpoint_url, not both")
-    given = checkpoint_path or checkpoint_url
+                         f"{sorted(set(model.BACKBONES) | set(OFFICIAL_ENCODERS))}")
+    given = [k for k, v in (("checkpoint_path", checkpoint_path), ("checkpoint_url", checkpoint_url),
+                            ("model_name", model_name)) if v]
+    if len(given) > 1:
+        raise ValueError(f"hubconf.py: pass one of checkpoint_path, checkpoint_url, model_name, not "
+                         f"{' and '.join(given)}")
     if given and not pretrained:
-        raise ValueError(f"hubconf.py: checkpoint '{given}' given with pretrained=False; pass "
-                         f"pretrained=True to load it (pretrained=False is the untrained decoder)")
-    ckpt = (given or RELEASED[release or encoder]) if pretrained else "none"
-    net = _lila(encoder, ckpt, weights, None, None)
+        raise ValueError(f"hubconf.py: {given[0]} given with pretrained=False; pass pretrained=True to "
+                         f"load it (pretrained=False is the untrained decoder)")
+    root = os.path.abspath(os.path.expanduser(checkpoints_dir or os.environ.get(CHECKPOINTS_ENV) or
+                                              os.path.join(os.path.dirname(__file__), "checkpoints")))
+    if weights is None:  # the official DINOv2 is read from DIR first (model_zoo.py), then the hub
+        local = os.path.join(root, model.BACKBONES[backbone].file)
+        weights = local if os.path.isfile(local) else "hub"
+    name = None if checkpoint_name == CHECKPOINT_NAME else os.path.basename(checkpoint_name)
+    if not pretrained:
+        ckpt = "none"
+    elif checkpoint_path:
+        ckpt = os.path.expanduser(os.fspath(checkpoint_path))
+    elif checkpoint_url:
+        ckpt = _fetch(checkpoint_url, name)
+    elif model_name:
+        ckpt = os.path.join(root, model_name, checkpoint_name)
+        if not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"hubconf.py: checkpoint '{ckpt}' not found (model_name is read from "
+                                    f"DIR/model_name/checkpoint_name; DIR: checkpoints_dir, else "
+                                    f"${CHECKPOINTS_ENV}, else checkpoints/ beside hubconf.py)")
+    elif (release_key or encoder) in RELEASED:
+        ckpt = _fetch(RELEASED[release_key or encoder], name)
+    else:
+        raise ValueError(f"hubconf.py: no released LILA checkpoint for '{release_key or encoder}' "
+                         f"(released: {list(RELEASED)}); pass checkpoint_path=, checkpoint_url= or "
+                         f"model_name=")
+    net = _lila(backbone, ckpt, weights, None, None, strict)
     return net if device is None else net.to(device)
 
 
@@ -104,10 +174,35 @@ def lila_dinov2_vitl14(**kwargs):
 
 def lila_dinov2_vitl14_kts(**kwargs):
     """The official ViT-L/14 snapshot trained on Kinetics (the others: YouTube-VOS)."""
-    return lila(encoder="dinov2_vitl14", release="dinov2_vitl14_kts", **kwargs)
+    return lila(encoder="dinov2_vitl14", release_key="dinov2_vitl14_kts", **kwargs)
 
 
-def _lila(backbone, ckpt, weights, preset, seed):
+def lila_dinov2reg_vits14(**kwargs):
+    return lila(encoder="dinov2reg_vits14", **kwargs)
+
+
+def lila_dinov2reg_vitb14(**kwargs):
+    return lila(encoder="dinov2reg_vitb14", **kwargs)
+
+
+def lila_dinov2reg_vitl14(**kwargs):
+    return lila(encoder="dinov2reg_vitl14", **kwargs)
+
+
+def lila_dinov3_vits16(**kwargs):
+    """DINOv3 ViT-S/16 (ours: its weights are gated, so pass weights=PATH or weights="none")."""
+    return lila(encoder="dinov3_vits16", **kwargs)
+
+
+def lila_dinov3_vitb16(**kwargs):
+    return lila(encoder="dinov3_vitb16", **kwargs)
+
+
+def lila_dinov3_vitl16(**kwargs):
+    return lila(encoder="dinov3_vitl16", **kwargs)
+
+
+def _lila(backbone, ckpt, weights, preset, seed, strict=False):
     if ckpt is None:
         raise ValueError("hubconf.py: pass ckpt=PATH_OR_URL (a train.py or official checkpoint), "
                          "or ckpt='none' for the untrained decoder baseline")
@@ -117,13 +212,19 @@ def _lila(backbone, ckpt, weights, preset, seed):
     ckpt = os.fspath(ckpt)
     if ckpt == "none":  # untrained, seeded decoder: the baseline every table needs
         return model.build_lila(backbone, weights or "hub", preset or "paper", seed=seed or 0).eval()
-    ck = read_lila_checkpoint(ckpt)
+    ck = read_lila_checkpoint(ckpt, strict, backbone)
     if ck["build"]["backbone"] != backbone:
-        have = ck["build"]["backbone"].replace("dinov2_", "")
         kind = "an official" if ck["kind"] == "official" else "a train.py"
-        raise _bad(ck["path"], f"is {kind} checkpoint of {ck['build']['backbone']}; load it with the "
-                               f"entry 'lila_{have}' or 'lila_dinov2_{have}', not one for {backbone}")
+        raise _bad(ck["path"], f"is {kind} checkpoint of {ck['build']['backbone']}; load it with "
+                               f"{_entries(ck['build']['backbone'])}, not an entry for {backbone}")
     return load_lila(ck, weights, preset, seed)
+
+
+def _entries(backbone):
+    """The hub entries that build `backbone` (ours, the official form), for error messages."""
+    official = {v: k for k, v in OFFICIAL_ENCODERS.items()}.get(backbone, backbone)
+    names = dict.fromkeys([f"lila_{backbone.replace('dinov2_', '')}", f"lila_{official}"])  # DINOv3: one
+    return " or ".join(f"'{n}'" for n in names if n in globals()) or f"lila(encoder='{official}')"
 
 
 # ------------------------------------------------------------------ official checkpoints
@@ -144,16 +245,23 @@ def official_names(levels=4):
     return names
 
 
-def _from_official(sd, path):
+def _from_official(sd, path, strict=False, like=None):
     """An official TrainLILA.state_dict() -> (backbone, our decoder state dict, the encoder's
-    tensors or None, note). Strict: every decoder tensor mapped, shape-checked, finite."""
-    widths = {spec.embed_dim: name for name, spec in model.BACKBONES.items()}
+    tensors or None, note). Always: every decoder tensor mapped, shape-checked, finite. strict:
+    no key outside the inference model (LILA: pretrained, latent_head, fnorm). The backbone is the
+    DINOv2 of the decoder's input width, with registers if the file holds register_tokens (a file
+    without encoder tensors does not say: then as `like`, the entry's backbone)."""
+    widths = {spec.embed_dim: name for name, spec in model.BACKBONES.items()
+              if name.startswith("dinov2_") and not name.endswith("_reg")}  # the official LILA's
     first = sd.get("latent_head.projects.0.weight")
     if first is None or first.dim() != 4 or int(first.shape[1]) not in widths:
         what = "missing" if first is None else f"of shape {tuple(first.shape)}"
         raise _bad(path, f"is an official LILA file whose latent_head.projects.0.weight is {what}: "
-                         f"not a ViT-S/B/L/14 decoder (widths {sorted(widths)})")
+                         f"not a DINOv2 decoder (widths {sorted(widths)})")
     backbone = widths[int(first.shape[1])]
+    bare = not any(k.startswith("pretrained.") and k != "pretrained.pos_embed" for k in sd)
+    if "pretrained.register_tokens" in sd or (bare and like == backbone + "_reg"):
+        backbone += "_reg"
     with torch.device("meta"):  # our decoder's names and shapes, nothing allocated
         want = model.DPTDecoder(model.BACKBONES[backbone].embed_dim,
                                 **model.decoder_config(backbone, "paper")).state_dict()
@@ -188,6 +296,12 @@ def _from_official(sd, path):
                if k.startswith("pretrained.") and k != "pretrained.pos_embed"} or None
     left = Counter(_prefix(k, never) for k in sd if k not in used and not
                    (encoder and k.startswith("pretrained.") and k != "pretrained.pos_embed"))
+    outside = sorted(p for p in left if not p.startswith(("pretrained.pos_embed", never)))
+    if strict and (outside or encoder is None):  # pos_embed: both loaders drop it; resConfUnit1: built
+        what = ", ".join(f"{p} ({left[p]})" for p in outside)
+        raise _bad(path, (f"holds keys outside the LILA model ({what})" if outside else
+                          "holds no encoder tensors (pretrained.*)") +
+                   "; strict=True refuses that (strict=False, the default, loads it)")
     note = "left out: " + ", ".join(f"{p} ({n})" for p, n in sorted(left.items())) if left else ""
     return backbone, decoder, encoder, note
 
@@ -201,27 +315,32 @@ def _prefix(key, never):
     return key.split(".")[0] + ".*"
 
 
-def _check_encoder(lila, encoder, path, weights):
-    """An official file's frozen DINOv2 tensors must be the encoder built from `weights`
-    (compared at the file's precision: a half-precision file holds the rounded weights)."""
+def _check_encoder(lila, encoder, path, weights, backbone, strict=False):
+    """An official file's frozen encoder tensors (register tokens included) must be the encoder
+    built from `weights` (compared at the file's precision: a half-precision file holds the
+    rounded weights). strict: every encoder tensor but pos_embed must be there."""
     mine = lila.encoder.state_dict()
     for k, t in encoder.items():
         if k not in mine or tuple(mine[k].shape) != tuple(t.shape):
-            raise _bad(path, f"has the encoder tensor pretrained.{k} {tuple(t.shape)} that DINOv2 "
-                             f"{lila.encoder.embed_dim}-wide has not ("
-                             f"{'register tokens: not supported' if 'register' in k else 'another encoder'})")
+            raise _bad(path, f"has the encoder tensor pretrained.{k} {tuple(t.shape)} that {backbone} "
+                             f"has not (another encoder?)")
         ours = mine[k].to(t.dtype).float()
         if not torch.allclose(_finite(t, "pretrained." + k, path).float(), ours, rtol=1e-3, atol=1e-5):
             diff = float((t.float() - ours).abs().max())
             raise _bad(path, f"was trained on other encoder weights: its pretrained.{k} differs from "
-                             f"DINOv2 weights '{weights}' (max |diff| {diff:.3g}); pass weights= the "
-                             f"DINOv2 file it was trained with")
+                             f"{backbone} weights '{weights}' (max |diff| {diff:.3g}); pass weights= the "
+                             f"encoder file it was trained with")
+    missing = sorted(set(mine) - set(encoder) - {"pos_embed"})
+    if strict and missing:
+        raise _bad(path, f"lacks {len(missing)} encoder tensors of {backbone}, e.g. pretrained.{missing[0]}; "
+                         f"strict=True refuses it, strict=False uses weights '{weights}' for them")
 
 
 # ------------------------------------------------------------------ reading and building
-def read_lila_checkpoint(path_or_url):
+def read_lila_checkpoint(path_or_url, strict=False, backbone=None):
     """A train.py or official LILA checkpoint (path or http(s) URL) -> dict(kind, build,
-    decoder, encoder, config, note, path); see the header."""
+    decoder, encoder, config, note, path, strict); see the header. strict, backbone: the official
+    file's strictness and the backbone assumed when it does not say (_from_official)."""
     src = os.fspath(path_or_url)
     path = _fetch(src) if src.startswith(("http://", "https://")) else src
     state = _read_file(path)
@@ -230,18 +349,18 @@ def read_lila_checkpoint(path_or_url):
     if isinstance(state, dict) and state and all(str(k).startswith("model.") for k in state):
         state = {k[len("model."):]: v for k, v in state.items()}  # a Lightning module's keys
     if isinstance(state, dict) and any(str(k).startswith("latent_head.") for k in state):
-        backbone, decoder, encoder, note = _from_official(state, path)
+        backbone, decoder, encoder, note = _from_official(state, path, strict, backbone)
         dtypes = sorted({str(v.dtype)[6:] for k, v in state.items()
                          if k.startswith("latent_head.") and torch.is_tensor(v)})
         return dict(kind="official", build=dict(backbone=backbone, weights="hub", preset="paper", seed=0),
-                    decoder=decoder, encoder=encoder, note=note, path=path,
+                    decoder=decoder, encoder=encoder, note=note, path=path, strict=strict,
                     config=dict(source="official", backbone=backbone, preset="paper", dtypes=dtypes))
     _check_ours(state, path)
     cfg = state["config"]
     for k, v in state["decoder"].items():
         _finite(v, f"decoder.{k}", path)
     return dict(kind="lila", build={k: cfg[k] for k in CONFIG_KEYS}, decoder=state["decoder"],
-                encoder=None, config=dict(cfg), note="", path=path)
+                encoder=None, config=dict(cfg), note="", path=path, strict=strict)
 
 
 def load_lila(ck, weights=None, preset=None, seed=None):
@@ -259,7 +378,7 @@ def load_lila(ck, weights=None, preset=None, seed=None):
                          f"be rebuilt: {msg}; pass weights=... to use other encoder weights",
                    type(e)) from None
     if ck["encoder"] is not None:
-        _check_encoder(lila, ck["encoder"], path, build["weights"])
+        _check_encoder(lila, ck["encoder"], path, build["weights"], build["backbone"], ck.get("strict"))
     _load_decoder(lila, ck["decoder"], path, build["backbone"], build["preset"])
     if ck["note"]:
         print(f"hubconf.py: {path}: official {build['backbone']} decoder loaded; {ck['note']}",
@@ -292,7 +411,8 @@ def _read_file(path):
     if os.path.isdir(path):
         raise _bad(path, "is a directory; train.py writes DIR/ckpt.pt", FileNotFoundError)
     if not os.path.isfile(path):
-        raise _bad(path, "not found (write one with `python train.py --out DIR`: DIR/ckpt.pt)",
+        raise _bad(path, "not found: give a train.py checkpoint (DIR/ckpt.pt or DIR/best.pt of a "
+                   "`python train.py --out DIR` run) or an official LILA file (a path or an http(s) URL)",
                    FileNotFoundError)
     size = os.path.getsize(path)
     if size == 0:
@@ -341,19 +461,22 @@ def _check_ours(state, path):
         raise _bad(path, "has a 'decoder' that is not a state dict (name -> tensor)")
 
 
-def cache_path(url):
-    """Where a downloaded checkpoint lives: torch.hub's cache, keyed by the whole URL (every
-    train.py checkpoint is called ckpt.pt, so the file name alone would mix two runs up)."""
-    name = os.path.basename(urllib.parse.urlparse(url).path) or "ckpt.pt"
-    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-    return os.path.join(torch.hub.get_dir(), "checkpoints", f"url{digest}-{name}")
+def cache_path(url, name=None):
+    """Where a downloaded checkpoint lives in torch.hub's cache: under `name` if given (the
+    official checkpoint_name), a released file under its own name (where the official loader puts
+    it), any other URL under a key of the whole URL (every train.py checkpoint is called ckpt.pt,
+    so the file name alone would mix two runs up)."""
+    base = os.path.basename(urllib.parse.urlparse(url).path) or "ckpt.pt"
+    if name is None and url not in RELEASED.values():
+        name = f"url{hashlib.sha256(url.encode()).hexdigest()[:12]}-{base}"
+    return os.path.join(torch.hub.get_dir(), "checkpoints", name or base)
 
 
-def _fetch(url, timeout_s=30.0):
-    """An http(s) checkpoint through torch.hub's cache -> (local path). A cached file is used
-    as it is; a download that fails (offline, refused, 404) is one error line saying where to
-    put the file by hand. timeout_s bounds each network wait, so a dead route cannot hang."""
-    cached = cache_path(url)
+def _fetch(url, name=None, timeout_s=30.0):
+    """An http(s) checkpoint through torch.hub's cache (cache_path) -> (local path). A cached
+    file is used as it is; a download that fails (offline, refused, 404) is one error line saying
+    where to put the file by hand. timeout_s bounds each network wait: a dead route cannot hang."""
+    cached = cache_path(url, name)
     if os.path.isfile(cached):
         return cached
     os.makedirs(os.path.dirname(cached), exist_ok=True)
@@ -364,8 +487,8 @@ def _fetch(url, timeout_s=30.0):
     except Exception as e:  # noqa: BLE001 - every failed download is the same user-facing story
         raise RuntimeError(
             f"hubconf.py: could not download the checkpoint {url} ({_first_line(e)}); offline? "
-            f"fetch it on a connected machine and put it at {cached} (torch.hub's cache, keyed by "
-            f"the URL) or pass its local path (ckpt= or checkpoint_path=)") from None
+            f"fetch it on a connected machine and put it at {cached} (torch.hub's cache) or pass "
+            f"its local path (ckpt= or checkpoint_path=)") from None
     finally:
         socket.setdefaulttimeout(previous)
     return cached

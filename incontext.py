@@ -17,7 +17,7 @@ x_n = [f_n, 1]: the decoder's (LayerNormed) features with a 1 for the bias, aver
 32 x 32 on the context; c_n the product of the pooled confidences, zeroed below 0.5.
 
 Shapes: B batch, D feature channels (128 for ViT-S), P = D + 1 (bias column), H x W a view
-(224^2), K cue channels (2 flow + 1 depth + 32 SD = 35), N = pool^2 context samples (1024),
+(224^2 in the paper preset, 112^2 in the tiny one), K cue channels (2 flow + 1 depth + 32 SD = 35), N = pool^2 context samples (1024),
 Cm confidence channels, one per masked cue channel ([flow, flow, depth-valid]).
 Deviations from the official code: README, "Differences".
 Tests: python -m pytest -q tests/test_incontext.py ; speed: python bench.py incontext
@@ -35,7 +35,10 @@ def ridge_map(feat_c, cue_c, conf_c=None, pool=32, lam=0.1, lstsq_cutoff=0.5,
     The fit uses pool x pool averages (N = 1024 samples, official `lowres`): pooling is linear,
     so a cue that is a linear function of the per-pixel features stays one after it, and the
     system is tiny whatever the view size. Official defaults: pool 32, lam (ridge) 0.1,
-    lstsq_cutoff 0.5 (configs/train_ytvos.yaml)."""
+    lstsq_cutoff 0.5 (configs/train_ytvos.yaml).
+    Why closed form, not gradient steps: the loss must score the features through the BEST
+    linear map for this context, not through how far an inner optimiser got from its start;
+    the ridge optimum is one small (P x P) solve per pair, exact, cheap and differentiable."""
     _check_ridge_map(feat_c, cue_c)
     B = feat_c.shape[0]
     size = tuple(min(pool, side) for side in feat_c.shape[-2:])         # pool x pool

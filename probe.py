@@ -49,12 +49,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import evaldata
 import dense_probes
 import model
+import runs
 
 VOID = 255  # DAVIS / segmentation "void" or "ignore" label
 
@@ -297,11 +298,11 @@ def load_frames(paths):
     return np.stack(out)
 
 
-def to_input(frames, size):
-    """(T, H, W, 3) uint8 -> (T, 3, H', W') float [0, 1] at short side `size`, patch-aligned,
-    bilinear without antialiasing (official PatchResample)."""
+def to_input(frames, size, patch):
+    """(T, H, W, 3) uint8 -> (T, 3, H', W') float [0, 1] at short side `size`, sides multiples of
+    the encoder's `patch`, bilinear without antialiasing (official PatchResample)."""
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
-    return F.interpolate(x, evaldata.patch_hw(*frames.shape[1:3], size), mode="bilinear", align_corners=False)
+    return F.interpolate(x, evaldata.patch_hw(*frames.shape[1:3], size, patch), mode="bilinear", align_corners=False)
 
 
 def batches(x, args, desc):
@@ -314,7 +315,12 @@ def write_indexed(path, labels, palette):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     im = Image.fromarray(labels.astype(np.uint8), mode="P")
     im.putpalette(palette or [c for i in range(256) for c in ((i * 67) % 256, (i * 151) % 256, (i * 199) % 256)])
-    im.save(path)
+    try:
+        im.save(path, format="PNG")
+    except OSError as e:                     # a full disk: named, no partial mask left
+        if os.path.exists(path):
+            os.remove(path)
+        raise runs.write_error(path, e, "the masks written before it are kept", "run the probe again") from None
 
 
 # --- VOS: DAVIS-2017 (and DAVIS-2016) ---
@@ -412,7 +418,7 @@ def vos_sequence(args, lila, vf, seq, square=None):
         x, m = square_view(rgb, gt or [first], square)
         first, gt = m[0], list(m) if gt else None
     else:
-        x = to_input(rgb, args.size)                                   # (T, 3, H', W')
+        x = to_input(rgb, args.size, lila.patch)                       # (T, 3, H', W')
     run = knn_sequence if args.cmd == "vos-knn" else lp_sequence
     pred = [first] + run(args, lila, x, first, int(first.max()) + 1)
     return frames, pred, gt, pal, kind
@@ -445,7 +451,8 @@ def run_vos(args, lila, plan):
     metrics = davis_jf(preds, gts, void=args.void) if gts else {}
     metrics.update(sequences=len(seqs), scored=len(gts), objects=sum(int(g[0].max()) for g in gts.values()),
                    masks="binary (DAVIS-2016)" if "binary" in kinds else "indexed (DAVIS-2017)",
-                   skipped=skipped, frames_per_s=n_frames / max(t_prop, 1e-9))
+                   not_scored=sum(skipped.values()), skipped=skipped,     # the count on the summary line
+                   frames_per_s=n_frames / max(t_prop, 1e-9))
     return metrics
 
 
@@ -453,14 +460,11 @@ def run_vos(args, lila, plan):
 TRAIN_VAL_SEQUENCES = ("bike-packing", "india", "dog", "motocross-jump", "shooting", "horsejump-high")
 
 
-def davis_val(lila, root, videos=6, kind="lp", size=None, device="cpu", progress=False, **flags):
-    """DAVIS-2017 val J&F of a decoder-only probe, for validation during training, through the
-    code of `probe.py vos-lp | vos-knn`. kind "lp" is the official trainer's check (train_lila.py
-    EvalVOS): a 1x1 probe on the decoder fitted on frame 0 by 2000 full-batch Adam steps (lr 3e-4,
-    L2 1e-4), on 224 x 224 centre views (size=None: 224) of the 6 sequences of
-    TRAIN_VAL_SEQUENCES when the root has them (else the first `videos` of its val list); "knn"
-    propagates with vos-knn's defaults on the same views. flags: any other probe.py setting
-    (e.g. lp_steps=20). -> dict(jf, j, f, sequences=[scored names])."""
+def davis_val_plan(root, videos=6, kind="lp", size=None, device="cpu", progress=False, **flags):
+    """What davis_val scores, checked before any work (train.py calls it before step 1): the
+    settings, the sequences picked, and those that cannot be scored, {name: why}. Every frame
+    and mask of a picked sequence is opened and every mask read: a damaged or missing file is
+    an error naming it now, not at the first validation. Arguments: davis_val's."""
     cmd = {"lp": "vos-lp", "knn": "vos-knn"}.get(kind) or fail(f"davis_val: kind {kind!r}: lp | knn")
     if not os.path.isdir(root) or not (isinstance(videos, int) and videos >= 1):
         fail(f"davis_val: {root}: no such folder" if not os.path.isdir(root) else f"davis_val: videos {videos}: >= 1")
@@ -478,21 +482,64 @@ def davis_val(lila, root, videos=6, kind="lp", size=None, device="cpu", progress
     seqs, vf = prepare_vos(args)
     official = [s for s in TRAIN_VAL_SEQUENCES if s in seqs]
     pick = (official if len(official) == len(TRAIN_VAL_SEQUENCES) else seqs)[:videos]
+    unscored = {}
+    for seq in pick:
+        frames = vf.frames(seq)
+        paths = [evaldata.davis_annotation(args.data, seq, fp) for fp in frames]
+        first = read_mask(paths[0])[0]
+        for fp in frames:                   # the header only: a frame's size, cheaply
+            try:
+                with Image.open(fp) as im:
+                    wh = im.size
+            except (OSError, ValueError) as e:
+                fail(f"{fp}: not a readable picture ({e})")
+            if wh != first.shape[::-1]:
+                fail(f"{fp}: frame is {wh[0]}x{wh[1]}, but its first mask {paths[0]} is "
+                     f"{first.shape[1]}x{first.shape[0]}")
+        if not all(os.path.isfile(p) for p in paths):
+            unscored[seq] = "later masks missing"
+        elif len(frames) < 3:
+            unscored[seq] = "under 3 frames"
+        else:
+            for p in paths[1:]:
+                read_mask(p, first.shape)
+            if np.where(first == VOID, 0, first).max() == 0:
+                unscored[seq] = "no object in the first mask"
+    if len(unscored) == len(pick):
+        fail(f"davis_val: --val {root}: none of {pick} can be scored ({unscored}; each needs >= 3 "
+             "frames, every mask, and an object in its first mask)")
+    return dict(args=args, vf=vf, pick=pick, unscored=unscored)
+
+
+def davis_val(lila, root, videos=6, kind="lp", size=None, device="cpu", progress=False, plan=None, **flags):
+    """DAVIS-2017 val J&F of a decoder-only probe, for validation during training, through the
+    code of `probe.py vos-lp | vos-knn`. kind "lp" is the official trainer's check (train_lila.py
+    EvalVOS): a 1x1 probe on the decoder fitted on frame 0 by 2000 full-batch Adam steps (lr 3e-4,
+    L2 1e-4), on 224 x 224 centre views (size=None: 224) of the 6 sequences of
+    TRAIN_VAL_SEQUENCES when the root has them (else the first `videos` of its val list); "knn"
+    propagates with vos-knn's defaults on the same views. flags: any other probe.py setting
+    (e.g. lp_steps=20); plan: davis_val_plan's, made once. -> dict(jf, j, f, sequences=[scored
+    names], unscored={name: why}): a sequence that cannot be scored is left out of the mean and
+    named there."""
+    plan = plan or davis_val_plan(root, videos, kind, size, device, progress, **flags)
+    args, vf, unscored = plan["args"], plan["vf"], dict(plan["unscored"])
     was = lila.training
     lila.eval()
     try:
         preds, gts = {}, {}
-        for seq in tqdm(pick, desc=f"val {kind}", leave=False, disable=not progress):
+        for seq in tqdm([s for s in plan["pick"] if s not in unscored], desc=f"val {kind}",
+                        leave=False, disable=not progress):
             frames, pred, gt, _, _ = vos_sequence(args, lila, vf, seq, square=args.size)
-            if gt is not None and len(frames) >= 3 and pred[0].max() > 0:
+            if pred[0].max() > 0:
                 preds[seq], gts[seq] = pred, gt
+            else:                           # the centre view can crop the object away
+                unscored[seq] = "no object in the first mask's centre view"
     finally:
         lila.train(was)
     if not gts:
-        fail(f"davis_val: --val {root}: none of {pick} can be scored (each needs >= 3 frames, every mask, "
-             "and an object in its first mask)")
+        fail(f"davis_val: --val {root}: none of {plan['pick']} can be scored ({unscored})")
     m = davis_jf(preds, gts)
-    return dict(jf=m["JF"], j=m["J"], f=m["F"], sequences=sorted(gts))
+    return dict(jf=m["JF"], j=m["J"], f=m["F"], sequences=sorted(gts), unscored=unscored)
 
 
 # --- PCA pictures ---
@@ -511,43 +558,81 @@ def prepare_pca(args):
 @torch.no_grad()
 def run_pca(args, lila, paths):
     """One PNG: the frames on top, below them one row per feature source (encoder grid,
-    decoder), each the first 3 principal components (fitted on all frames) as RGB."""
+    decoder), each the first 3 principal components (fitted on all frames) as RGB; rows
+    labelled on the left, extract.GAP white px between frames and between rows."""
     rgb = load_frames(paths)
-    x = to_input(rgb, args.size)                                        # (T, 3, H, W)
+    x = to_input(rgb, args.size, lila.patch)                            # (T, 3, H, W)
     T, _, H, W = x.shape
     src = {}
     for b in batches(x, args, "features"):
         for name, f in zip(("encoder", "decoder"), encode(lila, b, args.features)):
             if f is not None:
                 src.setdefault(name, []).append(f.cpu())
-    rows, ev = [np.concatenate([np.asarray(Image.fromarray(r).resize((W, H), Image.BILINEAR)) for r in rgb], 1)], {}
-    g = torch.Generator().manual_seed(args.seed)
+    import extract                                                      # the repo's one PCA
+    rows, ev = [[np.asarray(Image.fromarray(r).resize((W, H), Image.BILINEAR)) for r in rgb]], {}
     for name, f in src.items():
         f = torch.cat(f)                                                 # (T, D, h, w)
-        _, D, h, w = f.shape
-        flat = f.permute(0, 2, 3, 1).reshape(-1, D)                      # (T*h*w, D)
-        sub = flat[torch.randperm(flat.shape[0], generator=g)[:args.pca_samples]]
-        mean = sub.mean(0)
-        _, s, v = torch.linalg.svd(sub - mean, full_matrices=False)     # v rows = components
-        proj = (flat - mean) @ v[:3].T                                   # (T*h*w, <=3)
-        proj = F.pad(proj, (0, 3 - proj.shape[1]))                       # fewer samples than 3: pad
-        lo, hi = torch.quantile(proj[:: max(1, proj.shape[0] // 100000)], torch.tensor([0.01, 0.99]), dim=0)
-        img = ((proj - lo) / (hi - lo).clamp(min=1e-6)).clamp(0, 1).view(T, h, w, 3).permute(0, 3, 1, 2)
+        pca = extract.fit_pca(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), 3, args.pca_samples, args.seed)
+        img = extract.pca_rgb(f, pca).permute(0, 3, 1, 2).float()       # (T, 3, h, w) in 0..255
         img = F.interpolate(img, (H, W), mode="bilinear", align_corners=False)  # (T, 3, H, W)
-        rows.append(np.concatenate(list((img * 255).byte().permute(0, 2, 3, 1).numpy()), 1))
-        ev[name] = [round(e, 4) for e in (s[:3] ** 2 / (s ** 2).sum().clamp(min=1e-12)).tolist()]
+        rows.append(list(img.round().byte().permute(0, 2, 3, 1).numpy()))   # T x (H, W, 3)
+        ev[name] = [round(e, 4) for e in pca["explained"].tolist()]
+    labels, gap, left = ["frames"] + [f"{n} PCA" for n in src], extract.GAP, PCA_LABEL_W
+    canvas = Image.new("RGB", (left + T * (W + gap) - gap, len(rows) * (H + gap) - gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, row) in enumerate(zip(labels, rows)):       # ASCII labels: PIL's built-in font
+        draw.text((2, r * (H + gap) + 2), label, fill=(0, 0, 0))
+        for t, cell in enumerate(row):
+            canvas.paste(Image.fromarray(cell), (left + t * (W + gap), r * (H + gap)))
     path = os.path.join(args.out, "pca.png")
     os.makedirs(args.out, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
+    runs.save_picture(canvas, path)
     return {"frames": T, "png": path, "rows": ["frames"] + list(src), "explained_variance": ev}
 
 
 # --- command line ---
 
+PCA_LABEL_W = 84  # px left of pca.png's rows for their labels ("decoder PCA" in PIL's font)
 DEFAULT_SIZE = {"vos-knn": 476, "vos-lp": 476, "pca": 476, "normals": 504, "semseg": 224, "zeroshot": 224}
 TRAIN_SIZE = {"normals": 448, "semseg": 224, "zeroshot": 224}       # official crops
 HEADS = {"normals": ("conv", "linear"), "semseg": ("attention", "linear"), "zeroshot": ("zeroshot",)}
 WEIGHT_DECAY = {"normals": 1e-2, "semseg": 1e-2, "zeroshot": 1e-5}   # AdamW default / eval.yaml
+COMMANDS = {  # subcommand -> (its line in `probe.py --help`, its description in `probe.py SUBCOMMAND --help`)
+    "vos-knn": ("DAVIS-2017 k-NN label propagation (official eval_vosknn.py)",
+                "Video object segmentation without training: frame after frame, each pixel takes the softmax-"
+                "weighted labels of its most similar feature-grid positions in frame 0 and the latest predicted "
+                "frames (knn_rule). Scored by J&F on the DAVIS-2017 validation videos; OUT/results.json."),
+    "vos-lp": ("DAVIS-2017 one-shot linear probe (official eval_vos.py)",
+               "Video object segmentation by a linear head fitted on each video's first frame and mask alone, "
+               "then applied to the later frames. Scored by J&F on the DAVIS-2017 validation videos; "
+               "OUT/results.json."),
+    "normals": ("NYUv2 surface normals (official eval_norml.py)",
+                "A probe on the frozen features trained to predict surface normals (official protocol: augmented "
+                "crops, the best epoch; fast: a linear head on sampled pixels). Scored by the angular RMSE in "
+                "degrees; OUT/results.json, resumable through OUT/probe_state.pt."),
+    "semseg": ("semantic segmentation: COCO-Stuff-27, ADE20K (official eval_seg.py)",
+               "A probe on the frozen features trained to label every pixel (official protocol: augmented crops, "
+               "the best epoch; fast: a linear head on sampled pixels). Scored by mIoU; OUT/results.json, "
+               "resumable through OUT/probe_state.pt."),
+    "zeroshot": ("zero-shot COCO-Stuff, 15 unseen classes (official eval_openseg.py)",
+                 "A probe mapping the frozen features to CLIP text embeddings, trained on the seen classes only. "
+                 "Scored by the mIoU of the seen and of the unseen classes and their harmonic mean; "
+                 "OUT/results.json, resumable through OUT/probe_state.pt."),
+    "pca": ("PCA pictures of the features of a folder of frames",
+            "One PNG in OUT: the frames on top, below them one row per feature source (encoder grid, decoder), "
+            "each the first 3 principal components, fitted on all frames, as RGB."),
+}
+GROUP = {"vos-knn": "vos", "vos-lp": "vos", "pca": "pca"}   # a command's own group of FLAGS; else "dense probes"
+ONLY = {  # flags for some commands of their group only; the others apply to every command of their group
+    "--data": tuple(c for c in COMMANDS if c != "pca"), "--frames": ("pca",),
+    **dict.fromkeys(("--grid", "--context", "--radius", "--topk", "--temperature", "--tile", "--norm-mask"), ("vos-knn",)),
+    **dict.fromkeys(("--lp-steps", "--lp-lr", "--lp-weight-decay"), ("vos-lp",)),
+    **dict.fromkeys(("--pixels", "--probe-steps", "--pixel-batch"), ("normals", "semseg")),   # fast protocol
+    **dict.fromkeys(("--train-list", "--val-list", "--num-classes", "--reduce-zero-label"), ("semseg", "zeroshot")),
+    **dict.fromkeys(("--text-embeddings", "--unseen"), ("zeroshot",)),
+}
+SHOWN = {"--size": DEFAULT_SIZE, "--train-size": TRAIN_SIZE, "--probe-weight-decay": WEIGHT_DECAY,
+         "--head": {c: h[0] for c, h in HEADS.items()}}   # defaults resolved per command, shown in its help
 
 FLAGS = [  # (group, flag, type, default, help); every paper setting is a flag with its default
     ("features", "--ckpt", str, "none", "train.py checkpoint, or 'none' = untrained decoder seeded by --seed"),
@@ -558,7 +643,7 @@ FLAGS = [  # (group, flag, type, default, help); every paper setting is a flag w
     ("features", "--preset", str, "paper", "decoder preset without --ckpt (paper | tiny)"),
     ("features", "--seed", int, 0, "seeds the untrained decoder / encoder and the probes"),
     ("features", "--device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu | cuda"),
-    ("features", "--size", int, None, "input short side (VOS, pca) or evaluation crop (dense), px, multiple of 14; "
+    ("features", "--size", int, None, "input short side (VOS, pca) or evaluation crop (dense), px, multiple of the patch (14 DINOv2, 16 DINOv3); "
      "official: VOS 476, normals 504, semseg / zeroshot 224"),
     ("features", "--encode-batch", int, 8, "frames per forward pass of the frozen model (memory only)"),
     ("data", "--data", str, None, "dataset root (layouts: evaldata.py); vos-*: DAVIS-2017 / DAVIS-2016"),
@@ -608,7 +693,7 @@ FLAGS = [  # (group, flag, type, default, help); every paper setting is a flag w
 
 POSITIVE, NONNEG = (lambda v: v is None or v > 0, "> 0"), (lambda v: v is None or v >= 0, ">= 0")
 RANGES = {  # flag -> (ok, what it must be); None = resolved later
-    **{k: (lambda v: v is None or (v > 0 and v % 14 == 0), "a positive multiple of 14") for k in ("size", "train_size")},
+    **{k: POSITIVE for k in ("size", "train_size")},  # and whole patches of the backbone: fit_patch
     **{k: POSITIVE for k in ("encode_batch", "grid", "topk", "temperature", "tile", "lp_steps", "lp_lr", "epochs",
                              "batch", "repeat", "save_every", "probe_lr", "pixels", "probe_steps", "max_frames")},
     **{k: NONNEG for k in ("context", "radius", "lp_weight_decay", "val_videos", "micro_batch", "workers",
@@ -629,14 +714,24 @@ UPPER = {  # flag -> (largest value that can be right, why): beyond it a probe r
 
 
 def parse_args(argv=None):
-    """Flags, every numeric one range-checked and every default resolved before any work."""
-    p = argparse.ArgumentParser(prog="probe.py", description="LILA evaluation probes (the official protocol)")
-    p.add_argument("cmd", choices=["vos-knn", "vos-lp", "normals", "semseg", "zeroshot", "pca"])
-    groups = {}
-    for grp, flag, typ, default, help_ in FLAGS:
-        groups.setdefault(grp, p.add_argument_group(grp)).add_argument(flag, type=typ, default=default, help=help_)
-    groups["dense probes"].add_argument("--reduce-zero-label", action="store_true",
-                                        help="video layout: label 0 = ignore, k -> k-1 (ADE20K's convention)")
+    """Flags, every numeric one range-checked and every default resolved before any work. Each
+    subcommand's help shows what it does and its own options with their defaults; every subcommand
+    accepts every flag, as before (those of other subcommands are ignored)."""
+    common = " ".join(f for g, f, *_ in FLAGS if g == "features")
+    p = argparse.ArgumentParser(prog="probe.py", description="LILA evaluation probes (the official protocol)",
+                                epilog=f"`python probe.py SUBCOMMAND --help`: what it does, its options and their "
+                                       f"defaults. Every subcommand takes {common} --out.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="SUBCOMMAND", title="subcommands")
+    for cmd, (line, text) in COMMANDS.items():
+        s = sub.add_parser(cmd, help=line, description=text)
+        groups = {}
+        for grp, flag, typ, default, help_ in FLAGS + [("dense probes", "--reduce-zero-label", None, False,
+                                                        "video layout: label 0 = ignore, k -> k-1 (ADE20K's convention)")]:
+            mine = cmd in ONLY[flag] if flag in ONLY else grp in ("features", "data", GROUP.get(cmd, "dense probes"))
+            shown = SHOWN.get(flag, {}).get(cmd, default)
+            help_ = (help_ + ("" if shown is None or shown is False else f" (default: {shown})")) if mine else argparse.SUPPRESS
+            kw = dict(action="store_true") if typ is None else dict(type=typ, default=default)
+            groups.setdefault(grp, s.add_argument_group(grp)).add_argument(flag, help=help_, **kw)
     a = p.parse_args(argv)
     for name, (ok, what) in RANGES.items():
         v = getattr(a, name)
@@ -685,6 +780,7 @@ def parse_args(argv=None):
     a.progress, a.lp_optimizer = True, "adamw"     # davis_val: quiet; the official trainer's Adam
     a.ckpt_sha256 = a.weights_sha256 = None         # the checkpoint's content: main() reads it
     size_given = a.size is not None
+    a.sides_given = {k for k in ("size", "train_size") if getattr(a, k) is not None}
     a.size = a.size or DEFAULT_SIZE[a.cmd]
     if a.cmd in HEADS:
         a.train_size = a.train_size or (a.size if size_given else TRAIN_SIZE[a.cmd])
@@ -698,7 +794,23 @@ def parse_args(argv=None):
             a.probe_weight_decay = 1e-4 if a.protocol == "fast" else WEIGHT_DECAY[a.cmd]
         if a.workers is None:
             a.workers = 4 if a.device.startswith("cuda") else 0
+    if a.ckpt == "none" and a.backbone in model.BACKBONES:  # a checkpoint's backbone: run_probe
+        fit_patch(a, p.error)
     return a
+
+
+def fit_patch(a, error):
+    """--size and --train-size in whole patches of a.backbone (14 px DINOv2, 16 DINOv3): a value
+    given that is not is an error; a default (the official sizes are for patch 14) is rounded
+    to the nearest multiple."""
+    patch = model.BACKBONES[a.backbone].patch
+    for name in ("size", "train_size"):
+        v = getattr(a, name, None)
+        if v is None or v % patch == 0:
+            continue
+        if name in a.sides_given:
+            error(f"--{name.replace('_', '-')} {v}: must be a positive multiple of {patch} (the patch of {a.backbone})")
+        setattr(a, name, max(patch, round(v / patch) * patch))
 
 
 def summary(metrics):
@@ -741,15 +853,28 @@ def unlock_out(f):
     f.close()
 
 
-def keep_previous(path):
-    """An existing results.json is never overwritten: it is renamed results.N.json (N the first
-    free number) and the rename is said."""
-    if os.path.exists(path):
-        stem, n = path[:-len(".json")], 1
-        while os.path.exists(f"{stem}.{n}.json"):
-            n += 1
-        os.replace(path, f"{stem}.{n}.json")
-        print(f"note: {path} existed (an earlier probe in this folder): kept as {stem}.{n}.json")
+def keep_previous(out):
+    """What an earlier probe wrote in OUT (results.json, pictures, predicted masks) is never
+    replaced by this one's: it moves, all together, to OUT/earlier.N/ (N the first free number),
+    and the move is said. probe_state.pt stays: a dense probe resumes from it (with the same
+    settings only)."""
+    names = sorted(n for n in os.listdir(out) if n not in (".lock", "probe_state.pt")
+                   and not re.fullmatch(r"earlier\.\d+", n))
+    if not names:
+        return
+    n = 1
+    while os.path.exists(os.path.join(out, f"earlier.{n}")):
+        n += 1
+    dest = os.path.join(out, f"earlier.{n}")
+    try:
+        os.makedirs(dest)
+        for name in names:
+            os.replace(os.path.join(out, name), os.path.join(dest, name))
+    except OSError as e:
+        fail(f"--out {out}: cannot keep the earlier probe's files in {dest} ({e.strerror or e}); "
+             "pass another --out")
+    print(f"note: {out} held an earlier probe's files ({', '.join(names[:4])}"
+          f"{' ...' if len(names) > 4 else ''}): kept together in {dest}")
 
 
 def main(argv=None):
@@ -763,50 +888,46 @@ def main(argv=None):
 
 def run_probe(args):
     kw, ck_cfg, state = read_checkpoint(args)
-    # the probe state (dense_probes' resume) is keyed by the checkpoint's content, not its path
-    args.ckpt_sha256 = model.file_sha256(args.ckpt) if os.path.isfile(args.ckpt) else None
-    args.weights_sha256 = model.file_sha256(args.weights) if args.weights and os.path.isfile(args.weights) else None
+    # The probe state (dense_probes' resume) is keyed by the content of every input file (a
+    # checkpoint given as a URL: its downloaded copy), not by its name
+    args.backbone, args.preset, args.weights = kw["backbone"], kw["preset"], kw["weights"]  # --ckpt decides
+    if args.backbone in model.BACKBONES:
+        fit_patch(args, fail)
+        args.patch = model.BACKBONES[args.backbone].patch  # dense_probes: inputs of whole patches
+    files = {"ckpt": state["path"] if state else None, "weights": args.weights, "train_list": args.train_list,
+             "val_list": args.val_list, "text_embeddings": args.text_embeddings}
+    args.ckpt_sha256 = model.file_sha256(files["ckpt"]) if files["ckpt"] else None
+    args.weights_sha256 = model.file_sha256(args.weights) if os.path.isfile(args.weights) else None
+    args.inputs_sha256 = {k: model.file_sha256(p) for k, p in files.items()
+                          if k not in ("ckpt", "weights") and p and os.path.isfile(p)}
     prepare = {"vos-knn": prepare_vos, "vos-lp": prepare_vos, "pca": prepare_pca}.get(args.cmd, dense_probes.prepare)
     plan = prepare(args)                                # dataset checks before the model is built
     groups = {"features", "data", {"vos-knn": "vos", "vos-lp": "vos", "pca": "pca"}.get(args.cmd, "dense probes")}
     keep = {f[1][2:].replace("-", "_") for f in FLAGS if f[0] in groups} | {"cmd", "reduce_zero_label", "ckpt_sha256"}
-    args.backbone, args.preset, args.weights = kw["backbone"], kw["preset"], kw["weights"]  # --ckpt decides
     config = {**{k: v for k, v in vars(args).items() if k in keep}, "model_seed": kw["seed"]}
     print("config:", json.dumps(config))                # the configuration actually used, once
     torch.manual_seed(args.seed)
     lila = build_model(kw, state, args.device)
+    keep_previous(args.out)             # every input is checked: now this probe may write
     if args.cmd in ("normals", "semseg", "zeroshot"):
         metrics = dense_probes.run(args, lambda img: encode(lila, img, args.features), plan)
     else:
         metrics = {"vos-knn": run_vos, "vos-lp": run_vos, "pca": run_pca}[args.cmd](args, lila, plan)
     print(f"{args.cmd}: {summary(metrics)}")
     path = os.path.join(args.out, "results.json")
-    keep_previous(path)
-    try:
-        with open(path + ".tmp", "w") as fh:
-            json.dump({"metrics": metrics, "config": config, "ckpt_config": ck_cfg}, fh, indent=1)
-        os.replace(path + ".tmp", path)
-    except OSError as e:                     # a full disk: the metrics above are the result
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        fail(f"cannot write {path} ({e.strerror or e}); the metrics printed above are this run's; "
-             "free space and rerun to keep them")
+    result = {"metrics": metrics, "config": config, "ckpt_config": ck_cfg}
+    runs.save_file(path, lambda f: f.write(json.dumps(result, indent=1).encode()), "results",
+                   "the metrics printed above are this run's", "rerun to keep them")
     return metrics
 
 
 def cli(argv=None):
-    """main() with bad input as one message (the whole of it, every line), no traceback, exit 2."""
-    try:
-        main(argv)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        msg = str(e)          # bad input already names what is wrong; anything else is a bug
-        if isinstance(e, FileNotFoundError) or msg.split(":")[0].endswith(".py"):
-            print(f"probe.py: error: {re.sub(r'^(probe|evaldata|dense_probes)[.]py: ', '', msg)}", file=sys.stderr)
-            sys.exit(2)
-        raise
-    except OSError as e:     # a full disk, a folder without write permission, ...: named, no traceback
-        print(f"probe.py: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
+    """main() through the repo's one error path (runs.cli): bad input as one message (the
+    whole of it, every line), no traceback, status 2; a closed stdout ends nothing."""
+    sys.exit(runs.cli("probe.py", lambda: main(argv), code=2, strip=("evaldata.py", "dense_probes.py"),
+             oom="--encode-batch, --size, --grid or --batch",
+             interrupted=lambda: "what it wrote so far is in --out (a dense probe resumes from "
+                                 "probe_state.pt: run it again with the same settings)"))
 
 
 if __name__ == "__main__":

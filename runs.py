@@ -8,20 +8,23 @@ Nothing here is LILA; it is what makes a long training run safe to start, stop a
 - `atomic_save`: a checkpoint is written to a temporary file, synced, then renamed, so a kill
   at any moment leaves the old or the new file, never a half-written one; a full disk leaves
   the old one and says so.
-- `StopOnSignal`: Ctrl-C (SIGINT), SIGTERM or SIGHUP, also sent to the whole process group as
-  schedulers do, lets the current step finish, then train.py saves a checkpoint and prints how
-  to resume.
+- `StopOnSignal`: Ctrl-C (SIGINT), SIGTERM, SIGHUP or SIGUSR1 (SLURM's --signal warning before
+  a pre-emption), also sent to the whole process group as schedulers do, lets the current
+  step finish, then train.py saves a checkpoint and prints how to resume.
 - `set_threads`: torch threads of the main process and of the DataLoader workers that do not
   oversubscribe the cores.
 - `FeaturePicture`: the picture of a fixed pair's features written at every checkpoint, with
   one PCA basis fitted at the first picture, so colours are comparable over training.
-- `UserError`, `user_message`: the errors a user can fix end as their whole message, never a
-  traceback.
-- `step_picture` (a lecture's slide of one step, from a checkpoint or a random decoder):
-  python runs.py step-picture --ckpt runs/lila/ckpt.pt --out step.png
+- `UserError`, `user_message`, `cli`: every command-line tool's one error path: what a user
+  can fix (a file, a flag, memory) ends as its whole message, never a traceback; a Ctrl-C says
+  what is kept; `guard_streams`: a closed stdout or stderr (`| head -1`) ends nothing.
+- `save_file`, `save_picture`: a file a user names, written atomically; a bad path or a full
+  disk is one line naming it, and no partial file is left.
 
-Used by train.py only; tests: tests/test_train.py (kill, resume, bad folders, signals) and
-tests/test_runs.py (process-group signals, kill -9 and an immediate resume, threads).
+The run folder is train.py's; the error path and the writers are every tool's. Tests:
+tests/test_train.py (kill, resume, bad folders, signals), tests/test_runs.py (process-group
+signals, kill -9 and an immediate resume, threads), tests/test_reliability.py (inputs before
+step 1, best.pt and ckpt.pt, output paths, torchrun settings, closed streams, memory).
 """
 import errno
 import fcntl
@@ -60,39 +63,192 @@ def user_message(e):
             return "\n".join([m.group(1)] + lines[i + 1:])
     m = re.match(r"DataLoader worker \(pid.*?\) (is killed by|exited unexpectedly)", lines[0])
     if m:   # a worker killed from outside, not by a stop (those end the run cleanly)
-        return (f"{lines[0].strip()} The last checkpoint is kept. Running out of memory is the "
-                f"usual cause (dmesg names it): try fewer --workers or a smaller --batch, then --resume")
+        return (f"{lines[0].strip()} Running out of memory is the usual cause (dmesg names it): "
+                f"try fewer --workers or a smaller --batch")
+    if out_of_memory(e):
+        return f"out of memory ({lines[0][:160]})"
+    if isinstance(e, OSError) and e.filename is not None:   # the OS names the file: say it
+        also = f" -> {e.filename2}" if e.filename2 is not None else ""
+        return f"{e.filename}{also}: {e.strerror or e}"
+    if isinstance(e, OSError) and e.errno is not None:   # the system's, on a path not wrapped here
+        return f"{e.strerror or e} (the system names no file: {type(e).__name__}, errno {e.errno})"
     return None
 
 
+def out_of_memory(e):
+    """True for an allocation that failed: torch's (CPU or CUDA) or Python's own."""
+    return (isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)))
+            or (isinstance(e, RuntimeError) and re.search(r"out of memory|DefaultCPUAllocator: "
+                                                          r"can't allocate", str(e)) is not None))
+
+
+class _Stream:
+    """sys.stdout or sys.stderr that outlives its reader: when a write fails (`| head -1`, a
+    closed terminal, a log collector gone), its descriptor is pointed at /dev/null and the
+    program goes on, its files kept; no BrokenPipeError, not even at exit."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _gone(self):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self._stream.fileno())   # also what the buffer still holds goes there, at exit too
+        os.close(null)
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self._gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError:
+            self._gone()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def guard_streams():
+    """Standard streams that cannot end a run. One closed when Python started (sys.stdout or
+    sys.stderr is None) is opened anew: stderr on stdout when that is open, else on /dev/null;
+    its number, when still free, is taken too, so that no file opened later gets it and with it
+    the messages of C code. Then writes that fail are dropped (_Stream)."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        if stream is None:
+            to = sys.stdout.fileno() if name == "stderr" and sys.stdout is not None else None
+            new = os.dup(to) if to is not None else os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.fstat(fd)            # taken by a file opened since the start: leave it
+            except OSError:
+                os.dup2(new, fd)
+            stream = open(new, "w", buffering=1, errors="backslashreplace")
+        if not isinstance(stream, _Stream):
+            setattr(sys, name, _Stream(stream))
+
+
+def cli(prog, main, code=1, strip=(), oom="", interrupted=None, explain=None, status=False):
+    """Every command-line tool's entry point, `sys.exit(runs.cli("x.py", main))`: main() with the
+    streams guarded (guard_streams); what the user can fix printed as "PROG: error: <the whole
+    message>", never a traceback; a real bug keeps its traceback. -> the exit status: main()'s
+    return value with status=True, else 0; `code` after an error, 130 after a Ctrl-C. strip:
+    library prefixes not repeated after PROG (PROG's own never is); oom: the settings to lower
+    when memory runs out; interrupted(): what a Ctrl-C leaves (what is kept); explain(msg):
+    more about an error."""
+    guard_streams()
+    try:
+        result = main()
+        return result if status else 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted{'; ' + interrupted() if interrupted else ''}", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as e:      # noqa: BLE001 - the user's errors in full, bugs with a traceback
+        msg = user_message(e)
+        if msg is None:
+            raise
+        if out_of_memory(e) and oom:
+            msg += f": lower {oom}"
+        msg = explain(msg) if explain else msg
+        for name in (prog,) + tuple(strip):
+            msg = msg[len(name) + 2:] if msg.startswith(name + ": ") else msg
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return code
+
+
 def write_error(path, e, kept="the previous checkpoint, if any, is intact", then="resume with --resume"):
-    """The one-line UserError for a file that could not be written (a full disk, most often)."""
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
-    why = e.strerror if isinstance(e, OSError) and e.strerror else "a short write: is the disk full?"
-    return UserError(f"cannot write {path} ({why}; {free / 2**20:.1f} MiB free there); {kept}. "
-                     f"Free some space and {then}")
+    """The one-line UserError for a file that could not be written: its path, why, and the free
+    space there when the disk is full (most often)."""
+    full = not isinstance(e, OSError) or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    why = ((e.strerror or str(e)) if isinstance(e, OSError) and (e.strerror or str(e))
+           else "a short write: is the disk full?")
+    try:
+        free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = ""
+    return UserError(f"cannot write {path} ({why}{free if full else ''}); {kept}. "
+                     f"{'Free some space' if full else 'Fix that'} and {then}")
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a kill at any moment leaves either
-    the old or the new file, never a half-written one. A full disk leaves the old file and no
-    temporary one, and is reported as such (torch's zip writer reports a short write as a
-    RuntimeError, the OS as an OSError). What interrupts the writer (a second Ctrl-C, a
-    DataLoader worker's death) is raised as itself, not as the writer's RuntimeError."""
+def save_file(path, write, flag="--out", kept="nothing else was changed", then="run again"):
+    """A file the user named, written atomically: write(f) fills a temporary file, which is
+    synced and renamed to `path`. A missing folder, a folder given as the file, a full disk:
+    one UserError naming the path, and no partial file left behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: there is no folder {folder}")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        sync_folder(path)
+    except BaseException as e:      # also a Ctrl-C: no partial file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise write_error(path, e, kept, then) from None
+        raise
+    return path
+
+
+def save_picture(image, path, flag="--out"):
+    """A PIL image to a file the user named (save_file); its format from the name's extension,
+    which must be one PIL writes (.png, .jpg, ...)."""
+    def write(f):
+        fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+        if fmt is None or fmt not in Image.SAVE:
+            raise UserError(f"{flag} {path}: name a picture file (.png, .jpg, ...); "
+                            f"'{os.path.splitext(path)[1] or 'no extension'}' is no format to write")
+        image.save(f, format=fmt)
+    return save_file(path, write, flag)
+
+
+def sync_folder(path):
+    """fsync the folder holding `path`, so that a rename into it survives a power cut too (the
+    new name is an entry of the folder, written back with the folder). Best effort: a file
+    system that cannot sync a folder leaves the rename as durable as it makes it."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path, kept="the previous checkpoint, if any, is intact", then="resume with --resume"):
+    """torch.save to a temporary file, fsync, rename, fsync the folder: a kill (or a power cut)
+    at any moment leaves either the old or the new file, never a half-written one. A full disk
+    leaves the old file and no temporary one, and is reported as such (torch's zip writer
+    reports a short write as a RuntimeError, the OS as an OSError). What interrupts the writer
+    (a second Ctrl-C, a DataLoader worker's death) is raised as itself, not as the writer's
+    RuntimeError."""
     tmp, outer = path + ".tmp", sys.exc_info()[1]   # outer: our caller's, not our cause
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())    # the bytes on disk before the name points at them
         os.replace(tmp, path)
+        sync_folder(path)
     except BaseException as e:      # also a Ctrl-C: no .tmp is left behind
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, RuntimeError) and e.__context__ not in (None, outer):
             e = e.__context__       # torch's writer wraps what its file write raised
         if isinstance(e, OSError) or re.search("inline_container|PytorchStreamWriter", str(e)):
-            raise write_error(path, e) from None
+            raise write_error(path, e, kept, then) from None
         raise e
 
 
@@ -123,10 +279,10 @@ class RunFolder:
     is dropped, and temporary files a kill left are removed."""
 
     FILES = ("ckpt.pt", "config.json", "log.jsonl")
-    TEMPORARY = ("ckpt.pt.tmp", "config.json.tmp", "log.jsonl.tmp")   # a kill mid-write leaves them
+    TEMPORARY = ("ckpt.pt.tmp", "best.pt.tmp", "config.json.tmp", "log.jsonl.tmp")   # a kill mid-write leaves them
 
-    def __init__(self, path):
-        self.path, self.lock, self.pid = path, None, None
+    def __init__(self, path, tool="train.py"):
+        self.path, self.tool, self.lock, self.pid = path, tool, None, None
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -163,7 +319,7 @@ class RunFolder:
         except OSError as e:
             lock.close()
             if isinstance(e, BlockingIOError) or e.errno in (errno.EACCES, errno.EAGAIN):
-                raise UserError(f"{self.path} is in use by another train.py run ({self.owner()} "
+                raise UserError(f"{self.path} is in use by another {self.tool} run ({self.owner()} "
                                 f"holds {self.file('.lock')}); wait for it to end, or pass "
                                 f"another --out") from None
             raise UserError(f"--out {self.path}: cannot lock {self.file('.lock')} ({e.strerror}): "
@@ -193,8 +349,10 @@ class RunFolder:
 
     def check(self, args, config, resumable):
         """-> the checkpoint dict to resume from, or None to start at step 0. Flags not in
-        `resumable` must equal the saved run's."""
-        ckpt_path = self.file("ckpt.pt")
+        `resumable` must equal the saved run's (two spellings of one path are one value). Sets
+        self.best, the best val J&F so far: best.pt's, which is written before ckpt.pt, so that
+        a stop between the two never leaves a best score that no file holds."""
+        ckpt_path, self.best = self.file("ckpt.pt"), None
         if os.path.isfile(self.file("config.json")):    # a train.py run: its leftovers are ours
             for name in os.listdir(self.path):
                 if name in self.TEMPORARY or name.endswith(".tmp.png"):
@@ -234,8 +392,18 @@ class RunFolder:
             if step >= args.steps:
                 raise UserError(f"--resume: {ckpt_path} is at step {step}, the run is done "
                                 f"(--steps {args.steps}); pass a larger --steps to go on")
+        if os.path.isfile(self.file("best.pt")):
+            try:
+                self.best = torch.load(self.file("best.pt"), map_location="cpu", weights_only=True,
+                                       mmap=True)["best_val_jf"]
+            except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+                raise UserError(f"--resume: {self.file('best.pt')} is damaged ({type(e).__name__}: "
+                                f"{str(e)[:120]}); restore it, or delete it (the best score so far "
+                                f"is then forgotten)") from None
+        same = lambda a, b: a == b or (isinstance(a, str) and isinstance(b, str)  # noqa: E731
+                                       and os.path.exists(a) and os.path.realpath(a) == os.path.realpath(b))
         diff = {k: (saved.get(k), v) for k, v in config.items()
-                if k not in resumable and saved.get(k) != v}
+                if k not in resumable and not same(saved.get(k), v)}
         if diff:
             shown = dict(list(diff.items())[:5])
             more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
@@ -255,14 +423,8 @@ class RunFolder:
                     keep.append(line if line.endswith("\n") else line + "\n")
             except (ValueError, KeyError, TypeError):
                 bad += 1
-        try:
-            with open(path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(path + ".tmp", path)
-        except OSError as e:
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            raise write_error(path, e, f"{path} is unchanged") from None
+        save_file(path, lambda f: f.write("".join(keep).encode()), kept=f"{path} is unchanged",
+                  then="resume with --resume")
         return bad
 
 
@@ -280,30 +442,38 @@ def set_rng_state(s):
 
 def _say(text):
     """Print from a signal handler: os.write, since the handler may run inside another print
-    (a buffered write entered twice raises), and stderr may be gone (SIGHUP)."""
+    (a buffered write entered twice raises), and stderr may be gone (SIGHUP) or not on
+    descriptor 2 (guard_streams)."""
     try:
-        os.write(2, f"\n{text}\n".encode())
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):     # None, or a stand-in without a descriptor
+        fd = 2
+    try:
+        os.write(fd, f"\n{text}\n".encode())
     except OSError:
         pass
 
 
 class StopOnSignal:
-    """Ctrl-C (SIGINT), SIGTERM or SIGHUP asks the loop to stop after the current step and save.
+    """Ctrl-C (SIGINT), SIGTERM, SIGHUP or SIGUSR1 asks the loop to stop after the current step
+    and save. SIGUSR1 is what SLURM sends ahead of a pre-emption or the time limit when asked
+    (`sbatch --signal=USR1@120`), so the run saves before the SIGTERM and SIGKILL that follow.
 
     Schedulers (SLURM, timeout, docker stop, systemd) and a closed terminal signal the whole
     process group, so the DataLoader workers die of it too, and torch's SIGCHLD handler would
     raise "worker killed by signal" anywhere in the step: once a stop is asked, a worker's end
     is no error (this step is the last; the loader shuts the workers down). A second Ctrl-C
-    quits at once (the last checkpoint stays); a second SIGTERM or SIGHUP changes nothing.
-    Workers ignore Ctrl-C and SIGHUP (`ignore_in_worker`: the terminal sends them to the group),
+    quits at once (the last checkpoint stays); a second SIGTERM, SIGHUP or SIGUSR1 changes
+    nothing. Workers ignore Ctrl-C, SIGHUP and SIGUSR1 (`ignore_in_worker`: a terminal or a
+    scheduler sends them to the group; SIGUSR1 would kill a worker by default),
     so only the main process decides when to stop; they keep SIGTERM, which is how the
     DataLoader ends them."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
     _torch_sigchld = None     # torch's SIGCHLD handler while a stop has put it aside
 
     def __init__(self):
-        self.name = None
+        self.name, self.ended = None, False
         if StopOnSignal._torch_sigchld is not None:       # an earlier run in this process stopped
             signal.signal(signal.SIGCHLD, StopOnSignal._torch_sigchld)
             StopOnSignal._torch_sigchld = None
@@ -320,14 +490,21 @@ class StopOnSignal:
                  f"quit now)")
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
-        else:
+        elif not self.ended:        # after the run's last line, a repeat says nothing (`end`)
             _say(f"{name}: already stopping after this step ({self.name})")
+
+    def end(self, line):
+        """Print a stopped run's last line (its checkpoint, how to resume). A SIGTERM or SIGHUP
+        repeated after it says nothing, so that it stays the last line whenever the repeat
+        comes (a scheduler's second SIGTERM may arrive while the process exits)."""
+        self.ended = True
+        print(line, file=sys.stderr, flush=True)
 
     @staticmethod
     def ignore_in_worker(_):
-        """The DataLoader's worker_init_fn: Ctrl-C and SIGHUP are the main process's to handle;
-        the torch threads of a worker: set_threads."""
-        for s in (signal.SIGINT, signal.SIGHUP):
+        """The DataLoader's worker_init_fn: Ctrl-C, SIGHUP and SIGUSR1 are the main process's to
+        handle; the torch threads of a worker: set_threads."""
+        for s in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(s, signal.SIG_IGN)
         torch.set_num_threads(_WORKER_THREADS)
 
@@ -376,18 +553,14 @@ class FeaturePicture:
     def save(self, lila, path, step, device):
         S = self.size
         x = F.interpolate(self.frames.to(device), size=(S, S), mode="bilinear", align_corners=False)
+        import extract                                                  # the repo's one PCA
         with torch.no_grad():
             _, feats = lila(x)                                          # (2, D, S, S)
-        f = feats.float().cpu().permute(0, 2, 3, 1).reshape(-1, feats.shape[1])  # (2 S², D)
-        if self.state is None:
-            mean = f.mean(0)
-            _, _, V = torch.pca_lowrank(f - mean, q=3, center=False)   # (D, 3)
-            y = (f - mean) @ V[:, :3]
-            self.state = dict(mean=mean, basis=V[:, :3], lo=y.quantile(0.01, 0), hi=y.quantile(0.99, 0),
-                              step=step)
-        st = self.state
-        y = (((f - st["mean"]) @ st["basis"] - st["lo"]) / (st["hi"] - st["lo"] + 1e-8)).clamp(0, 1)
-        rgb = (y.reshape(2, S, S, 3) * 255).byte().numpy()
+        feats = feats.float().cpu()
+        if self.state is None:                                          # on every pixel of both
+            f = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])   # (2 S², D)
+            self.state = dict(extract.fit_pca(f, 3, samples=len(f)), step=step)
+        rgb = extract.pca_rgb(feats, self.state).numpy()                # (2, S, S, 3)
         img = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)  # (2, S, S, 3)
         row = np.concatenate([img[0], img[1], rgb[0], rgb[1]], axis=1)       # (S, 4S, 3)
         canvas = Image.new("RGB", (4 * S, S + 14), "white")
@@ -396,109 +569,4 @@ class FeaturePicture:
         # ASCII labels: PIL's built-in font has no Greek letters
         for i, text in enumerate(["frame t", "frame t+dt", f"features t (step {step})", "features t+dt"]):
             draw.text((i * S + 2, 1), text, fill=(0, 0, 0))
-        canvas.save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
-
-
-
-
-# --- the picture of one step, for a lecture: python runs.py step-picture ---
-
-def _panel(x, lo, hi, counted=None):
-    """A (C, S, S) map -> (S, S, 3) uint8, lo..hi to black..white: 2 channels = flow (hue: the
-    direction, brightness: the speed up to hi), 1 = grey, 3 = RGB; blue where not `counted`."""
-    if x.shape[0] == 2:
-        hue = (torch.atan2(x[1], x[0]) / (2 * np.pi)) % 1                   # (S, S)
-        hsv = torch.stack([hue, torch.ones_like(hue), (x.norm(dim=0) / hi).clamp(0, 1)], -1)
-        rgb = np.asarray(Image.fromarray((hsv * 255).byte().numpy(), "HSV").convert("RGB"))
-    else:
-        y = ((x - lo) / (hi - lo + 1e-8)).clamp(0, 1).expand(3, -1, -1)     # (3, S, S)
-        rgb = (y.permute(1, 2, 0) * 255).byte().numpy()                     # (S, S, 3)
-    return rgb if counted is None else np.where(counted.numpy()[..., None], rgb, np.uint8([0, 0, 128]))
-
-
-def step_picture(argv=None):
-    """One training pair as one step sees it: the query and context views; then per cue (flow,
-    depth, SD channels 1-3 as RGB) the context's cue, which W* is fitted on, the query's cue
-    (the target), W* applied to the query's features (the prediction) and |error| where the
-    loss counts it. Built by train.py's own step_cues and features_and_sd, incontext's
-    ridge_map and apply_map. Extra flags are train.py's (the checkpoint's config otherwise)."""
-    import argparse
-    import incontext, model, train   # noqa: E401 - train.py imports this file
-    p = argparse.ArgumentParser(prog="runs.py step-picture", description=step_picture.__doc__)
-    p.add_argument("--ckpt", required=True, help="a train.py ckpt.pt, or none: a random decoder")
-    p.add_argument("--out", default="step.png", help="the PNG to write")
-    p.add_argument("--pair", type=int, default=0, help="index of the training pair")
-    a, rest = p.parse_known_args(argv)
-    try:
-        ckpt = None if a.ckpt == "none" else torch.load(a.ckpt, map_location="cpu", weights_only=True)
-        ckpt is None or (ckpt["config"], ckpt["decoder"], ckpt["step"])
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        p.error(f"--ckpt {a.ckpt} is no readable train.py checkpoint ({type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0][:160]})")
-    args = train.get_args(rest)
-    given = {x.split("=")[0] for x in rest}
-    for k, v in (ckpt["config"] if ckpt else {}).items():      # the run's, unless given here
-        if "--" + k.replace("_", "-") not in given:
-            setattr(args, k, v)
-    dataset = train.make_dataset(args)
-    if not 0 <= a.pair < len(dataset):
-        p.error(f"--pair {a.pair} must lie in 0..{len(dataset) - 1} (the pairs of an epoch)")
-    device = train.pick_device(args.device, 0)
-    lila = model.build_lila(args.backbone, args.weights, args.preset, seed=args.seed)
-    lila = lila.to(device).eval()
-    if ckpt:
-        lila.decoder.load_state_dict(ckpt["decoder"])
-    batch = torch.utils.data.default_collate([dataset[a.pair]])
-    batch = {k: x.to(device) if torch.is_tensor(x) else x for k, x in batch.items()}
-    with torch.no_grad():
-        cues = train.step_cues(batch, args, *train.make_cue_nets(args, device),
-                               torch.Generator().manual_seed(args.seed))
-        v = train.features_and_sd(cues, lila, args)
-        W = incontext.ridge_map(v["feats_c"], v["cue_c"], v["conf_c"], lam=args.lam)  # (1, P, K)
-        pred = incontext.apply_map(v["feats_q"], W)[0].float().cpu()           # (K, S, S)
-    cue_q, cue_c, conf_q = (v[k][0].float().cpu() for k in ("cue_q", "cue_c", "conf_q"))
-    S, names = cue_q.shape[-1], v["names"]
-    rows = [(n, idx) for n in ("flow", "depth", "sd")
-            if (idx := [i for i, m in enumerate(names) if m.startswith(n)][:3])]
-    img = lambda x: (x[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)  # noqa: E731
-    cells = [[(img(v["img_q"]), "query view (frame t)"), (img(v["img_c"]), "context view (t+dt)"),
-              (None, "W* = argmin_W 1/N sum_n c_n |x_n W - y_n|^2\n        + lam |W|^2, on the "
-                     "context:\n  x_n [features, 1], y_n cues, c_n\n  confidence, n over 32x32 "
-                     "cells\nprediction = [features_q, 1] W*"),
-              (None, f"pair {a.pair}, step {ckpt['step'] if ckpt else '0 (random decoder)'}\n"
-                     f"lam {args.lam}, {len(names)} cues")]]
-    for name, idx in rows:
-        c, q, g = cue_c[idx], cue_q[idx], pred[idx]                            # (C, S, S)
-        if name == "flow":      # one speed scale for the three; the error: the vector's length
-            lo, hi, err = 0.0, float(torch.stack([c, q, g]).norm(dim=1).max()), (g - q).norm(dim=0)
-        else:                   # the target's range; the error: the mean over the channels
-            lo, hi, err = float(q.min()), float(q.max()), (g - q).abs().mean(0)  # (S, S)
-        counted = (conf_q[idx[0]] > 0 if idx[0] < len(conf_q)                  # SD: everywhere
-                   else torch.ones_like(err, dtype=torch.bool))
-        cells.append([(_panel(c, lo, hi), f"{name}: context (fit W*)"),
-                      (_panel(q, lo, hi), f"{name}: query (target)"),
-                      (_panel(g, lo, hi), f"{name}: W* on query"),
-                      (_panel(err[None], 0.0, hi - lo, counted),
-                       f"|error| {float(err[counted].mean()):.3f} (blue: not counted)")])
-    zoom = max(1, 224 // S)                                   # readable labels at any view size
-    P = S * zoom
-    canvas = Image.new("RGB", (4 * P, len(cells) * (P + 14)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, row in enumerate(cells):                           # ASCII labels: PIL's built-in font
-        for col, (pixels, label) in enumerate(row):
-            if pixels is not None:
-                cell = Image.fromarray(pixels).resize((P, P), Image.NEAREST)
-                canvas.paste(cell, (col * P, r * (P + 14) + 14))
-            draw.text((col * P + 2, r * (P + 14) + 1), label, fill=(0, 0, 0))
-    canvas.save(a.out)
-    print(f"runs.py: wrote {a.out} ({canvas.width} x {canvas.height} px): pair {a.pair}, "
-          f"cues {', '.join(n for n, _ in rows)}")
-    return canvas
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["step-picture"]:
-        sys.exit("usage: python runs.py step-picture --ckpt CKPT|none [--out step.png] "
-                 "[--pair I] [train.py flags]")
-    step_picture(sys.argv[2:])
+        save_picture(canvas, path)

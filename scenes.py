@@ -346,11 +346,14 @@ def _palette():
 
 
 def _atomic(path, write):
-    """write(tmp_path) then os.replace: readers never see a half-written file."""
+    """write(tmp_path), fsync, then os.replace: readers (and a power cut) never see a
+    half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())         # on disk before the name points at it
     os.replace(tmp, path)
 
 

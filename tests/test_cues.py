@@ -3,6 +3,7 @@ depth conversion, flow confidence on exact synthetic flows, the SD cue, the cue 
 Run: python -m pytest -q tests/test_cues.py
 """
 import errno
+import importlib
 import os
 import shutil
 import subprocess
@@ -478,7 +479,7 @@ def stand_in_hub(monkeypatch):
 
 
 def _run_cli(capsys, *argv):
-    status = cues.cli(["--device", "cpu", "--size", "64", "--batch", "2", *argv])
+    status = cues.cli(["--device", "cpu", "--size", "128", "--batch", "2", *argv])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return status, err
@@ -695,7 +696,7 @@ def test_torchrun_ranks_pick_their_shard_and_the_done_line_gives_frames_per_seco
     root = _synthetic_root(tmp_path, "ranks")                           # 2 videos, 5 frames each
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    status = cues.cli(["--device", "cpu", "--size", "64", "--batch", "2", "--data", root])
+    status = cues.cli(["--device", "cpu", "--size", "128", "--batch", "2", "--data", root])
     out = capsys.readouterr().out
     videos = sorted(os.listdir(os.path.join(root, "JPEGImages", "480p")))
     assert status == 0 and sorted(os.listdir(os.path.join(root, "Cues"))) == [videos[1]]
@@ -721,7 +722,7 @@ def _hub_raising(err):
 ])
 def test_every_error_path_prints_its_whole_message(tmp_path, capsys, monkeypatch, case, expect):
     root = _synthetic_root(tmp_path, "err")
-    argv = ["--device", "cpu", "--size", "64", "--data", root]
+    argv = ["--device", "cpu", "--size", "128", "--data", root]
     monkeypatch.setattr(cues, "_import_problem", lambda name: None)
     if case == "offline":
         monkeypatch.setattr(torch.hub, "load", _hub_raising(URLError("[Errno -3] Temporary failure in name resolution")))
@@ -748,3 +749,79 @@ def test_every_error_path_prints_its_whole_message(tmp_path, capsys, monkeypatch
     assert capsys.readouterr().err == "cues.py: error: " + msg[len("cues.py: "):] + "\n"
     if case in ("offline", "corrupt weights", "hub code broken", "local clone missing"):
         assert msg.count("\n") >= 3                                    # the how-to lines too
+
+
+# --- the real torchvision RAFT, loaded offline from a torch.hub cache laid out as a user's -----
+
+def _optional(name):
+    """An optional package's module: where CI is set (.ci/run installs torchvision, timm and av)
+    a missing one fails the test; elsewhere it skips it."""
+    return importlib.import_module(name) if os.environ.get("CI") else pytest.importorskip(name)
+
+
+def slow_raft_reference(net, img1, img2, weights, multiple=8):
+    """torchvision's RAFT called by hand, one pair at a time: its own preset (weights.transforms(),
+    [0, 1] -> [-1, 1]); replicate padding split as RAFT's InputPadder (the odd row / column at the
+    bottom / right), done by clamped indices; the last iterate cropped back; u * 2 / W, v * 2 / H.
+    img1, img2 (B, 3, H, W) in [0, 1] -> (B, 2, H, W) flow 1 -> 2 in normalised units."""
+    H, W = img1.shape[-2:]
+    ph, pw = -H % multiple, -W % multiple
+    rows = (torch.arange(H + ph) - ph // 2).clamp(0, H - 1)            # (H8,) source row per row
+    cols = (torch.arange(W + pw) - pw // 2).clamp(0, W - 1)            # (W8,)
+    out = []
+    for a, b in zip(img1, img2):
+        a, b = weights.transforms()(a[None], b[None])                  # (1, 3, H, W) in [-1, 1]
+        flow = net(a[:, :, rows][..., cols], b[:, :, rows][..., cols])[-1][0]  # (2, H8, W8) pixels
+        flow = flow[:, ph // 2:ph // 2 + H, pw // 2:pw // 2 + W]       # (2, H, W)
+        out.append(torch.stack([flow[0] * 2 / W, flow[1] * 2 / H]))
+    return torch.stack(out)                                             # (B, 2, H, W)
+
+
+def test_flow_cue_runs_torchvision_raft_from_a_local_hub_offline_as_the_network_by_hand(
+        tmp_path, monkeypatch):
+    tv_flow = _optional("torchvision.models.optical_flow")
+    # pytorch/vision's repo root as torch.hub sees it: a hubconf.py exposing torchvision's RAFTs.
+    hub_dir = tmp_path / "vision"
+    hub_dir.mkdir()
+    (hub_dir / "hubconf.py").write_text(
+        "from torchvision.models.optical_flow import raft_large, raft_small  # noqa: F401\n")
+    # weights="DEFAULT" (Raft_Small_Weights.C_T_V2) is read from $TORCH_HOME/hub/checkpoints/<the
+    # URL's file name>. torch.hub.load_state_dict_from_url checks the hash in that name only when
+    # it downloads (torch/hub.py: check_hash is used inside `if not os.path.exists(cached_file)`),
+    # so a random-init state dict under the name loads as the released file would.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, *a, **k: pytest.fail(f"downloaded {url}"))
+    weights = tv_flow.Raft_Small_Weights.DEFAULT
+    assert weights == tv_flow.Raft_Small_Weights.C_T_V2
+    ckpt = tmp_path / "th" / "hub" / "checkpoints" / os.path.basename(weights.url)
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(tv_flow.raft_small().state_dict(), ckpt)
+
+    cue = FlowCue("raft_small", source="local", hub_dir=str(hub_dir))
+    saved = torch.load(ckpt)
+    assert all(torch.equal(v, saved[k]) for k, v in cue.net.state_dict().items())
+
+    # 123 x 133 pads to 128 x 136 (2 + 3 rows, 1 + 2 columns); 128 is the smallest side
+    # torchvision's RAFT takes (its correlation pyramid needs 16 cells at 1/8 resolution).
+    torch.manual_seed(1)
+    img1, img2 = torch.rand(2, 3, 123, 133), torch.rand(2, 3, 123, 133)
+    fwd, bwd = cue(img1, img2)
+    assert fwd.shape == bwd.shape == (2, 2, 123, 133) and fwd.dtype == torch.float32
+    net = tv_flow.raft_small().eval()
+    net.load_state_dict(saved)
+    with torch.no_grad():
+        ref_fwd = slow_raft_reference(net, img1, img2, weights)
+        ref_bwd = slow_raft_reference(net, img2, img1, weights)
+    assert ref_fwd.std() > 1e-2                      # a flow that varies: a shift or scale shows
+    torch.testing.assert_close(fwd, ref_fwd, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bwd, ref_bwd, atol=1e-5, rtol=1e-4)
+
+
+def test_a_base_side_torchvisions_raft_cannot_take_is_refused_up_front(tmp_path, capsys):
+    # RAFT needs 16 cells at 1/8 resolution: 127 px would fail inside the network.
+    with pytest.raises(SystemExit) as stop:
+        cues.cli(["--device", "cpu", "--size", "127", "--data", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith("cues.py: error: --size must be at least 128")

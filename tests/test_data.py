@@ -564,10 +564,11 @@ def test_cli_bad_arguments_are_one_error_and_touch_nothing(tmp_path, capsys, arg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_metadata_files_the_root_one_level_down_and_cue_maps_of_another_aspect(tmp_path, caplog):
+def test_metadata_files_frame_named_folders_the_root_one_level_down_and_cue_maps_of_another_aspect(tmp_path, caplog):
     root = tmp_path / "yt"
     _video(root / "JPEGImages/v", ["00000", "00001"], size=(40, 30))
     (root / "JPEGImages/v/._00000.jpg").write_bytes(b"\x00\x05\x16\x07 macOS metadata")   # AppleDouble file
+    (root / "JPEGImages/v/00002.jpg").mkdir()           # a folder named like a frame: not a frame
     assert [p.name for p in data.VideoFolder(root).frames("v")] == ["00000.jpg", "00001.jpg"]
     with pytest.raises(FileNotFoundError, match="holds the video folders themselves: give the dataset root"):
         data.VideoFolder(root / "JPEGImages")

@@ -18,7 +18,7 @@ from PIL import Image
 import hubconf
 import model
 import train
-from test_model import official_head_shapes  # the official SmallDPTHead's names and shapes
+from test_model import OFFICIAL_CONFIG, official_head_shapes  # the official SmallDPTHead's layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--weights", "none", "--batch", "2", "--workers", "0",
@@ -191,19 +191,20 @@ def test_an_empty_image_to_features_is_one_line(ckpt):
 # `pretrained` DINOv2, `latent_head` SmallDPTHead(use_bn=False, use_clstoken=False), `fnorm`
 # nn.LayerNorm(features // 2); TrainLILA adds depth_net, flow and the torch.compile'd PAMRs),
 # key names and shapes written out from the official modules, values random.
-OFFICIAL_S = (384, 256, (48, 96, 192, 384))  # lila_config['vits']: E, features, out_channels
 NOT_MODEL = {"depth_net.depth_head.scratch.output_conv1.weight": (64, 128, 3, 3),
              "depth_net.pretrained.cls_token": (1, 1, 1024), "flow.model.cnet.conv1.weight": (64, 3, 7, 7),
              "pamr.0._orig_mod.aff_x.kernel": (8, 1, 3, 3)}
 
 
-def official_state(seed=0, encoder=None, E=OFFICIAL_S[0]):
+def official_state(seed=0, encoder=None, backbone="dinov2_vits14", cues=True):
+    """A TrainLILA.state_dict() of `backbone` (lila_config: features, out_channels); cues: with
+    the cue networks' keys (as a trainer's file), encoder: the pretrained.* tensors."""
     g = torch.Generator().manual_seed(seed)
-    F_ = OFFICIAL_S[1]
+    F_, widths = OFFICIAL_CONFIG[backbone]
     sd = {f"latent_head.{k}": torch.randn(s, generator=g) / math.sqrt(math.prod(s[1:]) or 1)
-          for k, s in official_head_shapes(E, F_, OFFICIAL_S[2]).items()}
+          for k, s in official_head_shapes(model.BACKBONES[backbone].embed_dim, F_, widths).items()}
     sd["fnorm.weight"], sd["fnorm.bias"] = torch.ones(F_ // 2), torch.zeros(F_ // 2)
-    sd.update({k: torch.randn(s, generator=g) for k, s in NOT_MODEL.items()})
+    sd.update({k: torch.randn(s, generator=g) for k, s in NOT_MODEL.items() if cues})
     for k, v in (encoder or {}).items():
         sd[f"pretrained.{k}"] = v.clone()
     return sd
@@ -260,7 +261,8 @@ def assert_official_numbers(lila, sd, atol=1e-4):
     with torch.no_grad():
         enc, feats = lila(img)
         ref = slow_official_features(sd, lila.encode(img), (28, 42))
-    assert feats.shape == (2, 128, 28, 42) and enc.shape == (2, 384, 2, 3)
+    D, E = sd["fnorm.weight"].shape[0], sd["latent_head.projects.0.weight"].shape[1]
+    assert feats.shape == (2, D, 28, 42) and enc.shape == (2, E, 2, 3)
     torch.testing.assert_close(feats.double(), ref, atol=atol, rtol=0)
 
 
@@ -352,7 +354,7 @@ def test_official_trained_fnorm_is_refused_naming_fnorm(tmp_path):
 def test_official_encoder_tensors_must_be_the_encoder_used(tmp_path):
     """The file's frozen DINOv2 (pretrained.*) is checked against weights= (here the seeded
     random encoder): equal loads (half precision too), different is refused naming the tensor."""
-    enc = model.load_dinov2("dinov2_vits14", "none", seed=0).state_dict()
+    enc = model.load_encoder("dinov2_vits14", "none", seed=0).state_dict()
     sd = official_state(encoder=enc)
     torch.save({k: v.half() for k, v in sd.items()}, tmp_path / "with_encoder.pt")
     lila = load_official(str(tmp_path / "with_encoder.pt"))
@@ -361,11 +363,7 @@ def test_official_encoder_tensors_must_be_the_encoder_used(tmp_path):
     assert torch.equal(lila.encoder.blocks[0].attn.qkv.weight, enc["blocks.0.attn.qkv.weight"])
     sd["pretrained.blocks.3.attn.qkv.weight"] = sd["pretrained.blocks.3.attn.qkv.weight"] + 0.01
     official_error(tmp_path, sd, "pretrained.blocks.3.attn.qkv.weight", "other encoder weights",
-                   "DINOv2 weights 'none'", "weights=")
-    torch.save(official_state(encoder={**enc, "register_tokens": torch.zeros(1, 4, 384)}), tmp_path / "reg.pt")
-    with pytest.raises(ValueError, match=r"pretrained.register_tokens .*\(register tokens: not supported\)"):
-        hubconf._check_encoder(lila, hubconf.read_lila_checkpoint(str(tmp_path / "reg.pt"))["encoder"],
-                               str(tmp_path / "reg.pt"), "none")
+                   "dinov2_vits14 weights 'none'", "weights=")
 
 
 def test_non_finite_weights_are_refused_naming_file_and_tensor(ckpt, tmp_path):
@@ -384,10 +382,10 @@ def test_official_arguments_and_their_misuse(tmp_path, monkeypatch):
     assert lila.decoder.out_dim == 128  # pretrained=False: the untrained paper decoder
     with pytest.raises(ValueError, match="pretrained=False"):
         hubconf.lila_dinov2_vits14(checkpoint_path="x.pt", weights="none")
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not checkpoint_path and checkpoint_url"):
         hubconf.lila(pretrained=True, checkpoint_path="a.pt", checkpoint_url="http://b/c.pt")
-    with pytest.raises(ValueError, match="dinov2reg_vitb14"):
-        hubconf.lila(encoder="dinov2reg_vitb14")
+    with pytest.raises(ValueError, match="'dinov2_vith14' is not supported.*dinov2reg_vitb14"):
+        hubconf.lila(encoder="dinov2_vith14")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     def offline(*args, **kwargs):
@@ -419,3 +417,127 @@ def test_probe_reads_and_builds_an_official_file(official):
     assert cfg["source"] == "official"
     lila = probe.build_model(kw, state, "cpu")
     assert_official_numbers(lila, official_state())
+
+
+# ------------------------------------------------------------------ the official API in full
+def no_network(monkeypatch, torch_home):
+    """TORCH_HOME = torch_home, and any download fails the test."""
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+
+    def download(url, *args, **kwargs):
+        raise AssertionError(f"downloaded {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+
+
+def test_a_released_file_the_official_loader_fetched_is_used_without_a_download(tmp_path, monkeypatch):
+    """The official loader keeps a released file as $TORCH_HOME/hub/checkpoints/<its name>."""
+    no_network(monkeypatch, tmp_path)
+    sd = official_state(backbone="dinov2_vitb14")
+    os.makedirs(tmp_path / "hub" / "checkpoints")
+    torch.save(sd, tmp_path / "hub" / "checkpoints" / "lila_dino2_b14_ytvos.pt")
+    assert hubconf.RELEASED["dinov2_vitb14"].endswith("/lila_dino2_b14_ytvos.pt")
+    assert_official_numbers(hubconf.lila_dinov2_vitb14(pretrained=True, weights="none"), sd)
+    assert_official_numbers(hubconf.lila(pretrained=True, weights="none"), sd)  # encoder default: B/14
+    # release_key picks another released file: not there, so it would be downloaded.
+    with pytest.raises(RuntimeError, match=r"AssertionError: downloaded .* put it at .*/hub/checkpoints/lila_dino2_l14_kts\.pt "):
+        hubconf.lila(encoder="dinov2_vitl14", pretrained=True, release_key="dinov2_vitl14_kts", weights="none")
+    with pytest.raises(ValueError, match="no released LILA checkpoint for 'dinov2_vits14_kts'"):
+        hubconf.lila(encoder="dinov2_vits14", pretrained=True, release_key="dinov2_vits14_kts")
+    with pytest.raises(ValueError, match="no released LILA checkpoint for 'dinov2reg_vits14'.*model_name="):
+        hubconf.lila_dinov2reg_vits14(pretrained=True)
+
+
+def test_checkpoint_url_is_cached_under_checkpoint_name_else_under_the_whole_url(tmp_path, monkeypatch):
+    no_network(monkeypatch, tmp_path)
+    cache = tmp_path / "hub" / "checkpoints"
+    os.makedirs(cache)
+    torch.save(official_state(seed=1), cache / "mine.pt")
+    torch.save(official_state(seed=2), cache / "best_checkpoint.pt")   # another run's, official name
+    url = "http://127.0.0.1:9/run/best_checkpoint.pt"
+    lila = hubconf.lila_dinov2_vits14(pretrained=True, checkpoint_url=url, checkpoint_name="mine.pt", weights="none")
+    assert_official_numbers(lila, official_state(seed=1))
+    # Without checkpoint_name: not the official best_checkpoint.pt (another run's) but the URL's key.
+    with pytest.raises(RuntimeError, match=r"downloaded .*/hub/checkpoints/url[0-9a-f]{12}-best_checkpoint\.pt "):
+        hubconf.lila_dinov2_vits14(pretrained=True, checkpoint_url=url, weights="none")
+
+
+def test_model_name_checkpoints_dir_and_the_environment_variable(tmp_path, monkeypatch):
+    """DIR/model_name/checkpoint_name as the official trainer writes them; DIR = checkpoints_dir,
+    else $LILA_CHECKPOINTS_DIR; DIR also holds the DINOv2 weights under their official name."""
+    no_network(monkeypatch, tmp_path / "th")
+    root, other = tmp_path / "ckpts", tmp_path / "elsewhere"
+    os.makedirs(root / "run1")
+    os.makedirs(other)
+    torch.save(official_state(seed=1), root / "run1" / "best_checkpoint.pt")
+    torch.save(official_state(seed=2), root / "run1" / "last.pt")
+    kw = dict(pretrained=True, model_name="run1", weights="none")
+    assert_official_numbers(hubconf.lila_dinov2_vits14(checkpoints_dir=str(root), **kw), official_state(seed=1))
+    monkeypatch.setenv("LILA_CHECKPOINTS_DIR", str(root))
+    assert_official_numbers(hubconf.lila_dinov2_vits14(checkpoint_name="last.pt", **kw), official_state(seed=2))
+    with pytest.raises(FileNotFoundError, match=f"'{other}/run1/best_checkpoint.pt' not found"):
+        hubconf.lila_dinov2_vits14(checkpoints_dir=str(other), **kw)   # the argument beats the variable
+    with pytest.raises(ValueError, match="not checkpoint_path and model_name"):
+        hubconf.lila_dinov2_vits14(checkpoint_path="x.pt", **kw)
+    enc = model.load_encoder("dinov2_vits14", "none", seed=5).state_dict()
+    torch.save(enc, root / "dinov2_vits14_pretrain.pth")   # official model_zoo: read before the hub
+    lila = hubconf.lila_dinov2_vits14()                     # untrained decoder, no weights= given
+    assert all(torch.equal(v, enc[k]) for k, v in lila.encoder.state_dict().items())
+
+
+def test_strict_refuses_what_the_model_does_not_hold_and_requires_the_encoder(tmp_path):
+    enc = model.load_encoder("dinov2_vits14", "none", seed=0).state_dict()
+    full = official_state(encoder=enc, cues=False)
+    torch.save(full, tmp_path / "full.pt")
+    assert_official_numbers(load_official(str(tmp_path / "full.pt"), strict=True), full)
+    official_error(tmp_path, official_state(), "strict=True", "depth_net.* (2)", "flow.* (1)", strict=True)
+    official_error(tmp_path, official_state(cues=False), "no encoder tensors", strict=True)
+    del full["pretrained.blocks.0.norm1.weight"]
+    official_error(tmp_path, full, "lacks 1 encoder tensors", "pretrained.blocks.0.norm1.weight", strict=True)
+    assert_official_numbers(load_official(str(tmp_path / "bad_official.pt")), full)   # strict=False: loads
+
+
+def test_a_register_model_official_file_loads_and_its_register_tokens_are_checked(tmp_path):
+    enc = model.load_encoder("dinov2_vits14_reg", "none", seed=0).state_dict()
+    assert enc["register_tokens"].shape == (1, 4, 384)
+    sd = official_state(encoder=enc)
+    torch.save(sd, tmp_path / "reg.pt")
+    lila = load_official(str(tmp_path / "reg.pt"), entry="lila_dinov2reg_vits14")
+    assert torch.equal(lila.encoder.register_tokens, enc["register_tokens"])
+    assert_official_numbers(lila, sd)
+    assert hubconf.read_lila_checkpoint(str(tmp_path / "reg.pt"))["build"]["backbone"] == "dinov2_vits14_reg"
+    official_error(tmp_path, sd, "of dinov2_vits14_reg", "'lila_vits14_reg' or 'lila_dinov2reg_vits14'")
+    sd["pretrained.register_tokens"] = sd["pretrained.register_tokens"] + 0.01
+    official_error(tmp_path, sd, "pretrained.register_tokens differs", "other encoder weights",
+                   entry="lila_dinov2reg_vits14")
+    # A file without encoder tensors does not say: the entry's register backbone is taken.
+    torch.save(official_state(), tmp_path / "bare.pt")
+    assert hasattr(load_official(str(tmp_path / "bare.pt"), entry="lila_dinov2reg_vits14").encoder, "register_tokens")
+
+
+@pytest.mark.parametrize("entry,patch", [("lila_dinov2reg_vits14", 14), ("lila_dinov2reg_vitb14", 14),
+                                         ("lila_dinov3_vits16", 16), ("lila_dinov3_vitb16", 16)])
+def test_register_and_dinov3_entries_run_features(entry, patch):
+    lila = torch.hub.load(REPO, entry, source="local", trust_repo=True, weights="none")
+    backbone = hubconf.OFFICIAL_ENCODERS.get(entry[5:], entry[5:])
+    assert lila.patch == patch and lila.taps == model.BACKBONES[backbone].taps and not lila.training
+    f = lila.features(torch.rand(3, 30, 44))
+    assert f.shape == (model.PRESETS["paper"][backbone]["out_dim"], 30, 44) and torch.isfinite(f).all()
+
+
+@pytest.mark.parametrize("entry,like", [("lila_dinov2reg_vitl14", "dinov2_vitl14"), ("lila_dinov3_vitl16", "dinov2_vitl14"),
+                                        ("lila_vitl14_reg", "dinov2_vitl14")])
+def test_large_entries_build_the_official_decoder_widths(entry, like):
+    from test_model import assert_official_decoder_shapes
+    kw = dict(ckpt="none", preset="paper") if entry.startswith("lila_vit") else {}
+    with torch.device("meta"):  # shapes only: no ViT-L's 300 M random values
+        lila = torch.hub.load(REPO, entry, source="local", trust_repo=True, weights="none", **kw)
+    assert_official_decoder_shapes(lila.decoder, like)
+
+
+@pytest.mark.parametrize("entry", ["lila_vits14_reg", "lila_vitb14_reg"])
+def test_short_register_entries_run_at_tiny_size(entry):
+    lila = torch.hub.load(REPO, entry, source="local", trust_repo=True, ckpt="none", weights="none", preset="tiny")
+    assert hasattr(lila.encoder, "register_tokens")
+    f = lila.features(torch.rand(3, 30, 44))
+    assert f.shape == (model.PRESETS["tiny"][entry.replace("lila_", "dinov2_")]["out_dim"], 30, 44)

@@ -18,6 +18,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import extract  # noqa: E402
 import probe  # noqa: E402
 
 
@@ -340,7 +341,7 @@ def test_official_protocol_resumes_from_its_state(synth, tmp_path):
     run(*args, "--epochs", "1")
     m, _, out = run(*args, "--epochs", "2")
     assert "resuming" in out and [h["epoch"] for h in m["history"]] == [1, 2]
-    with pytest.raises(ValueError, match="another probe run"):     # other settings: refused
+    with pytest.raises(ValueError, match=r"other settings .*'probe_lr': \(0.001, 0.1\)"):   # refused, saying which
         run(*args, "--epochs", "3", "--probe-lr", "0.1")
 
 
@@ -351,8 +352,12 @@ def test_pca_orders_frames_numerically_and_shows_both_sources(ckpt, tmp_path):
         Image.fromarray(np.full((56, 56, 3), 20 * i, np.uint8)).save(d / f"{i}.jpg")
     m, _, _ = run("pca", "--frames", d, "--ckpt", ckpt, *TINY, "--size", "56", "--max-frames", "2", "--out", tmp_path / "o")
     png = np.asarray(Image.open(m["png"]))
-    assert png.shape[0] == 3 * 56 and m["rows"] == ["frames", "encoder", "decoder"]
-    assert abs(int(png[28, 84, 0]) - 220) <= 3           # the last frame is 11.jpg, not 9.jpg
+    left, gap = probe.PCA_LABEL_W, extract.GAP            # labels on the left, gaps between cells
+    assert png.shape[:2] == (3 * 56 + 2 * gap, left + 2 * 56 + gap) and m["rows"] == ["frames", "encoder", "decoder"]
+    assert abs(int(png[28, left + 56 + gap + 28, 0]) - 220) <= 3   # the last frame is 11.jpg, not 9.jpg
+    assert (png[:, left + 56:left + 56 + gap] == 255).all()        # a white gap between the frames
+    assert (png[56:56 + gap, left:] == 255).all()                  # and between the rows
+    assert png[:56, :left].min() < 128                              # the row's label is drawn
     assert all(np.isfinite(v).all() for v in m["explained_variance"].values())
 
 
@@ -423,7 +428,7 @@ def test_every_method_default_is_the_official_value():
     assert defaults(probe.frame_jf) == dict(bound_th=0.008)                  # davis2017 db_eval_boundary
     assert defaults(probe.davis_jf) == dict(bound_th=0.008, void="background", chunk=16)
     assert defaults(probe.soft_to_labels) == dict(norm_mask=False)
-    assert defaults(probe.davis_val) == dict(videos=6, kind="lp", size=None, device="cpu", progress=False)
+    assert defaults(probe.davis_val) == dict(videos=6, kind="lp", size=None, device="cpu", progress=False, plan=None)
     assert probe.TRAIN_VAL_SEQUENCES == ("bike-packing", "india", "dog", "motocross-jump", "shooting",
                                          "horsejump-high")               # configs/train_ytvos.yaml eval_vos
     assert probe.grid_hw(480, 854, 60) == (60, 106) and probe.grid_hw(854, 480, 60) == (106, 60)
@@ -628,12 +633,15 @@ def test_a_second_probe_on_a_folder_in_use_is_refused_with_the_whole_message(syn
     assert not (out / "results.json").exists()
 
 
-def test_an_existing_results_json_is_kept_under_a_new_name(synth, tmp_path):
+def test_an_earlier_probes_files_are_kept_together_in_a_subfolder(synth, tmp_path):
     m1, _, _ = run("vos-knn", "--data", synth, *NONE, "--grid", "14", "--out", tmp_path)
+    seq = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())[0]
+    masks1 = {p.name: p.read_bytes() for p in (tmp_path / seq).iterdir()}
     m2, res, out = run("vos-knn", "--data", synth, *NONE, "--grid", "14", "--topk", "3", "--out", tmp_path)
-    kept = json.load(open(tmp_path / "results.1.json"))
+    kept = json.load(open(tmp_path / "earlier.1" / "results.json"))
     assert kept["metrics"]["JF"] == m1["JF"] and kept["config"]["topk"] == 5 and res["config"]["topk"] == 3
-    assert "kept as" in out and "results.1.json" in out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "earlier.1" / seq).iterdir()} == masks1   # its masks too
+    assert "kept together in" in out and "earlier.1" in out
 
 
 def test_a_checkpoint_rewritten_at_the_same_path_does_not_resume_the_old_probe(synth, ckpt, tmp_path):
@@ -645,9 +653,10 @@ def test_a_checkpoint_rewritten_at_the_same_path_does_not_resume_the_old_probe(s
     run(*args, "--epochs", "1")
     other = model.build_lila(backbone="dinov2_vits14", weights="none", preset="tiny", seed=1)   # retrained
     torch.save({"decoder": other.decoder.state_dict(), "config": torch.load(path)["config"], "step": 2}, path)
-    with pytest.raises(ValueError, match="another probe run"):
+    with pytest.raises(ValueError, match="other settings .*'ckpt_sha256'"):
         run(*args, "--epochs", "2")
-    assert json.load(open(tmp_path / "o" / "results.json"))["config"]["ckpt_sha256"] == probe.model.file_sha256(ckpt)
+    kept = tmp_path / "o" / "earlier.1" / "results.json"       # the first probe's, kept together
+    assert json.load(open(kept))["config"]["ckpt_sha256"] == probe.model.file_sha256(ckpt)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -725,8 +734,8 @@ def test_a_full_disk_at_results_json_is_one_error_and_leaves_no_tmp(synth, tmp_p
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(probe.json, "dump", full)
-    with pytest.raises(ValueError, match="cannot write .*results.json \\(No space left on device\\); the metrics"):
+    monkeypatch.setattr(probe.runs.os, "fsync", full)     # the disk fills while results.json is written
+    with pytest.raises(probe.runs.UserError, match=r"cannot write .*results.json \(No space left on device.*; the metrics"):
         run("vos-knn", "--data", synth, *NONE, "--grid", "14", "--out", tmp_path)
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
@@ -738,3 +747,80 @@ def test_an_os_error_is_one_line_naming_the_file(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         probe.cli([])
     assert capsys.readouterr().err.strip() == "probe.py: error: /data/out/seq/00001.png: Permission denied"
+
+
+def test_each_subcommand_has_its_own_help_with_its_options_and_defaults(capsys):
+    helps = {}
+    for cmd in ("vos-knn", "normals"):
+        with pytest.raises(SystemExit):
+            probe.parse_args([cmd, "--help"])
+        helps[cmd] = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
+    knn, normals = helps["vos-knn"], helps["normals"]
+    assert knn != normals
+    assert probe.COMMANDS["vos-knn"][1].split(":")[0] in knn and "Scored by the angular RMSE" in normals
+    assert "--grid GRID k-NN feature grid short side (paper 60) (default: 60)" in knn and "--grid" not in normals
+    assert "(default: 476)" in knn and "--epochs" not in knn and "--lp-steps" not in knn
+    assert "--epochs EPOCHS official: epochs (paper 10) (default: 10)" in normals and "(default: 504)" in normals
+    assert "--head HEAD" in normals and "(default: conv)" in normals and "--text-embeddings" not in normals
+    # flags of other subcommands are still accepted, as before
+    assert probe.parse_args(["vos-knn", "--data", os.path.dirname(__file__), "--epochs", "3"]).epochs == 3
+
+
+def test_an_unscored_sequence_is_counted_on_the_line_that_reports_jf(synth, tmp_path):
+    root = tmp_path / "davis"
+    shutil.copytree(synth, root)
+    seq = sorted(os.listdir(root / "JPEGImages" / "480p"))[-1]
+    for sub in ("JPEGImages", "Annotations"):          # the last sequence: 2 frames, not scored
+        for f in sorted(os.listdir(root / sub / "480p" / seq))[2:]:
+            os.remove(root / sub / "480p" / seq / f)
+    m, res, out = run("vos-knn", "--data", root, *NONE, "--grid", "14", "--out", tmp_path / "o")
+    line = [x for x in out.splitlines() if x.startswith("vos-knn: ")][0]
+    assert f"scored {m['scored']}" in line and "not_scored 1" in line and res["metrics"]["not_scored"] == 1
+
+
+def test_the_probe_state_resumes_for_another_spelling_of_the_data_folder(synth, tmp_path):
+    args = [*NONE, "--head", "linear", "--batch", "4", "--out", tmp_path]
+    run("semseg", "--data", synth, *args, "--epochs", "1")
+    m, _, out = run("semseg", "--data", f"{synth}{os.sep}", *args, "--epochs", "2")   # `data/` is `data`
+    assert "resuming" in out and [h["epoch"] for h in m["history"]] == [1, 2]
+
+
+def test_a_full_disk_under_a_probe_names_the_file(synth, tmp_path, monkeypatch, capsys):
+    import errno
+    from PIL import Image
+
+    def full(self, fp, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(SystemExit) as e:
+        probe.cli(["vos-knn", "--data", str(synth), *NONE, "--grid", "14", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith(f"probe.py: error: cannot write {tmp_path}{os.sep}") \
+        and ".png (No space left on device" in err
+
+
+def test_the_probe_state_is_keyed_by_input_contents_and_the_heads_shape(synth, tmp_path):
+    """Rewritten in place, same names: text embeddings (zeroshot) and class maps that add a
+    class (semseg: a head of another shape). Each is refused naming what differs."""
+    text = tmp_path / "text.npy"
+    np.save(text, np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32))
+    zs = ["zeroshot", "--data", synth, *NONE, "--text-embeddings", text, "--unseen", "2",
+          *QUICK["semseg"], "--out", tmp_path / "zs"]
+    run(*zs)
+    np.save(text, np.random.default_rng(1).normal(size=(4, 16)).astype(np.float32))
+    with pytest.raises(ValueError, match="other settings .*'inputs_sha256'"):
+        run(*zs[:-2], "--epochs", "2", "--out", tmp_path / "zs")
+    root = tmp_path / "data"
+    shutil.copytree(synth, root)
+    ss = ["semseg", "--data", root, *NONE, "--head", "linear", "--batch", "4", "--out", tmp_path / "ss"]
+    run(*ss, "--epochs", "1")
+    from PIL import Image
+    png = sorted((root / "Classes").rglob("*.png"))[0]
+    with Image.open(png) as im:
+        ids, pal = np.array(im), im.getpalette()
+    ids[0, 0] = ids.max() + 3                                  # a new class: a wider head
+    out = Image.fromarray(ids.astype(np.uint8), mode="P")
+    out.putpalette(pal)
+    out.save(png)
+    with pytest.raises(ValueError, match="other settings .*'num_classes'"):
+        run(*ss, "--epochs", "2")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -28,13 +27,37 @@ def train(args, **kw):
                           capture_output=True, text=True, timeout=300, **kw)
 
 
+# train.py whose main process sends a signal to its own process group twice, inside the loss of
+# step AT (1, 2, ...): a scheduler's stop and its repeat, or Ctrl-C twice from a terminal, at a
+# fixed moment of a step, so no test depends on how long a step or a save takes.
+SIGNAL_IN_STEP = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+import incontext
+loss, calls = incontext.incontext_loss, []
+def signalled(*a, **kw):
+    calls.append(1)
+    if len(calls) == int(os.environ["AT"]):
+        for _ in range(2):
+            os.kill(0, int(os.environ["SIGNAL"]))   # pid 0: the whole group; handled at once
+    return loss(*a, **kw)
+incontext.incontext_loss = signalled
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 class Group:
     """train.py started in its own process group (as a scheduler or `timeout` starts it); the
-    group is killed on exit, so a test leaves no worker behind."""
+    group is killed on exit, so a test leaves no worker behind. twice_at (signal, step): the
+    run signals its group twice inside that step (SIGNAL_IN_STEP)."""
 
-    def __init__(self, args):
-        self.p = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args],
-                                  env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    def __init__(self, args, twice_at=None):
+        cmd, env = [sys.executable, os.path.join(REPO, "train.py"), *args], ENV
+        if twice_at:
+            cmd.insert(1, "-c"), cmd.insert(2, SIGNAL_IN_STEP)
+            env = dict(ENV, SIGNAL=str(int(twice_at[0])), AT=str(twice_at[1]))
+        self.p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, start_new_session=True)
 
     def wait_for(self, path, lines=1, timeout=180):
@@ -60,36 +83,43 @@ def ckpt_step(out):
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
 
 
-def test_sigterm_to_the_process_group_saves_the_current_step(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
+def test_sigterm_to_the_process_group_saves_the_current_step(tmp_path, sig):
     # as `timeout`, SLURM or docker stop do: the workers die of it too, and their end must not
-    # crash the step being finished
-    out = str(tmp_path / "t")
-    with Group(TINY + ["--steps", "500", "--save-every", "1000", "--out", out]) as g:
-        g.wait_for(os.path.join(out, "log.jsonl"))
-        for _ in range(2):                 # a second SIGTERM (a second scancel) changes nothing
-            os.killpg(g.p.pid, signal.SIGTERM)
-            time.sleep(0.05)
+    # crash the step being finished; a second SIGTERM (a second scancel) changes nothing.
+    # SIGUSR1: SLURM's warning before a pre-emption (sbatch --signal=USR1@120) saves the same.
+    out, name = str(tmp_path / "t"), sig.name
+    with Group(TINY + ["--steps", "500", "--save-every", "1000", "--out", out], (sig, 3)) as g:
         err = g.p.communicate(timeout=120)[1]
-    assert g.p.returncode == 143, err[-3000:]
+    assert g.p.returncode == 128 + sig, err[-3000:]
     assert "Traceback" not in err and "killed by signal" not in err
-    step = ckpt_step(out)
-    last = err.strip().splitlines()[-1]
-    assert step >= 1 and f"stopped by SIGTERM at step {step};" in last and last.endswith("--resume")
+    step, last = ckpt_step(out), err.strip().splitlines()[-1]
+    assert step == 3 and err.count(f"{name}: already stopping after this step") == 1
+    assert f"stopped by {name} at step {step};" in last and last.endswith("--resume")
     r = train(TINY + ["--steps", str(step + 1), "--save-every", "1000", "--out", out, "--resume"])
     assert r.returncode == 0 and f"done: step {step + 1}" in r.stdout, r.stderr[-2000:]
 
 
+def test_a_repeated_sigterm_after_the_last_line_says_nothing(own_signal_handlers, capfd):
+    # a scheduler's second SIGTERM may come while the stopped run exits: the line saying how to
+    # resume must stay the last
+    stop = runs.StopOnSignal()
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)          # during the step: "already stopping"
+    stop.end("train.py: stopped by SIGTERM at step 3; ... --resume")
+    os.kill(os.getpid(), signal.SIGTERM)          # after the last line: nothing
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--resume") and sum("already stopping" in x for x in err) == 1
+
+
 def test_a_second_ctrl_c_quits_with_status_130(tmp_path):
-    out = str(tmp_path / "c")
-    with Group(TINY + ["--steps", "500", "--save-every", "1", "--out", out]) as g:
-        g.wait_for(os.path.join(out, "log.jsonl"))
-        os.killpg(g.p.pid, signal.SIGINT)          # the terminal sends Ctrl-C to the group
-        time.sleep(0.05)
-        os.killpg(g.p.pid, signal.SIGINT)
+    out = str(tmp_path / "c")      # the terminal sends Ctrl-C to the group, twice in step 3
+    with Group(TINY + ["--steps", "500", "--save-every", "1", "--out", out], (signal.SIGINT, 3)) as g:
         err = g.p.communicate(timeout=120)[1]
     assert g.p.returncode == 130, err[-2000:]
     assert "\ntrain.py: interrupted; the last checkpoint is kept" in err
     assert "Traceback" not in err and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+    assert ckpt_step(out) == 2                     # quit at once: step 3 is not finished
 
 
 def test_kill_9_then_an_immediate_resume_is_not_refused(tmp_path):
@@ -97,6 +127,7 @@ def test_kill_9_then_an_immediate_resume_is_not_refused(tmp_path):
     out = str(tmp_path / "k")
     with Group(TINY + ["--steps", "500", "--save-every", "1", "--out", out]) as g:
         g.wait_for(os.path.join(out, "ckpt.pt"), lines=0)
+        os.killpg(g.p.pid, signal.SIGSTOP)         # stopped, the workers live until killed below
         os.kill(g.p.pid, signal.SIGKILL)
         g.p.wait()
         folder = runs.RunFolder(out)
@@ -202,7 +233,7 @@ def test_the_lock_names_its_owner_and_is_not_held_by_forked_children(tmp_path):
     child = os.fork()                             # a DataLoader worker, say
     if child == 0:
         os.write(started, b"1")
-        time.sleep(3)
+        signal.pause()                            # alive until killed below
         os._exit(0)
     try:
         os.read(ready, 1)                         # the child runs (its fork hooks have run)
@@ -284,27 +315,3 @@ def test_atomic_save_interrupted_keeps_the_old_file_and_raises_the_true_cause(tm
     with pytest.raises(RuntimeError, match=r"worker \(pid 7\) is killed"):  # not "disk full"
         runs.atomic_save({"step": 2}, path)
     assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
-
-
-def test_the_step_picture_shows_the_prediction_beside_the_target(tmp_path):
-    out = str(tmp_path / "step.png")
-    canvas = runs.step_picture(["--ckpt", "none", "--out", out, "--preset", "tiny", "--weights",
-                                "none", "--size", "56", "--base", "56", "--synthetic-videos", "1",
-                                "--synthetic-frames", "6", "--workers", "0"])
-    from PIL import Image
-    png = np.asarray(Image.open(out).convert("RGB")).astype(int)
-    P = 224                                       # 56 px views drawn 4x for readable labels
-    assert png.shape == (4 * (P + 14), 4 * P, 3) and canvas.size == (4 * P, 4 * (P + 14))
-    for row in (1, 2, 3):                         # flow, depth, SD
-        cell = lambda col: png[row * (P + 14) + 14:(row + 1) * (P + 14), col * P:(col + 1) * P]  # noqa: E731
-        target, prediction = cell(1), cell(2)
-        assert np.abs(target - prediction).mean() > 1 and prediction.std() > 0
-
-
-def test_the_step_picture_names_a_bad_checkpoint_or_pair(tmp_path, capsys):
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    for argv, message in (([], "no readable train.py checkpoint"),
-                          (["--ckpt", "none", "--weights", "none", "--pair", "64"], "--pair 64 must lie in 0..63")):
-        with pytest.raises(SystemExit):
-            runs.step_picture(["--ckpt", str(tmp_path / "junk.pt")] + argv)
-        assert message in capsys.readouterr().err

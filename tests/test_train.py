@@ -95,8 +95,7 @@ def test_overfit_one_batch_halves_the_incontext_loss():
     opt = torch.optim.AdamW([p for p in lila.parameters() if p.requires_grad], lr=args.lr)
     first = None
     for it in range(60):
-        v = train.views_and_cues(batch, lila, args, sd_gen=torch.Generator().manual_seed(0))
-        loss, _ = train.lila_loss(v, args)
+        loss, _, _ = train.lila_step(batch, lila, args, sd_gen=torch.Generator().manual_seed(0))
         first = first if first is not None else float(loss.detach())
         opt.zero_grad()
         loss.backward()
@@ -125,11 +124,13 @@ torch.save(built[-1].decoder.state_dict(), os.path.join({out!r}, "rank%s.pt" % o
 """
 
 
-def test_ddp_on_two_processes_stops_resumes_and_keeps_the_ranks_identical(tmp_path):
-    """torchrun, 2 CPU processes (gloo): 2 steps, stop, resume for a third in micro-batches (the
-    first chunk without gradient sync); each rank sees other pairs, so only averaged gradients
-    keep the two decoders equal."""
-    out = tmp_path / "ddp"
+def test_ddp_on_two_processes_is_the_one_process_step_and_stops_and_resumes(tmp_path):
+    """torchrun, 2 CPU processes (gloo), 2 pairs each: 2 steps, stop, resume for a third in
+    micro-batches (the first chunk without gradient sync). Each rank sees other pairs, so only
+    averaged gradients keep the two decoders equal; and the decoder equals that of ONE process
+    on the same 4 pairs a step (the whole batch's SD subsets, z-scoring and loss normalisers),
+    up to float round-off, after the plain steps and after the micro-batched one."""
+    out, one = tmp_path / "ddp", str(tmp_path / "one")
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER.format(repo=REPO, out=str(tmp_path)))
 
@@ -140,8 +141,23 @@ def test_ddp_on_two_processes_stops_resumes_and_keeps_the_ranks_identical(tmp_pa
                            env=ENV, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         return r
+
+    import model
+    init = model.build_lila("dinov2_vits14", "none", "tiny", seed=0).decoder.state_dict()
+
+    def close(ddp, ref):
+        """|ddp - ref| / |ref - init| over all weights: 2e-5 measured (round-off, grown by Adam);
+        0.015 to 0.27 with the SD subsets, the z-scoring, the loss counts or the gradient sum
+        left per process."""
+        norm = lambda w: sum(float(x.square().sum()) for x in w) ** 0.5  # noqa: E731
+        diff = norm(ddp[k] - ref[k] for k in ref) / norm(ref[k] - init[k] for k in ref)
+        assert diff < 1e-3, diff
+    torch.set_num_threads(1)
+    weights = lambda: torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)["decoder"]  # noqa: E731
     torchrun("--steps", "2")
     first = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    train.main(TINY + ["--batch", "4", "--steps", "2", "--out", one])
+    close(first, weights())
     r = torchrun("--steps", "3", "--resume", "--micro-batch", "1")
     assert "2 process(es)" in r.stdout and "done: step 3" in r.stdout
     w0, w1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
@@ -150,6 +166,10 @@ def test_ddp_on_two_processes_stops_resumes_and_keeps_the_ranks_identical(tmp_pa
     for k in w0:
         assert torch.equal(w0[k], w1[k]) and torch.equal(w0[k], saved["decoder"][k]), k
     assert any(not torch.equal(first[k], w0[k]) for k in w0)          # the third step trained
+    train.main(TINY + ["--batch", "4", "--steps", "3", "--out", one, "--resume"])
+    close(w0, weights())
+    for s, loss in losses(one).items():                # the logs: the whole batch's loss
+        assert losses(str(out))[s] == pytest.approx(loss, rel=1e-5), s
 
 
 def test_micro_batches_give_the_whole_batchs_gradients_and_losses(tmp_path):
@@ -243,7 +263,7 @@ def test_bad_data_root_is_a_clear_message_not_a_traceback(tmp_path):
 
 
 def test_query_and_context_flow_cues_agree_on_the_same_3d_point(monkeypatch):
-    """The plumbing the in-context loss relies on, end to end through views_and_cues: a query
+    """The plumbing the in-context loss relies on, end to end through lila_step: a query
     pixel's flow cue (forward flow of frame t) must equal, in sign and value, the flow cue of
     the context pixel its point moves to (the NEGATED backward flow of frame t+Δ), whatever
     the flips: one linear map reads both views. Negating flow-x on the query's own flip (as an
@@ -251,9 +271,9 @@ def test_query_and_context_flow_cues_agree_on_the_same_3d_point(monkeypatch):
     backward flow breaks it for all."""
     seen = {}
 
-    def spy(q, c, eps=1e-3):                # views_and_cues z-scores the raw view-space flows here
+    def spy(q, c, *a, **kw):                # lila_step z-scores the raw view-space flows here
         seen.setdefault("flow", (q, c))
-        return zscore(q, c, eps)
+        return zscore(q, c, *a, **kw)
 
     zscore = train.zscore
     monkeypatch.setattr(train, "zscore", spy)
@@ -267,7 +287,7 @@ def test_query_and_context_flow_cues_agree_on_the_same_3d_point(monkeypatch):
     import model
     lila = model.build_lila(args.backbone, "none", "tiny", seed=0)
     with torch.no_grad():
-        v = train.views_and_cues(batch, lila, args)
+        _, _, v = train.lila_step(batch, lila, args)
     flow_q, flow_c = seen["flow"]                                       # (B, 2, S, S)
     conf_q, conf_c = v["conf_q"][:, :1], v["conf_c"][:, :1]             # (B, 1, S, S)
     for own in (False, True):
@@ -296,7 +316,7 @@ def test_no_edge_drops_the_edge_terms_and_keeps_the_l1():
     batch = torch.utils.data.default_collate([ds[0], ds[3]])
     lila = model.build_lila(args.backbone, "none", "tiny", seed=0)
     with torch.no_grad():
-        v = train.views_and_cues(batch, lila, args, sd_gen=torch.Generator().manual_seed(0))
+        _, _, v = train.lila_step(batch, lila, args, sd_gen=torch.Generator().manual_seed(0))
         for erm_flag in ([], ["--erm"]):
             a = train.get_args(TINY + ["--size", "56"] + erm_flag)
             b = train.get_args(TINY + ["--size", "56", "--no-edge"] + erm_flag)
@@ -468,8 +488,8 @@ def test_a_full_disk_while_logging_is_one_line_and_keeps_the_checkpoint(tmp_path
     monkeypatch.setattr("builtins.open", full_log)
     with pytest.raises(train.UserError, match=r"cannot write .*log.jsonl \(No space left on device.*ckpt.pt is intact"):
         train.main(TINY + ["--steps", "3", "--out", out, "--resume"])
-    monkeypatch.undo()
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 1
+    monkeypatch.undo()     # the step trained since the checkpoint is saved on the way out
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 2
     assert not os.path.exists(os.path.join(out, ".lock"))
 
 
@@ -544,7 +564,9 @@ PAPER = dict(lr=1e-4, wd=1e-4, batch=32, steps=100_000, warmup=0,   # opt.lr/wei
              size=224, base=224,   # crop_w_tf: 224² views; base crops resized to 224²
              backbone="dinov2_vits14", preset="paper", micro_batch=0,
              val_videos=6,         # train_ytvos.yaml eval_vos: 6 DAVIS val sequences
-             val_probe="lp")       # train_lila.py EvalVOS: a one-shot linear probe
+             val_probe="lp",       # train_lila.py EvalVOS: a one-shot linear probe
+             val_every=2000,       # train_lila.py: validation every epoch (limit_train_batches)
+             flow_net="raft_large", depth_net="DPT_Large")  # the strongest on torch.hub
 ABLATIONS = ("no_pamr", "no_edge", "no_crop", "erm", "no_depth", "no_flow", "no_sd")
 
 
@@ -556,7 +578,7 @@ def test_every_method_default_is_the_papers():
         assert getattr(paper, k) is False and getattr(tiny, k) is False, k
     # The tiny preset shrinks the run (views, pairs, steps, lr), never the method.
     assert (tiny.size, tiny.base, tiny.batch, tiny.steps, tiny.lr) == (112, 112, 8, 200, 1e-3)
-    assert (tiny.val_probe, paper.val_every, tiny.val_every) == ("knn", 1000, 25)
+    assert (tiny.val_probe, tiny.val_every, tiny.flow_net, tiny.depth_net) == ("knn", 25, "raft_small", "MiDaS_small")
     for k in ("wd", "warmup", "lam", "gamma", "sd_channels", "gap", "backbone", "micro_batch"):
         assert getattr(tiny, k) == PAPER[k], k
     # The crops train.py asks data.py for: query area in [0.3, 1] with its own flip, context a
@@ -599,7 +621,7 @@ def test_zscoring_is_one_affine_map_shared_by_both_views():
     import model
     lila = model.build_lila(args.backbone, "none", "tiny", seed=0)
     with torch.no_grad():
-        v = train.views_and_cues(batch, lila, args)
+        _, _, v = train.lila_step(batch, lila, args)
     gq, gc = batch["grid_q"], batch["grid_c"]
     depth, _ = cues.disparity_to_depth(batch["disparity"].transpose(0, 1).flatten(0, 1))
     d_t, d_t2 = depth.chunk(2)
@@ -614,7 +636,8 @@ def test_zscoring_is_one_affine_map_shared_by_both_views():
 
 
 def test_validation_logs_val_jf_and_keeps_the_best_checkpoint_across_a_resume(tmp_path):
-    """--val on a tiny synthetic DAVIS folder: val_jf in log.jsonl at every validation, best.pt
+    """--val on a tiny synthetic DAVIS folder: val_jf in log.jsonl before the first step (step 0,
+    the untrained decoder, as the official trainer) and at every validation, best.pt
     the checkpoint of the best J&F (its value stored, also in ckpt.pt), kept by a resume."""
     root = tmp_path / "davis"
     data.write_synthetic(str(root), videos=2, frames=6, size=112, seed=0)   # data.py --make-synthetic
@@ -623,7 +646,7 @@ def test_validation_logs_val_jf_and_keeps_the_best_checkpoint_across_a_resume(tm
     train.main(TINY + ["--steps", "3", "--log-every", "5"] + val)
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     jf = {r["step"]: r["val_jf"] for r in rows if "val_jf" in r}
-    assert sorted(jf) == [2, 3] and all(0 <= x <= 1 for x in jf.values())   # every 2 steps + the last
+    assert sorted(jf) == [0, 2, 3] and all(0 <= x <= 1 for x in jf.values())   # 0, every 2 + the last
     best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     last = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert best["best_val_jf"] == last["best_val_jf"] == max(jf.values())
@@ -645,3 +668,28 @@ def test_bench_gpu_on_a_cpu_says_it_needs_cuda():
     r = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "gpu"], env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "needs a CUDA GPU" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_the_step_picture_shows_the_prediction_beside_the_target(tmp_path):
+    out = str(tmp_path / "step.png")
+    canvas = train.step_picture(["--ckpt", "none", "--out", out, "--preset", "tiny", "--weights",
+                                "none", "--size", "56", "--base", "56", "--synthetic-videos", "1",
+                                "--synthetic-frames", "6", "--workers", "0"])
+    from PIL import Image
+    png = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    P = 224                                       # 56 px views drawn 4x for readable labels
+    assert png.shape == (4 * (P + 14), 4 * P, 3) and canvas.size == (4 * P, 4 * (P + 14))
+    for row in (1, 2, 3):                         # flow, depth, SD
+        cell = lambda col: png[row * (P + 14) + 14:(row + 1) * (P + 14), col * P:(col + 1) * P]  # noqa: E731
+        target, prediction = cell(1), cell(2)
+        assert np.abs(target - prediction).mean() > 1 and prediction.std() > 0
+
+
+def test_the_step_picture_names_a_bad_checkpoint_or_pair(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    r = run(["step-picture", "--ckpt", str(tmp_path / "junk.pt")])     # the command itself
+    assert r.returncode == 2 and "train.py step-picture: error: --ckpt" in r.stderr, r.stderr
+    assert "no readable train.py checkpoint" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(SystemExit):
+        train.step_picture(["--ckpt", "none", "--weights", "none", "--pair", "64"])
+    assert "--pair 64 must lie in 0..63" in capsys.readouterr().err
