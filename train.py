@@ -19,7 +19,7 @@ h x w patch grid, D pixel-feature width, K cue channels (2 flow + 1 depth + 32 S
 Cm masked cue channels ([flow-x, flow-y, depth]). Deviations: README, "Differences".
 
 Run:
-  python train.py --preset tiny --weights none        # CPU, synthetic scenes: 13 min, 2 cores
+  python train.py --preset tiny --weights none        # CPU, synthetic scenes: 6 min, 2 cores
   python train.py --data ytvos/                       # one GPU, YouTube-VOS, RAFT + MiDaS
   python train.py --data ytvos/ --micro-batch 8       # the same steps in chunks: less memory
   python train.py --data ytvos/ --val davis/          # + DAVIS val J&F while training, best.pt
