@@ -347,14 +347,20 @@ def _palette():
 
 def _atomic(path, write):
     """write(tmp_path), fsync, then os.replace: readers (and a power cut) never see a
-    half-written file."""
+    half-written file. A failure (a full disk) leaves no .tmp and names `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())         # on disk before the name points at it
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())     # on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException as e:       # also a Ctrl-C: no partial file
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
 
 
 def _save_png_ids(path, ids):

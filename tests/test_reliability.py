@@ -141,6 +141,19 @@ def test_a_full_disk_under_the_data_preview_names_the_picture(davis, tmp_path, m
     assert os.listdir(tmp_path) == []
 
 
+def test_a_full_disk_under_make_synthetic_names_the_file_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    status = runs.cli("data.py", lambda: data.main(["--make-synthetic", str(tmp_path / "s"), "--videos",
+                                                   "1", "--frames", "2", "--size", "32"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and err[-1].startswith(f"data.py: error: ") and str(tmp_path / "s") in err[-1]
+    assert "No space left on device" in err[-1] and "Traceback" not in "\n".join(err)
+    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")]
+    assert leftovers == [], leftovers
+
+
 def test_every_cli_says_a_users_error_in_one_line():
     """Each tool's main goes through runs.cli: an error naming a file is one line."""
     for tool in ("train.py", "probe.py", "data.py", "cues.py", "experiments.py", "bench.py"):
