@@ -75,6 +75,7 @@ import incontext
 import model
 import pamr
 import probe
+import runs
 import train
 
 
@@ -632,5 +633,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import runs     # the repo's one error path: the whole message, no traceback
     sys.exit(runs.cli("bench.py", main, oom="the sizes (try --quick)"))

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 # the real reader of every supported layout, and PairDataset's base frames (the cache's frames)
+import runs
 from data import VideoFolder, base_frame
 from pamr import pamr_cascade
 
@@ -604,7 +605,6 @@ def cli(argv=None):
     unwritable or full disk, a network that cannot be loaded) raises an error whose message
     starts with "cues.py: "; it is printed as "cues.py: error: ..." with exit status 2.
     Anything else is a bug and keeps its traceback."""
-    import runs     # the repo's one error path (a closed stdout, memory, Ctrl-C: also there)
     return runs.cli("cues.py", lambda: main(argv), code=2, oom="--batch or --size", status=True,
                     interrupted=lambda: "the cache files written so far are complete and kept "
                                         "(a rerun skips them)")

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import runs
 # The synthetic scenes (scenes.py): what PairDataset renders on the fly and the CLI writes.
 from scenes import (SyntheticScenes, corrupt_disparity, corrupt_flow, write_synthetic,  # noqa: F401
                     flow_to_rgb, _depth_rgb, _palette)
@@ -607,7 +608,6 @@ def preview(root, out=None, rows=4, video=None, tile_height=160):
     draw = ImageDraw.Draw(im)
     for k, c in enumerate(keep):
         draw.text((k * (tw + gap) + 4, 3), names[c], fill=(0, 0, 0))
-    import runs     # a picture the user names: one line for a bad path or a full disk, no partial file
     runs.save_picture(im, out, "--out")
     return out, notes
 
@@ -671,5 +671,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import runs     # the repo's one error path: the whole message, no traceback
     sys.exit(runs.cli("data.py", main, oom="--size or --frames"))

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import evaldata
+import runs
 
 VOID = evaldata.VOID
 
@@ -271,7 +272,6 @@ def evaluate(task, head, encode, ds, cfg, device):
 
 
 def save_atomic(obj, path):
-    import runs     # the repo's one atomic writer: a full disk names the file and leaves no .tmp
     runs.atomic_save(obj, path, "the previous state, if any, is intact",
                      "run the same probe again: it resumes there")
 
@@ -476,7 +476,6 @@ def load_text_embeddings(args, names):
     if names is None:
         fail("zeroshot on this layout has no class names to embed: pass --text-embeddings FILE")
     t = evaldata.clip_text_embeddings(names, args.device)
-    import runs
     os.makedirs(args.out, exist_ok=True)
     runs.save_file(os.path.join(args.out, "text_embeddings.npy"), lambda f: np.save(f, t), "--out")
     return t

@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image, ImageDraw
 
 import data
+import runs
 
 # name -> (train.py flags, or None for an untrained model; probe.py flags without a checkpoint)
 ROWS = {
@@ -211,7 +212,6 @@ def print_table(a):
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(r['seeds'])} | {train} |")
     text = "\n".join(lines)
     print(text)
-    import runs     # atomic, and a full disk names the file
     runs.save_file(os.path.join(a.out, "table.md"), lambda f: f.write((text + "\n").encode()))
     runs.save_file(os.path.join(a.out, "table.json"), lambda f: f.write(json.dumps(table, indent=1).encode()))
 
@@ -271,7 +271,6 @@ def plot_curves(runs, png, labels=None, w=260, h=170, pad=34):
         y = h + 2 * pad - 6 + 14 * k
         draw.line([(pad, y + 6), (pad + 20, y + 6)], fill=COLOURS[k % len(COLOURS)], width=3)
         draw.text((pad + 26, y), label, fill=(0, 0, 0))
-    import runs     # a picture the user names: one line for a bad path or a full disk
     runs.save_picture(img, png, "--png")
     return png
 
@@ -336,5 +335,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import runs     # the repo's one error path: the whole message, no traceback
     sys.exit(runs.cli("experiments.py", main, oom="--jobs"))

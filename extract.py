@@ -21,6 +21,9 @@ Why float16: features are LayerNormed (zero mean, unit variance over D), so floa
 mantissa keeps them to ~1e-3 relative, far below what a probe resolves, at half the disk and
 read time (a 1920x1080 frame: 0.53 GB instead of 1.06 GB at D = 128).
 
+The repo's pictures of features live here too: the one PCA (fit_pca, pca_rgb), which
+probe.py's picture uses, and FeaturePicture, train.py's feats_<step>.png of a fixed pair.
+
 Nothing here is new method: the numbers are LILA.features' (model.py), with the decoder's
 full-resolution head computed in bands of rows (model.decoder_bands), so a 4K frame needs a few
 GB. Frames are read, batched (same size, --batch-pixels), computed and written a batch at a
@@ -53,7 +56,8 @@ from tqdm import tqdm
 
 import model
 from evaldata import natural_key
-from runs import RunFolder, StopOnSignal, UserError, save_file, set_threads, user_message, write_error
+from runs import (RunFolder, StopOnSignal, UserError, save_file, save_picture, set_threads,
+                  user_message, write_error)
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXT = (".mp4", ".mov", ".avi", ".webm", ".mkv")
@@ -268,7 +272,7 @@ class Manifest:
                 raise UserError(f"--out {out} was written with other settings (saved, now): {diff}; "
                                 f"rerun with the saved ones to continue it, or pass another --out")
             self.data = saved
-        elif os.path.isdir(out) and [n for n in os.listdir(out) if n not in (".lock", ".manifest.json.tmp")]:
+        elif os.path.isdir(out) and [n for n in os.listdir(out) if n not in (".lock", "manifest.json.tmp")]:
             raise UserError(f"--out {out} is not empty and holds no manifest.json; pass a new or "
                             f"empty folder")
 
@@ -290,6 +294,37 @@ def feature_path(out, kind, seq, frame):
 
 
 # ------------------------------------------------------------------ PCA pictures and videos
+class FeaturePicture:
+    """Frames t and t+Δ of a fixed pair beside their features, mapped to RGB by a PCA whose
+    basis (and colour range) is fitted once, at the first picture, and kept (also across
+    --resume, in the checkpoint): the colours of feats_*.png are comparable over training."""
+
+    def __init__(self, pair, state=None):
+        self.frames = pair["frames"]                                    # (2, 3, Hb, Wb)
+        self.size = pair["views"].shape[-1]
+        self.state = state                                              # mean, basis, lo, hi
+
+    def save(self, lila, path, step, device):
+        S = self.size
+        x = F.interpolate(self.frames.to(device), size=(S, S), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            _, feats = lila(x)                                          # (2, D, S, S)
+        feats = feats.float().cpu()
+        if self.state is None:                                          # on every pixel of both
+            f = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])   # (2 S², D)
+            self.state = dict(fit_pca(f, 3, samples=len(f)), step=step)
+        rgb = pca_rgb(feats, self.state).numpy()                # (2, S, S, 3)
+        img = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)  # (2, S, S, 3)
+        row = np.concatenate([img[0], img[1], rgb[0], rgb[1]], axis=1)       # (S, 4S, 3)
+        canvas = Image.new("RGB", (4 * S, S + 14), "white")
+        canvas.paste(Image.fromarray(row), (0, 14))
+        draw = ImageDraw.Draw(canvas)
+        # ASCII labels: PIL's built-in font has no Greek letters
+        for i, text in enumerate(["frame t", "frame t+dt", f"features t (step {step})", "features t+dt"]):
+            draw.text((i * S + 2, 1), text, fill=(0, 0, 0))
+        save_picture(canvas, path)
+
+
 def sequence_pca(paths, samples, seed):
     """One basis for a sequence: about samples / T pixels of each of its T frames' feature
     files (a fixed sample, seeded by `seed` and the frame's index), fit_pca on them together."""

@@ -53,6 +53,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import evaldata
+import extract
 import dense_probes
 import model
 import runs
@@ -568,7 +569,6 @@ def run_pca(args, lila, paths):
         for name, f in zip(("encoder", "decoder"), encode(lila, b, args.features)):
             if f is not None:
                 src.setdefault(name, []).append(f.cpu())
-    import extract                                                      # the repo's one PCA
     rows, ev = [[np.asarray(Image.fromarray(r).resize((W, H), Image.BILINEAR)) for r in rgb]], {}
     for name, f in src.items():
         f = torch.cat(f)                                                 # (T, D, h, w)

@@ -13,13 +13,11 @@ Nothing here is LILA; it is what makes a long training run safe to start, stop a
   step finish, then train.py saves a checkpoint and prints how to resume.
 - `set_threads`: torch threads of the main process and of the DataLoader workers that do not
   oversubscribe the cores.
-- `FeaturePicture`: the picture of a fixed pair's features written at every checkpoint, with
-  one PCA basis fitted at the first picture, so colours are comparable over training.
 - `UserError`, `user_message`, `cli`: every command-line tool's one error path: what a user
   can fix (a file, a flag, memory) ends as its whole message, never a traceback; a Ctrl-C says
   what is kept; `guard_streams`: a closed stdout or stderr (`| head -1`) ends nothing.
-- `save_file`, `save_picture`: a file a user names, written atomically; a bad path or a full
-  disk is one line naming it, and no partial file is left.
+- `save_file`, `save_picture`: every file the repo writes (checkpoints too), atomically; a bad
+  path or a full disk is one line naming it, and no partial file is left.
 
 The run folder is train.py's; the error path and the writers are every tool's. Tests:
 tests/test_train.py (kill, resume, bad folders, signals), tests/test_runs.py (process-group
@@ -39,8 +37,7 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 
 class UserError(Exception):
@@ -174,28 +171,34 @@ def write_error(path, e, kept="the previous checkpoint, if any, is intact", then
 
 
 def save_file(path, write, flag="--out", kept="nothing else was changed", then="run again"):
-    """A file the user named, written atomically: write(f) fills a temporary file, which is
-    synced and renamed to `path`. A missing folder, a folder given as the file, a full disk:
-    one UserError naming the path, and no partial file left behind."""
+    """Every file the repo writes, atomically: write(f) fills path + ".tmp", which is synced,
+    renamed to `path`, and the folder synced: a kill (or a power cut) at any moment leaves the
+    old or the new file, never a half-written one. A missing folder, a folder given as the
+    file, a full disk: one UserError naming the path (`flag`: the setting that named it), and
+    no temporary file left. torch's zip writer reports a short write as a RuntimeError around
+    the OS's error; what interrupts the writer (a Ctrl-C, a DataLoader worker's death) is raised
+    as itself."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder; give a file name")
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path}: there is no folder {folder}")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
+    tmp, outer = f"{path}.tmp", sys.exc_info()[1]   # outer: our caller's, not our cause
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())    # the bytes on disk before the name points at them
         os.replace(tmp, path)
         sync_folder(path)
     except BaseException as e:      # also a Ctrl-C: no partial file
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):
+        if isinstance(e, RuntimeError) and e.__context__ not in (None, outer):
+            e = e.__context__       # torch's writer wraps what its file write raised
+        if isinstance(e, OSError) or re.search("inline_container|PytorchStreamWriter", str(e)):
             raise write_error(path, e, kept, then) from None
-        raise
+        raise e
     return path
 
 
@@ -228,28 +231,9 @@ def sync_folder(path):
 
 
 def atomic_save(obj, path, kept="the previous checkpoint, if any, is intact", then="resume with --resume"):
-    """torch.save to a temporary file, fsync, rename, fsync the folder: a kill (or a power cut)
-    at any moment leaves either the old or the new file, never a half-written one. A full disk
-    leaves the old file and no temporary one, and is reported as such (torch's zip writer
-    reports a short write as a RuntimeError, the OS as an OSError). What interrupts the writer
-    (a second Ctrl-C, a DataLoader worker's death) is raised as itself, not as the writer's
-    RuntimeError."""
-    tmp, outer = path + ".tmp", sys.exc_info()[1]   # outer: our caller's, not our cause
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())    # the bytes on disk before the name points at them
-        os.replace(tmp, path)
-        sync_folder(path)
-    except BaseException as e:      # also a Ctrl-C: no .tmp is left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, RuntimeError) and e.__context__ not in (None, outer):
-            e = e.__context__       # torch's writer wraps what its file write raised
-        if isinstance(e, OSError) or re.search("inline_container|PytorchStreamWriter", str(e)):
-            raise write_error(path, e, kept, then) from None
-        raise e
+    """torch.save(obj) to `path` through save_file: a kill leaves the old or the new checkpoint;
+    a full disk leaves the old one and no temporary file, and says so."""
+    save_file(path, lambda f: torch.save(obj, f), kept=kept, then=then)
 
 
 # The lock files this process holds: closed in every forked child (a DataLoader worker), so that
@@ -279,7 +263,6 @@ class RunFolder:
     is dropped, and temporary files a kill left are removed."""
 
     FILES = ("ckpt.pt", "config.json", "log.jsonl")
-    TEMPORARY = ("ckpt.pt.tmp", "best.pt.tmp", "config.json.tmp", "log.jsonl.tmp")   # a kill mid-write leaves them
 
     def __init__(self, path, tool="train.py"):
         self.path, self.tool, self.lock, self.pid = path, tool, None, None
@@ -355,7 +338,7 @@ class RunFolder:
         ckpt_path, self.best = self.file("ckpt.pt"), None
         if os.path.isfile(self.file("config.json")):    # a train.py run: its leftovers are ours
             for name in os.listdir(self.path):
-                if name in self.TEMPORARY or name.endswith(".tmp.png"):
+                if name.endswith((".tmp", ".tmp.png")):   # save_file's, a kill mid-write (.tmp.png: older runs)
                     os.remove(self.file(name))
         others = sorted(set(os.listdir(self.path)) - {".lock"}) if os.path.isdir(self.path) else []
         if not args.resume:
@@ -538,35 +521,3 @@ def set_threads(workers):
                                              int(processes) if processes.isdigit() else 1)
     torch.set_num_threads(main)
     return f"CPU threads {main} + {workers} worker(s) x {_WORKER_THREADS} ({why})"
-
-
-class FeaturePicture:
-    """Frames t and t+Δ of a fixed pair beside their features, mapped to RGB by a PCA whose
-    basis (and colour range) is fitted once, at the first picture, and kept (also across
-    --resume, in the checkpoint): the colours of feats_*.png are comparable over training."""
-
-    def __init__(self, pair, state=None):
-        self.frames = pair["frames"]                                    # (2, 3, Hb, Wb)
-        self.size = pair["views"].shape[-1]
-        self.state = state                                              # mean, basis, lo, hi
-
-    def save(self, lila, path, step, device):
-        S = self.size
-        x = F.interpolate(self.frames.to(device), size=(S, S), mode="bilinear", align_corners=False)
-        import extract                                                  # the repo's one PCA
-        with torch.no_grad():
-            _, feats = lila(x)                                          # (2, D, S, S)
-        feats = feats.float().cpu()
-        if self.state is None:                                          # on every pixel of both
-            f = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])   # (2 S², D)
-            self.state = dict(extract.fit_pca(f, 3, samples=len(f)), step=step)
-        rgb = extract.pca_rgb(feats, self.state).numpy()                # (2, S, S, 3)
-        img = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)  # (2, S, S, 3)
-        row = np.concatenate([img[0], img[1], rgb[0], rgb[1]], axis=1)       # (S, 4S, 3)
-        canvas = Image.new("RGB", (4 * S, S + 14), "white")
-        canvas.paste(Image.fromarray(row), (0, 14))
-        draw = ImageDraw.Draw(canvas)
-        # ASCII labels: PIL's built-in font has no Greek letters
-        for i, text in enumerate(["frame t", "frame t+dt", f"features t (step {step})", "features t+dt"]):
-            draw.text((i * S + 2, 1), text, fill=(0, 0, 0))
-        save_picture(canvas, path)

@@ -49,7 +49,8 @@ import model
 import cues as cuelib
 import incontext
 import runs
-from runs import (FeaturePicture, RunFolder, StopOnSignal, UserError, atomic_save, out_of_memory,
+from extract import FeaturePicture
+from runs import (RunFolder, StopOnSignal, UserError, atomic_save, out_of_memory,
                   rng_state, set_rng_state, set_threads, user_message, write_error)
 
 
