@@ -240,13 +240,13 @@ def read_log(path):
     return rows
 
 
-def plot_curves(runs, png, labels=None, w=260, h=170, pad=34):
+def plot_curves(folders, png, labels=None, w=260, h=170, pad=34):
     """One panel per cue: its L1 on the query (log.jsonl "l1_<cue>") over the training steps
-    of each run, drawn with PIL. runs: run folders; labels: their legend names."""
-    labels = labels or [os.path.normpath(r) for r in runs]
-    logs = [read_log(os.path.join(r, "log.jsonl")) for r in runs]
+    of each run, drawn with PIL. folders: the runs' folders; labels: their legend names."""
+    labels = labels or [os.path.normpath(r) for r in folders]
+    logs = [read_log(os.path.join(r, "log.jsonl")) for r in folders]
     cues = [c for c in CUES if any(f"l1_{c}" in row for rows in logs for row in rows)]
-    img = Image.new("RGB", (len(cues) * (w + pad) + pad, h + 2 * pad + 14 * len(runs)), "white")
+    img = Image.new("RGB", (len(cues) * (w + pad) + pad, h + 2 * pad + 14 * len(folders)), "white")
     draw = ImageDraw.Draw(img)
     for i, cue in enumerate(cues):
         x0, y0 = pad + i * (w + pad), pad
