@@ -62,9 +62,10 @@ from runs import (RunFolder, StopOnSignal, UserError, save_file, save_picture, s
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXT = (".mp4", ".mov", ".avi", ".webm", ".mkv")
 KINDS = {"decoder": ("decoder",), "encoder": ("encoder",), "full": ("encoder", "decoder")}
-BATCH_PIXELS = 1920 * 1080   # frames of one batch together: one full-HD frame, or ~5 at 854x480
+BATCH_PIXELS = 1920 * 1080   # frames of one batch on a GPU: one full-HD frame, or ~5 at 854x480;
+                             # a CPU takes one at a time (4 frames of 854x480 together: 1.3x slower each)
 BAND_PIXELS = 2 ** 15        # decoder_bands: pixels of a band of rows (~40 rows at 854 px): the
-                             # fastest on a CPU, 1.2x the one-piece head (bench.py extract)
+                             # fastest on a CPU, 1.4-1.6x the one-piece head (model.decoder_bands)
 GAP, LABEL = 4, 14           # PCA pictures: white px between columns, px of the title row
 MANIFEST_EVERY_S = 30        # inside a sequence, the manifest is rewritten at most this often
 
@@ -106,16 +107,18 @@ def feature_size(H, W, size=None):
 
 
 @torch.no_grad()
-def features(lila, frames, kinds=("decoder",), size=None, stride=1, batch_pixels=BATCH_PIXELS,
+def features(lila, frames, kinds=("decoder",), size=None, stride=1, batch_pixels=None,
              band_pixels=BAND_PIXELS):
     """(name, {kind: float16 CPU tensor}) for each (name, image) of the iterable `frames`, in
-    order, a batch at a time (consecutive frames of one size, at most batch_pixels together).
+    order, a batch at a time (consecutive frames of one size, at most batch_pixels together;
+    default: BATCH_PIXELS on a GPU, one frame on a CPU).
     image: whatever LILA.features takes (PIL, numpy (H, W[, 3]), tensor (3, H, W)).
     "decoder": (D, H', W'): LILA.features(image) (or at short side `size`), every `stride`
     pixels, computed in bands of rows (model.decoder_bands); "encoder": (E, h, w), the last
     tapped grid. The CLI writes what this yields."""
     patch = lila.patch                                                      # 14 DINOv2, 16 DINOv3
     dev = next(lila.decoder.parameters()).device
+    batch_pixels = batch_pixels or (BATCH_PIXELS if dev.type == "cuda" else 1)
     group = []
     for name, image in frames:
         x, _ = model.image_batch(image)                                      # (1, 3, H, W) in [0, 1]
@@ -140,7 +143,7 @@ def _batch(lila, group, kinds, size, stride, band_pixels, patch, dev):
         h, w = (math.ceil(s / stride) for s in out_size)
         out["decoder"] = torch.empty(x.shape[0], lila.decoder.out_dim, h, w, dtype=torch.float16)
         for row, band in model.decoder_bands(lila.decoder, grids, run_size, out_size, stride, band_pixels):
-            out["decoder"][:, :, row:row + band.shape[2]] = band.half().cpu()  # (B, D, rows, W')
+            out["decoder"][:, :, row:row + band.shape[2]] = band           # (B, D, rows, W'): one copy
     for i, (name, _) in enumerate(group):
         yield name, {k: v[i] for k, v in out.items()}
 
@@ -429,8 +432,8 @@ def get_args(argv=None):
                    "(default: the frame's own size)")
     g.add_argument("--stride", type=int, default=1, help="keep the features of every STRIDE-th "
                    "pixel in each direction (default 1: all)")
-    g.add_argument("--batch-pixels", type=int, default=BATCH_PIXELS, help="frames computed "
-                   "together, in pixels (default one 1920x1080 frame)")
+    g.add_argument("--batch-pixels", type=int, default=None, help="frames computed together, "
+                   "in pixels (default: one 1920x1080 frame's on a GPU, one frame on a CPU)")
     g.add_argument("--band-pixels", type=int, default=BAND_PIXELS, help="pixels of a band of rows "
                    "of the decoder's full-resolution head (memory vs overhead; default 2^15)")
     g = p.add_argument_group("PCA pictures")

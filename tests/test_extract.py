@@ -50,9 +50,10 @@ def lila():
 def test_written_features_equal_lila_features(lila, tmp_path):
     src = frames(tmp_path / "in", 3)
     open(src / "7.png", "w").write("not an image")                  # damaged: named, counted, skipped
-    for stride in (1, 3):
+    for stride, batch in ((1, None), (3, 10 ** 6)):                 # a frame at a time (a CPU's default), 3 together
         out = tmp_path / f"out{stride}"
-        assert run(src, "--out", out, "--stride", stride, "--features", "full", *TINY) == 0
+        more = ["--batch-pixels", batch] if batch else []
+        assert run(src, "--out", out, "--stride", stride, "--features", "full", *more, *TINY) == 0
         m = json.load(open(out / "manifest.json"))
         seq = m["sequences"]["."]
         assert list(seq["frames"]) == ["0", "1", "2"] and "7.png" in seq["skipped"]["7"]
@@ -88,8 +89,12 @@ def test_banded_head_equals_the_one_piece_decoder(size, out_size):
 
 def test_channel_layer_norm_is_the_layer_norm_of_every_pixel():
     y = torch.randn(2, 32, 5, 7) * 3 + 1
-    ref = torch.nn.LayerNorm(32, elementwise_affine=False)(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    torch.testing.assert_close(model.ChannelLayerNorm(32, elementwise_affine=False)(y), ref)
+    for x in (y, y.contiguous(memory_format=torch.channels_last)):
+        ref = torch.empty_like(y)
+        for b, i, j in np.ndindex(2, 5, 7):                             # pixel by pixel, in float64
+            v = x[b, :, i, j].double()
+            ref[b, :, i, j] = ((v - v.mean()) / (v.var(unbiased=False) + 1e-5).sqrt()).float()
+        torch.testing.assert_close(model.ChannelLayerNorm(32, elementwise_affine=False)(x), ref)
 
 
 def test_fit_pca_finds_the_top_eigenvectors_of_the_covariance():
