@@ -114,20 +114,25 @@ def proc_bytes(path, key):
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 
 
-def measured_call(fn):
-    """(seconds, peak extra bytes, output) of one call; meaningful in a fresh process only."""
+def measured_call(fn, calls=1):
+    """(seconds of the last of `calls` calls, peak extra bytes over all of them, output);
+    meaningful in a fresh process only. calls=2: the time of a warm call (what each frame of a
+    stream gets: oneDNN builds its kernels for each new shape on the first)."""
     base = proc_bytes("/proc/self/status", "VmRSS")
-    t0 = time.perf_counter()
     with torch.no_grad():
-        out = fn()
-    seconds = time.perf_counter() - t0
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            out = fn()
+            seconds = time.perf_counter() - t0
     return seconds, proc_bytes("/proc/self/status", "VmHWM") - base, out
 
 
-def run_worker(kind, *args, out_path="-"):
-    """Run WORKERS[kind](*args) in a fresh `python bench.py --worker ...` process; returns
-    (seconds, peak extra bytes). The output tensor is saved to out_path unless "-"."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, out_path, *map(str, args)]
+def run_worker(kind, *args, out_path="-", calls=1):
+    """Run WORKERS[kind](*args) `calls` times in a fresh `python bench.py --worker ...` process;
+    returns (seconds of the last call, peak extra bytes). The output tensor is saved to out_path
+    unless "-"."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--calls", str(calls), "--worker", kind,
+           out_path, *map(str, args)]
     res = subprocess.run(cmd, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     if res.returncode != 0:
@@ -344,20 +349,21 @@ def extract_worker(kind, preset, H, W, stride, frames=1):
     if kind == "features":
         return lambda: [lila.features(im, max_pixels=None)[:, ::int(stride), ::int(stride)].sum().item()
                         for im in imgs]
-    return lambda: [f["decoder"].float().sum().item() for _, f in
-                    extract.features(lila, enumerate(imgs), stride=int(stride))]
+    return lambda: [f["decoder"].sum().item() for _, f in      # in float16: a .float() would
+                    extract.features(lila, enumerate(imgs), stride=int(stride))]  # add a copy to the peak
 
 
 def bench_extract(sizes=((480, 854), (1080, 1920)), presets=("tiny", "paper"), strides=(1, 4),
                   big=(2160, 3840)):
-    header("extract", "one random frame per fresh process, ViT-S/14 random weights; peak: RSS "
-                      "above the built model's; lila.features holds float32 (D, H, W), extract float16")
+    header("extract", "one random frame per fresh process, ViT-S/14 random weights, the time of "
+                      "a second (warm) call; peak: RSS above the built model's; lila.features holds "
+                      "float32 (D, H, W), extract float16")
     print(f"  {'frame':>9s} {'decoder':7s} {'stride':>6s} | {'lila.features':>24s} | {'extract.features':>24s} | speed")
     for H, W in sizes:
         for preset in presets:
             for stride in strides:
-                ref = run_worker("extract", "features", preset, H, W, stride)
-                new = run_worker("extract", "extract", preset, H, W, stride)
+                ref = run_worker("extract", "features", preset, H, W, stride, calls=2)
+                new = run_worker("extract", "extract", preset, H, W, stride, calls=2)
                 cell = lambda r: f"{1 / r[0]:7.3f} frames/s {r[1] / 2**30:6.2f} GB"  # noqa: E731
                 print(f"  {W:4d}x{H:<4d} {preset:7s} {stride:6d} | {cell(ref)} | {cell(new)} | "
                       f"x{ref[0] / new[0]:.2f}", flush=True)
@@ -607,13 +613,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads here and in the "
                    "workers (0: torch's default, all cores); 1 gives steadier numbers on a busy box")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # internal: KIND OUT ARGS...
+    p.add_argument("--calls", type=int, default=1, help=argparse.SUPPRESS)  # internal: the worker's
     a = p.parse_args(argv)
     if a.threads > 0:     # workers read OMP_NUM_THREADS at start-up
         torch.set_num_threads(a.threads)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.threads)
     if a.worker:          # a fresh process for one memory-measured call (see run_worker)
         kind, out_path, *args = a.worker
-        seconds, peak, out = measured_call(WORKERS[kind](*args))
+        seconds, peak, out = measured_call(WORKERS[kind](*args), a.calls)
         if out_path != "-":
             torch.save(out, out_path)
         print(json.dumps({"seconds": seconds, "peak": peak}))

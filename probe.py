@@ -36,12 +36,10 @@ Commands (the GPU runbook, with times and the published numbers: GUIDE.md):
   python probe.py pca --frames DAVIS/JPEGImages/480p/bear --out out/pca
 """
 import argparse
-import fcntl
 import json
 import math
 import os
 import re
-import socket
 import sys
 import time
 from pathlib import Path
@@ -818,41 +816,6 @@ def summary(metrics):
                      if isinstance(v, (int, float, str)))
 
 
-_LOCKS = []   # held --out locks, closed in forked DataLoader workers: the lock ends with this process
-os.register_at_fork(after_in_child=lambda: [f.close() for f in _LOCKS])
-
-
-def lock_out(out):
-    """Take OUT/.lock for this run (fcntl.flock, released by the kernel when the process ends,
-    even on kill -9), or say who holds it: two probes writing one folder would lose a result."""
-    path = os.path.join(out, ".lock")
-    try:
-        os.makedirs(out, exist_ok=True)
-        f = open(path, "a+")
-    except OSError as e:
-        fail(f"--out {out}: cannot create the folder or its lock ({e.strerror})")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        f.seek(0)
-        who = f.read().strip() or "a run that is starting"
-        f.close()
-        if isinstance(e, BlockingIOError):
-            fail(f"--out {out} is in use by another probe.py run ({who} holds {path});\n"
-                 "wait for it to end, or pass another --out")
-        fail(f"--out {out}: cannot lock {path} ({e.strerror}): pass an --out on a disk with file locks")
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    f.flush()
-    _LOCKS.append(f)
-    return f
-
-
-def unlock_out(f):
-    _LOCKS.remove(f)
-    f.close()
-
-
 def keep_previous(out):
     """What an earlier probe wrote in OUT (results.json, pictures, predicted masks) is never
     replaced by this one's: it moves, all together, to OUT/earlier.N/ (N the first free number),
@@ -879,11 +842,12 @@ def keep_previous(out):
 
 def main(argv=None):
     args = parse_args(argv)
-    lock = lock_out(args.out)
+    folder = runs.RunFolder(args.out, "probe.py")   # one probe per --out: a second is refused
+    folder.acquire()
     try:
         return run_probe(args)
     finally:
-        unlock_out(lock)
+        folder.release()
 
 
 def run_probe(args):

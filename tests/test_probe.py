@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import extract  # noqa: E402
 import probe  # noqa: E402
+import runs  # noqa: E402
 
 
 # --- slow references, written from the definitions ---
@@ -620,7 +621,7 @@ def test_a_second_probe_on_a_folder_in_use_is_refused_with_the_whole_message(syn
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ValueError, match="in use by another probe.py run"):
+        with pytest.raises(runs.UserError, match="in use by another probe.py run"):
             run("vos-knn", "--data", synth, *NONE, "--grid", "14", "--out", out)
         r = subprocess.run([sys.executable, os.path.join(ROOT, "probe.py"), "vos-knn", "--data", str(synth), *NONE,
                             "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT,
