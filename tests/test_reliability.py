@@ -148,7 +148,7 @@ def test_a_full_disk_under_make_synthetic_names_the_file_and_leaves_no_partial_f
     status = runs.cli("data.py", lambda: data.main(["--make-synthetic", str(tmp_path / "s"), "--videos",
                                                    "1", "--frames", "2", "--size", "32"]))
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 1 and err[-1].startswith(f"data.py: error: ") and str(tmp_path / "s") in err[-1]
+    assert status == 1 and err[-1].startswith("data.py: error: ") and str(tmp_path / "s") in err[-1]
     assert "No space left on device" in err[-1] and "Traceback" not in "\n".join(err)
     leftovers = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")]
     assert leftovers == [], leftovers

@@ -482,7 +482,6 @@ def test_out_that_is_a_file_and_a_broken_cue_cache_are_one_line(tmp_path):
 
 
 def test_a_full_disk_while_logging_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    import io
     out = str(tmp_path / "g")
     train.main(TINY + ["--steps", "1", "--out", out])
     real_open = open
