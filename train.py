@@ -29,6 +29,7 @@ Ctrl-C (or SIGTERM, SIGHUP, SIGUSR1) saves a checkpoint at the current step; add
 """
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -611,7 +612,10 @@ def setup_distributed(args):
         raise UserError(problem) if rank == 0 else SystemExit(1)
     if world == 1:
         return 0, 1
-    dist.init_process_group("nccl" if pick_device(args.device, rank).type == "cuda" else "gloo")
+    # Rank 0 validates and saves while the others wait in the next all-reduce: an hour, not
+    # NCCL's default 10 minutes, before a wait counts as a hang.
+    dist.init_process_group("nccl" if pick_device(args.device, rank).type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(hours=1))
     return dist.get_rank(), world
 
 
