@@ -627,9 +627,9 @@ def decoder_bands(decoder, grids, size, out_size=None, stride=1, band_pixels=2 *
     del levels                                                       # not needed by the bands
     # Channels last from here: oneDNN's 3x3 convs run 1.5x faster on it than on (B, C, H, W)
     # (head_conv1, one CPU thread: 215 against 146 GFLOPS), the LayerNorm needs no copy, and the
-    # row gathers below keep it (an index_select along dim 2 would not). The
-    # 1x1 out_conv goes before the x2 resize: both are linear and a bilinear resize's weights
-    # sum to 1, so the numbers are the same (to round-off) for a quarter of the pixels.
+    # row gathers below keep it (an index_select along dim 2 would not). The 1x1 out_conv goes
+    # before the x2 resize: both are linear and a bilinear resize's weights sum to 1, so the
+    # numbers are the same (to round-off) for a quarter of the pixels.
     x = x.contiguous(memory_format=torch.channels_last)              # (B, F, 4h, 4w)
     steps = [("point", last.out_conv), ("resize", up, last.align_corners), ("conv", decoder.head_conv1),
              ("resize", tuple(size), decoder.align_corners), ("conv", decoder.head_conv2),
