@@ -56,8 +56,8 @@ from tqdm import tqdm
 
 import model
 from evaldata import natural_key
-from runs import (RunFolder, StopOnSignal, UserError, save_file, save_picture, set_threads,
-                  user_message, write_error)
+from runs import (RunFolder, StopOnSignal, UserError, cli, save_file, save_picture, set_threads,
+                  write_error)
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXT = (".mp4", ".mov", ".avi", ".webm", ".mkv")
@@ -316,16 +316,11 @@ class FeaturePicture:
         if self.state is None:                                          # on every pixel of both
             f = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])   # (2 S², D)
             self.state = dict(fit_pca(f, 3, samples=len(f)), step=step)
-        rgb = pca_rgb(feats, self.state).numpy()                # (2, S, S, 3)
+        rgb = pca_rgb(feats, self.state).numpy()                        # (2, S, S, 3)
         img = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)  # (2, S, S, 3)
-        row = np.concatenate([img[0], img[1], rgb[0], rgb[1]], axis=1)       # (S, 4S, 3)
-        canvas = Image.new("RGB", (4 * S, S + 14), "white")
-        canvas.paste(Image.fromarray(row), (0, 14))
-        draw = ImageDraw.Draw(canvas)
-        # ASCII labels: PIL's built-in font has no Greek letters
-        for i, text in enumerate(["frame t", "frame t+dt", f"features t (step {step})", "features t+dt"]):
-            draw.text((i * S + 2, 1), text, fill=(0, 0, 0))
-        save_picture(canvas, path)
+        cells = [("frame t", img[0]), ("frame t+dt", img[1]),           # ASCII: PIL's font has no Greek
+                 (f"features t (step {step})", rgb[0]), ("features t+dt", rgb[1])]
+        save_picture(Image.fromarray(labelled_row(cells, (S, S))), path)
 
 
 def sequence_pca(paths, samples, seed):
@@ -340,11 +335,10 @@ def sequence_pca(paths, samples, seed):
     return fit_pca(torch.cat(rows), 3, samples, seed)
 
 
-def pca_picture(frame, columns, title, size):
-    """frame (H, W, 3) uint8 and the PCA images {label: (h, w, 3) uint8}, side by side at
-    size (h', w') (bilinear), GAP white px apart, labels above. -> (LABEL + h', ..., 3) uint8."""
+def labelled_row(cells, size):
+    """[(label, (h, w, 3) uint8 image)] side by side at size (h', w') (bilinear), GAP white px
+    apart, each label above its image. -> (LABEL + h', ..., 3) uint8."""
     h, w = size
-    cells = [(title, frame)] + [(label, im.numpy()) for label, im in columns.items()]
     cells = [(label, np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR))) for label, im in cells]
     canvas = Image.new("RGB", (len(cells) * (w + GAP) - GAP, LABEL + h), "white")
     draw = ImageDraw.Draw(canvas)
@@ -352,6 +346,11 @@ def pca_picture(frame, columns, title, size):
         canvas.paste(Image.fromarray(im), (i * (w + GAP), LABEL))
         draw.text((i * (w + GAP) + 2, 1), label, fill=(0, 0, 0))
     return np.asarray(canvas)
+
+
+def pca_picture(frame, columns, title, size):
+    """frame (H, W, 3) uint8 titled `title`, then the PCA images {label: (h, w, 3) uint8}."""
+    return labelled_row([(title, frame)] + [(label, im.numpy()) for label, im in columns.items()], size)
 
 
 def project_file(path, pca, band_rows=64):
@@ -514,12 +513,11 @@ def extract_all(a, seqs):
           f"{next(lila.decoder.parameters()).device}, {set_threads(0)}; {json.dumps(settings)}",
           file=sys.stderr)
     stop = StopOnSignal()
-    total = sum(len(s) if isinstance(s, list) else len(frame_names(s)) for _, s in seqs)
-    bar = tqdm(total=total, unit="frame", dynamic_ncols=True, file=sys.stderr)
-    for i, (seq, source) in enumerate(seqs):
+    names_of = [frame_names(source) for _, source in seqs]          # a video's: one demux
+    bar = tqdm(total=sum(map(len, names_of)), unit="frame", dynamic_ncols=True, file=sys.stderr)
+    for i, ((seq, source), names) in enumerate(zip(seqs, names_of)):
         entry = manifest.sequence(seq, source)
         bar.set_postfix_str(f"sequence {i + 1}/{len(seqs)} {seq}")
-        names = frame_names(source)
         if entry["done"]:
             bar.update(len(names))
             continue
@@ -580,19 +578,10 @@ def frame_entry(out, files):
 
 
 def main(argv=None):
-    a = get_args(argv)
-    try:
-        code = run(a)
-    except KeyboardInterrupt:           # a second Ctrl-C: finished files stay
-        print("extract.py: interrupted; every finished file is kept. Continue with the same "
-              "command.", file=sys.stderr)
-        code = 130
-    except Exception as e:              # noqa: BLE001 - the user's errors in one line, bugs in full
-        msg = user_message(e)
-        if msg is None:
-            raise
-        sys.exit(f"extract.py: error: {msg}")
-    sys.exit(code)
+    """The command line through the repo's one error path (runs.cli); exits with its status."""
+    sys.exit(cli("extract.py", lambda: run(get_args(argv)), status=True,
+                 oom="--batch-pixels or --band-pixels",
+                 interrupted=lambda: "every finished file is kept. Continue with the same command."))
 
 
 if __name__ == "__main__":

@@ -923,5 +923,3 @@ def load_encoder(name, weights="hub", seed=0, sha256=None):
         print(f"model.py: loaded {name} from {source}", file=sys.stderr, flush=True)
     return model.requires_grad_(False).eval()
 
-
-load_dinov2 = load_encoder  # the name before DINOv3 joined: the same loader

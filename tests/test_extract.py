@@ -42,6 +42,13 @@ def run(*args):
     return e.value.code
 
 
+def error_line(capsys, *args):
+    """extract.main in this process, which must fail (exit status 1) -> its last stderr line."""
+    capsys.readouterr()
+    assert run(*args) == 1
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="module")
 def lila():
     return hubconf.lila_vits14(ckpt="none", weights="none", preset="tiny")
@@ -226,10 +233,10 @@ def test_bad_inputs_are_one_line_naming_them(tmp_path, capsys):
              ((src, "--out", tmp_path / "file/sub"), "--out .*file/sub: cannot create"),
              ((tmp_path / "file", "--out", tmp_path / "o3"), "INPUT .*file: not an image .* nor a video")]
     for args, message in cases:
-        assert re.match(f"extract.py: error: {message}", run(*args, *TINY))
+        assert re.match(f"extract.py: error: {message}", error_line(capsys, *args, *TINY))
     assert run(src, "--out", tmp_path / "o4", *TINY) == 0
     assert re.match(r"extract.py: error: --out .*o4 was written with other settings .*'stride': \(1, 2\)",
-                    run(src, "--out", tmp_path / "o4", "--stride", 2, *TINY))
+                    error_line(capsys, src, "--out", tmp_path / "o4", "--stride", 2, *TINY))
 
 
 def test_a_video_without_pyav_says_what_to_install(tmp_path):

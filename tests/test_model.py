@@ -198,7 +198,7 @@ def test_vit_state_dict_round_trip_is_strict_and_exact():
         assert torch.equal(a(x), b(x))
 
 
-# ------------------------------------------------------------------ load_dinov2
+# ------------------------------------------------------------------ load_encoder
 @pytest.fixture(scope="module")
 def official_file(tmp_path_factory):
     """A file in the official format (random values), as dinov2_vits14_pretrain.pth."""
@@ -216,12 +216,12 @@ def assert_loaded(enc, sd):
     assert all(torch.equal(got[k], v) for k, v in sd.items())
 
 
-def test_load_dinov2_from_path_is_strict_frozen_and_eval(official_file):
+def test_load_encoder_from_path_is_strict_frozen_and_eval(official_file):
     path, sd = official_file
-    assert_loaded(model.load_dinov2("dinov2_vits14", str(path)), sd)
+    assert_loaded(model.load_encoder("dinov2_vits14", str(path)), sd)
 
 
-def test_load_dinov2_hub_reads_prefilled_torch_home_cache(official_file, tmp_path, monkeypatch):
+def test_load_encoder_hub_reads_prefilled_torch_home_cache(official_file, tmp_path, monkeypatch):
     path, sd = official_file
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert torch.hub.get_dir() == str(tmp_path / "hub")
@@ -234,9 +234,9 @@ def test_load_dinov2_hub_reads_prefilled_torch_home_cache(official_file, tmp_pat
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert_loaded(model.load_dinov2("dinov2_vits14", "hub", sha256=digest), sd)
+    assert_loaded(model.load_encoder("dinov2_vits14", "hub", sha256=digest), sd)
     with pytest.raises(RuntimeError, match="SHA-256"):
-        model.load_dinov2("dinov2_vits14", "hub", sha256="0" * 64)
+        model.load_encoder("dinov2_vits14", "hub", sha256="0" * 64)
 
 
 def test_hub_download_failure_says_how_to_provide_the_file(tmp_path, monkeypatch):
@@ -247,7 +247,7 @@ def test_hub_download_failure_says_how_to_provide_the_file(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(RuntimeError, match="could not download") as err:
-        model.load_dinov2("dinov2_vits14", "hub")
+        model.load_encoder("dinov2_vits14", "hub")
     msg = str(err.value)
     assert os.path.join(str(tmp_path), "hub", "checkpoints", "dinov2_vits14_pretrain.pth") in msg
     assert "dinov2_vits14/dinov2_vits14_pretrain.pth" in msg and "weights" in msg
@@ -262,7 +262,7 @@ def test_wrong_keys_and_shapes_give_a_helpful_error(official_file, tmp_path):
     path = tmp_path / "renamed.pth"
     torch.save(bad, path)
     with pytest.raises(RuntimeError) as err:
-        model.load_dinov2("dinov2_vits14", str(path))
+        model.load_encoder("dinov2_vits14", str(path))
     msg = str(err.value)
     for needle in (str(path), "blocks.0.ls1.gamma", "blocks.0.ls1.scale", "norm.weight: file (10,)"):
         assert needle in msg, (needle, msg)
@@ -275,7 +275,7 @@ def test_unreadable_weights_files_are_one_line_naming_the_file(official_file, tm
                           "cut.pth": data[:len(data) // 3]}.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(RuntimeError) as err:
-            model.load_dinov2("dinov2_vits14", str(tmp_path / name))
+            model.load_encoder("dinov2_vits14", str(tmp_path / name))
         msg = str(err.value)
         assert msg.startswith("model.py: load_encoder: ") and str(tmp_path / name) in msg
         assert "\n" not in msg, msg
@@ -285,18 +285,18 @@ def test_unreadable_weights_files_are_one_line_naming_the_file(official_file, tm
 
 def test_missing_file_and_unknown_names_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        model.load_dinov2("dinov2_vits14", str(tmp_path / "nope.pth"))
+        model.load_encoder("dinov2_vits14", str(tmp_path / "nope.pth"))
     with pytest.raises(ValueError, match="dinov2_vits14"):
-        model.load_dinov2("dinov2_vitx14", "none")
+        model.load_encoder("dinov2_vitx14", "none")
     with pytest.raises(ValueError, match="tiny"):
         model.build_lila(weights="none", preset="huge")
 
 
 def test_random_init_is_seeded_and_announced_once_per_process(capfd, monkeypatch):
     monkeypatch.setattr(model, "_random_weights_announced", False)  # as in a fresh process
-    a = model.load_dinov2("dinov2_vits14", "none", seed=0).state_dict()
-    b = model.load_dinov2("dinov2_vits14", "none", seed=0).state_dict()
-    c = model.load_dinov2("dinov2_vits14", "none", seed=1).state_dict()
+    a = model.load_encoder("dinov2_vits14", "none", seed=0).state_dict()
+    b = model.load_encoder("dinov2_vits14", "none", seed=0).state_dict()
+    c = model.load_encoder("dinov2_vits14", "none", seed=1).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["pos_embed"], c["pos_embed"])
     assert capfd.readouterr().err.count("RANDOM weights") == 1  # three builds, one banner
@@ -782,6 +782,6 @@ def test_dinov2_file_with_non_finite_weights_is_refused_naming_the_tensor(offici
     path = tmp_path / "nan.pth"
     torch.save(bad, path)
     with pytest.raises(RuntimeError) as err:
-        model.load_dinov2("dinov2_vits14", str(path))
+        model.load_encoder("dinov2_vits14", str(path))
     msg = str(err.value)
     assert str(path) in msg and "blocks.7.mlp.fc2.weight" in msg and "non-finite" in msg

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import data
+import extract
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -534,7 +535,7 @@ def test_feature_pictures_keep_one_pca_basis(tmp_path):
     assert state["step"] == 1                            # fitted at the first picture, then kept
     from PIL import Image
     a, b = (Image.open(os.path.join(out, f"feats_000000{s}.png")) for s in (1, 2))
-    assert a.size == b.size and a.size[0] == 4 * 56
+    assert a.size == b.size and a.size[0] == 4 * 56 + 3 * extract.GAP    # four views, GAP apart
 
 
 def test_a_cue_that_is_almost_never_confident_is_warned_about(tmp_path, capsys):
